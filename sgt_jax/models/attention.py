@@ -1,0 +1,71 @@
+"""Packed attention with BAGEL's mask, computed from per-token vectors (never stored as L x L).
+
+Per token (all int32, shape (B, L)):
+  ``doc``    document (sample) id; padding gets its own id(s) so it sees nothing real;
+  ``split``  split id, unique within a row;
+  ``mode``   split mode: CAUSAL=0, FULL=1, NOISE=2;
+  ``order``  the token's index in packing order (the sequence may be physically permuted, e.g.
+             sorted by expert; causality always follows ``order``).
+
+  allowed(q, k) = doc[q] == doc[k]
+                  AND ( order[k] <= order[q]  OR  (split[q] == split[k] AND mode[k] != CAUSAL) )
+                  AND NOT ( mode[k] == NOISE AND split[q] != split[k] )
+
+One interface, ``attention(q, k, v, seg, impl)``; ``impl="dense"`` is the XLA reference used on CPU
+and in tests. A TPU flash kernel plugs in behind the same signature.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+CAUSAL, FULL, NOISE = 0, 1, 2
+
+
+class Segments(NamedTuple):
+    """The per-token vectors the mask is computed from, each (B, L) int32."""
+    doc: jax.Array
+    split: jax.Array
+    mode: jax.Array
+    order: jax.Array
+
+    def permute(self, perm: jax.Array) -> "Segments":
+        """Reorder tokens by ``perm`` (B, L) -- the mask is unchanged up to that permutation."""
+        return Segments(*(jnp.take_along_axis(v, perm, axis=1) for v in self))
+
+
+def bagel_mask(qs: Segments, ks: Segments | None = None) -> jax.Array:
+    """(B, Lq, Lk) bool: True where query may attend key."""
+    ks = qs if ks is None else ks
+    same_doc = qs.doc[:, :, None] == ks.doc[:, None, :]
+    same_split = qs.split[:, :, None] == ks.split[:, None, :]
+    causal = ks.order[:, None, :] <= qs.order[:, :, None]
+    bidir = same_split & (ks.mode[:, None, :] != CAUSAL)
+    hidden_noise = (ks.mode[:, None, :] == NOISE) & ~same_split
+    return same_doc & (causal | bidir) & ~hidden_noise
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """q: (B, Lq, nh, hd); k, v: (B, Lk, nkv, hd) with nkv | nh (query head h uses kv head
+    h // (nh/nkv)); mask (B, Lq, Lk) bool. Softmax in fp32; rows with no allowed key give 0."""
+    b, lq, nh, hd = q.shape
+    nkv = k.shape[2]
+    g = nh // nkv
+    qg = q.reshape(b, lq, nkv, g, hd)
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32)
+    scores = scores * (1.0 / jnp.sqrt(jnp.float32(hd)))
+    m = mask[:, None, None, :, :]
+    scores = jnp.where(m, scores, -1e30)
+    probs = jax.nn.softmax(scores, axis=-1)
+    probs = jnp.where(m, probs, 0.0).astype(v.dtype)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(b, lq, nh, hd).astype(q.dtype)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, seg: Segments, impl: str = "dense") -> jax.Array:
+    """BAGEL's packed attention. q (B, L, nh, hd), k/v (B, L, nkv, hd) -> (B, L, nh, hd)."""
+    if impl == "dense":
+        return dot_product_attention(q, k, v, bagel_mask(seg))
+    raise ValueError(f"unknown attention_impl {impl!r}; available: 'dense'")

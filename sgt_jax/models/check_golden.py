@@ -1,0 +1,273 @@
+"""Run the port on a BAGEL golden fixture set and report the error of every compared quantity.
+
+    python -m sgt_jax.models.check_golden DIR [--tol-fwd 1e-5] [--tol-grad 1e-4] [--json OUT]
+
+DIR is a fixture set in the ``tiny_v1`` format (``meta.json``, ``model.safetensors``,
+``ae.safetensors``, ``batch.safetensors``, ``grads.safetensors``, ``vit_single.safetensors``),
+produced by running the unmodified BAGEL PyTorch code. Everything the model needs is read from
+``meta.json`` (sizes, GQA ratio, timestep shift, latent channels, CE reweighting, loss weights).
+Exit status 1 when any error exceeds its tolerance.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from safetensors.numpy import load_file
+
+from sgt_jax import batch as B
+from sgt_jax.models import attention as attn_lib
+from sgt_jax.models import config as config_lib
+from sgt_jax.models import keymap
+
+MODES = {"causal": attn_lib.CAUSAL, "full": attn_lib.FULL, "noise": attn_lib.NOISE}
+
+
+def config_from_meta(meta: dict, compute_dtype: str = "float32") -> ml_collections.ConfigDict:
+    c = meta["config"]
+    llm, vit, ae, bagel = c["llm"], c["vit"], c["ae"], c["bagel"]
+    cfg = config_lib.tiny()
+    cfg.llm.update(dict(
+        vocab_size=llm["vocab_size"], hidden_size=llm["hidden_size"],
+        intermediate_size=llm["intermediate_size"], num_layers=llm["num_hidden_layers"],
+        num_heads=llm["num_attention_heads"], num_kv_heads=llm["num_key_value_heads"],
+        rope_theta=float(llm["rope_theta"]), rms_norm_eps=float(llm["rms_norm_eps"]),
+        qk_norm=bool(llm.get("qk_norm", True)),
+        layer_module={"Qwen2MoTDecoderLayer": "mot", "Qwen2DecoderLayer": "dense"}[llm["layer_module"]],
+    ))
+    st = c.get("special_tokens", {})
+    for k in ("bos_token_id", "eos_token_id", "start_of_image", "end_of_image"):
+        if k in st:
+            cfg.llm[k] = st[k]
+    cfg.vit.update(dict(
+        hidden_size=vit["hidden_size"], intermediate_size=vit["intermediate_size"],
+        num_layers=vit["num_hidden_layers_used"], num_heads=vit["num_attention_heads"],
+        patch_size=vit["patch_size"], layer_norm_eps=float(vit["layer_norm_eps"]),
+        max_patches_per_side=vit["image_size"] // vit["patch_size"],
+    ))
+    cfg.vae.update(dict(
+        in_channels=ae["in_channels"], out_ch=ae["out_ch"], ch=ae["ch"], ch_mult=tuple(ae["ch_mult"]),
+        num_res_blocks=ae["num_res_blocks"], z_channels=ae["z_channels"],
+        scale_factor=ae["scale_factor"], shift_factor=ae["shift_factor"],
+        groupnorm_groups=ae.get("groupnorm_groups", 32), eps=ae.get("groupnorm_eps", 1e-6),
+    ))
+    cfg.bagel.update(dict(
+        latent_patch_size=bagel["latent_patch_size"], max_latent_size=bagel["max_latent_size"],
+        vit_max_num_patch_per_side=bagel["vit_max_num_patch_per_side"],
+        timestep_shift=float(bagel["timestep_shift"]),
+        visual_gen=bool(bagel.get("visual_gen", True)), visual_und=bool(bagel.get("visual_und", True)),
+    ))
+    cfg.compute_dtype = compute_dtype
+    return config_lib.validate(cfg)
+
+
+def packed_batch_from_golden(meta: dict, t: dict, cfg, pad_to: int | None = None):
+    """BAGEL's flat packed batch (one sequence) -> a one-row PackedBatch, the flow noise in
+    packing order (1, L, p*p*C), and num_gen. ``pad_to`` appends padding tokens."""
+    mb = meta["batch"]
+    n = int(mb["sequence_length"])
+    length = pad_to or n
+    flex_pad = int(mb.get("flex_padding_tokens", 0))
+    sample_lens = list(mb["sample_lens"])[: len(mb["sample_lens"]) - (1 if flex_pad else 0)]
+    split_lens = list(mb["split_lens"])[: len(mb["split_lens"]) - (1 if flex_pad else 0)]
+    modes = list(mb["attn_modes"])[: len(split_lens)]
+    assert sum(sample_lens) == n and sum(split_lens) == n, "inconsistent golden packing lists"
+
+    z = lambda dt=np.int32: np.zeros(length, dt)
+    kind, text_ids, pos, expert = z(), z(), z(), z()
+    doc = np.full(length, len(sample_lens), np.int32)   # padding: one extra document
+    split = np.full(length, len(split_lens), np.int32)
+    mode = z()
+    doc[:n] = np.repeat(np.arange(len(sample_lens)), sample_lens)
+    split[:n] = np.repeat(np.arange(len(split_lens)), split_lens)
+    mode[:n] = np.repeat([MODES[m] for m in modes], split_lens)
+    pos[:n] = t["packed_position_ids"]
+    ti = t["packed_text_indexes"]
+    kind[ti] = B.TEXT
+    text_ids[ti] = t["packed_text_ids"]
+    vi = t["packed_vit_token_indexes"]
+    kind[vi] = B.VIT
+    vit_index = z()
+    vit_index[vi] = np.arange(len(vi))
+    gi = t["packed_vae_token_indexes"]
+    raw = t["packed_timesteps"]
+    kind[gi] = np.where(np.isfinite(raw), B.VAE_NOISED, B.VAE_CLEAN)
+    expert[gi] = 1
+    ce_mask, mse_mask = z(bool), z(bool)
+    ce_labels, ce_weights = z(), np.ones(length, np.float32)
+    ce_mask[t["ce_loss_indexes"]] = True
+    ce_labels[t["ce_loss_indexes"]] = t["packed_label_ids"]
+    if "ce_loss_weights" in t:
+        ce_weights[t["ce_loss_indexes"]] = t["ce_loss_weights"]
+    mse_mask[t["mse_loss_indexes"]] = True
+    timesteps = np.zeros(length, np.float32)
+    timesteps[gi] = raw
+    latent_pos = z()
+    latent_pos[gi] = t["packed_latent_position_ids"]
+
+    p = cfg.bagel.latent_patch_size
+    lat = np.asarray(t["padded_latent"]).transpose(0, 2, 3, 1)          # NCHW -> NHWC
+    hp, wp = lat.shape[1] // p, lat.shape[2] // p
+    vae_index = []
+    for img, (h, w) in enumerate(np.asarray(t["patchified_vae_latent_shapes"]).tolist()):
+        rr, cc = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+        vae_index.append(img * hp * wp + rr.reshape(-1) * wp + cc.reshape(-1))
+    vae_token_index = z()
+    vae_token_index[gi] = np.concatenate(vae_index)
+    d = p * p * cfg.vae.z_channels
+    noise = np.zeros((length, d), np.float32)
+    noise[gi] = t["noise"]
+
+    seqlens = np.asarray(t["vit_token_seqlens"])
+    batch = B.PackedBatch(
+        kind=kind, text_ids=text_ids, position_ids=pos, doc_ids=doc, split_ids=split,
+        split_mode=mode, expert=expert, ce_mask=ce_mask, ce_labels=ce_labels, ce_weights=ce_weights,
+        mse_mask=mse_mask, vit_index=vit_index, vae_token_index=vae_token_index,
+        latent_position_ids=latent_pos, timesteps=timesteps,
+        vit_patches=np.asarray(t["packed_vit_tokens"], np.float32),
+        vit_position_ids=np.asarray(t["packed_vit_position_ids"], np.int32),
+        vit_image_ids=np.repeat(np.arange(len(seqlens)), seqlens).astype(np.int32),
+        vae_images=np.asarray(t["padded_images"], np.float32).transpose(0, 2, 3, 1),
+        latents=lat.astype(np.float32))
+    batch = jax.tree.map(lambda a: jnp.asarray(a)[None], batch)
+    return batch, jnp.asarray(noise)[None], len(gi)
+
+
+def load_fixture(path: str) -> dict:
+    with open(os.path.join(path, "meta.json")) as f:
+        meta = json.load(f)
+    files = {k: load_file(os.path.join(path, f"{k}.safetensors"))
+             for k in ("model", "ae", "batch", "grads", "vit_single")
+             if os.path.exists(os.path.join(path, f"{k}.safetensors"))}
+    return {"meta": meta, **files}
+
+
+def build_model(cfg, model_tensors: dict, seed: int = 0):
+    from sgt_jax.models.bagel import Bagel
+
+    model = Bagel(cfg, rngs=nnx.Rngs(seed))
+    keymap.load_state(model, model_tensors, keymap.bagel_table(cfg), ignore=tuple(keymap.FIXED_KEYS),
+                      what="golden model.safetensors")
+    return model
+
+
+def reduced_loss(out: dict, batch, cfg_train: dict) -> jax.Array:
+    """BAGEL's world-size-1 reduction: token-mean CE (or weighted) + channel-mean, token-mean MSE."""
+    ce_mask = batch.ce_mask
+    if cfg_train.get("ce_loss_reweighting", False):
+        w = jnp.where(ce_mask, batch.ce_weights, 0.0)
+        ce = jnp.sum(out["ce"] * w) / jnp.sum(w)
+    else:
+        ce = jnp.sum(out["ce"]) / jnp.maximum(jnp.sum(ce_mask), 1)
+    mse = jnp.sum(jnp.mean(out["mse"], axis=-1)) / jnp.maximum(jnp.sum(batch.mse_mask), 1)
+    return cfg_train.get("ce_weight", 1.0) * ce + cfg_train.get("mse_weight", 1.0) * mse, ce, mse
+
+
+def run(path: str, compute_dtype: str = "float32", with_grads: bool = True) -> dict:
+    """All comparisons; returns {quantity: max error} (grads: max |d| / max |g| per tensor)."""
+    from sgt_jax.models.vae import AutoEncoder, load_torch_state
+
+    fx = load_fixture(path)
+    meta, t = fx["meta"], fx["batch"]
+    cfg = config_from_meta(meta, compute_dtype)
+    model = build_model(cfg, fx["model"])
+    batch, noise, num_gen = packed_batch_from_golden(meta, t, cfg)
+    train = meta["config"].get("train", {})
+    n = int(meta["batch"]["sequence_length"])
+    err = {}
+    f32 = lambda a: np.asarray(a, np.float32)
+
+    out = nnx.jit(lambda m, b, e: m(b, num_gen=num_gen, noise=e))(model, batch, noise)
+    ce_idx, mse_idx = t["ce_loss_indexes"], t["mse_loss_indexes"]
+    err["input_embeds"] = np.abs(f32(out["input_embeds"][0, :n]) - t["input_embeds"]).max()
+    err["last_hidden_state"] = np.abs(f32(out["hidden"][0, :n]) - t["last_hidden_state"]).max()
+    err["ce_tok"] = np.abs(f32(out["ce"][0, ce_idx]) - t["ce_tok"]).max()
+    err["mse_tok"] = np.abs(f32(out["mse"][0, mse_idx]) - t["mse_tok"]).max()
+    loss, ce, mse = reduced_loss(out, batch, train)
+    err["loss"] = abs(float(loss) - float(t["loss"]))
+
+    # the mask, from the per-token vectors
+    seg = attn_lib.Segments(batch.doc_ids, batch.split_ids, batch.split_mode,
+                            jnp.arange(batch.kind.shape[1])[None])
+    mask = np.asarray(attn_lib.bagel_mask(seg)[0])
+    err["mask_mismatches"] = float((mask != t["attn_mask_dense"][:n, :n]).sum())
+
+    # ViT alone
+    if "vit_single" in fx:
+        v = fx["vit_single"]
+        pids = jnp.asarray(v["packed_flattened_position_ids"], jnp.int32)[None]
+        patches = jnp.asarray(v["packed_pixel_values"])[None]
+        vo = model.vit_model(patches, pids, jnp.zeros_like(pids))
+        err["vit_output"] = np.abs(f32(vo[0]) - v["vit_output"]).max()
+        co = model.connector(vo) + jnp.take(model.vit_pos_embed[...], pids, axis=0)
+        err["connector_output"] = np.abs(f32(co[0]) - v["connector_output"]).max()
+
+    # VAE encoder moments, sampling, decoder
+    if "ae" in fx:
+        ae = AutoEncoder(cfg, rngs=nnx.Rngs(0), dtype=jnp.dtype(compute_dtype))
+        load_torch_state(ae, fx["ae"])
+        imgs = jnp.asarray(t["padded_images"]).transpose(0, 2, 3, 1)
+        mom = ae.encode_moments(imgs)
+        err["vae_moments"] = np.abs(f32(mom).transpose(0, 3, 1, 2) - t["vae_moments"]).max()
+        lat = ae.encode(imgs, eps=jnp.asarray(t["vae_eps"]).transpose(0, 2, 3, 1))
+        err["padded_latent"] = np.abs(f32(lat).transpose(0, 3, 1, 2) - t["padded_latent"]).max()
+        dec = ae.decode(jnp.asarray(t["padded_latent"]).transpose(0, 2, 3, 1))
+        err["decoded"] = np.abs(f32(dec).transpose(0, 3, 1, 2) - t["decoded"]).max()
+
+    if with_grads and "grads" in fx:
+        def loss_fn(m):
+            o = m(batch, num_gen=num_gen, noise=noise)
+            return reduced_loss(o, batch, train)[0]
+        grads = nnx.jit(nnx.grad(loss_fn))(model)
+        gmodel = nnx.merge(nnx.graphdef(model), grads, nnx.state(model, nnx.Not(nnx.Param)))
+        ours = keymap.export_state(gmodel, keymap.bagel_table(cfg))
+        gmax = max(np.abs(g).max() for g in fx["grads"].values())
+        worst = 0.0
+        for k, g in fx["grads"].items():
+            d = np.abs(ours[k] - g).max()
+            # exactly-zero true gradients are stored as fp32 round-off: compare absolutely
+            worst = max(worst, d / max(np.abs(g).max(), 1e-6 * gmax))
+        err["grads_rel"] = worst
+        err["grads_missing"] = float(len(set(fx["grads"]) - set(ours)))
+    return err
+
+
+TOLERANCES = {"input_embeds": "fwd", "last_hidden_state": "fwd", "ce_tok": "fwd", "mse_tok": "fwd",
+              "loss": "fwd", "vit_output": "fwd", "connector_output": "fwd", "vae_moments": "fwd",
+              "padded_latent": "fwd", "decoded": "fwd", "mask_mismatches": "zero",
+              "grads_rel": "grad", "grads_missing": "zero"}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("dir")
+    ap.add_argument("--tol-fwd", type=float, default=1e-5)
+    ap.add_argument("--tol-grad", type=float, default=1e-4)
+    ap.add_argument("--no-grads", action="store_true")
+    ap.add_argument("--json", help="write the errors as JSON here")
+    args = ap.parse_args(argv)
+    jax.config.update("jax_default_matmul_precision", "highest")
+    err = run(args.dir, with_grads=not args.no_grads)
+    tol = {"fwd": args.tol_fwd, "grad": args.tol_grad, "zero": 0.0}
+    failed = []
+    for k, v in err.items():
+        limit = tol[TOLERANCES[k]]
+        ok = v <= limit
+        failed += [] if ok else [k]
+        print(f"{k:20s} {v:.3e}  (tol {limit:.0e})  {'ok' if ok else 'FAIL'}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({k: float(v) for k, v in err.items()}, f, indent=1)
+    print("PASS" if not failed else f"FAIL: {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

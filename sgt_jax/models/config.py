@@ -1,0 +1,163 @@
+"""Model configs (ml_collections) and their validation.
+
+A model config has four parts, named as in BAGEL: ``llm`` (Qwen2 MoT), ``vit`` (SigLIP-NaViT),
+``vae`` (FLUX autoencoder) and the top-level ``bagel`` settings, plus the dtypes. ``tiny()`` is the
+CPU preset; ``bagel_7b()`` has BAGEL-7B-MoT's shapes. ``validate`` raises a clear error on
+inconsistent shapes; every model constructor calls it.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import ml_collections
+
+REMAT_POLICIES = ("none", "full", "save_dot_except_mlp", "save_qkv_proj", "save_out_proj", "minimal")
+LAYER_MODULES = ("mot", "dense")
+
+
+def _llm(**kw) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict(dict(
+        vocab_size=160, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+        num_kv_heads=2, rope_theta=1e6, rms_norm_eps=1e-6, qk_norm=True,
+        layer_module="mot",        # "mot" (und + gen experts) or "dense" (Qwen2DecoderLayer)
+        scan_layers=True,          # one compiled layer body (False: a Python loop, for debugging)
+        remat_policy="none",       # one of REMAT_POLICIES (names as in MaxText)
+        attention_impl="dense",    # "dense" (XLA, CPU/tests); TPU kernels are selected here later
+        ce_chunk_size=0,           # >0: lm_head + CE in chunks of this many tokens (saves HBM)
+        bos_token_id=150, eos_token_id=151, start_of_image=152, end_of_image=153,
+    ))
+    c.update(kw)
+    return c
+
+
+def _vit(**kw) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict(dict(
+        hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, patch_size=14,
+        max_patches_per_side=8, layer_norm_eps=1e-6, remat_policy="none", scan_layers=True,
+    ))
+    c.update(kw)
+    return c
+
+
+def _vae(**kw) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict(dict(
+        in_channels=3, out_ch=3, ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, z_channels=4,
+        scale_factor=0.3611, shift_factor=0.1159, groupnorm_groups=32, eps=1e-6,
+    ))
+    c.update(kw)
+    return c
+
+
+def _bagel(**kw) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict(dict(
+        latent_patch_size=2, max_latent_size=8, vit_max_num_patch_per_side=8, timestep_shift=1.0,
+        visual_und=True, visual_gen=True,
+    ))
+    c.update(kw)
+    return c
+
+
+def tiny() -> ml_collections.ConfigDict:
+    """The CPU preset: the shapes of the golden fixture ``tiny_v1``."""
+    return ml_collections.ConfigDict(dict(
+        llm=_llm(), vit=_vit(), vae=_vae(), bagel=_bagel(),
+        compute_dtype="float32", param_dtype="float32",
+    ))
+
+
+def bagel_7b() -> ml_collections.ConfigDict:
+    """BAGEL-7B-MoT (Qwen2.5-7B MoT + SigLIP so400m/14 with 26 layers + FLUX VAE)."""
+    return ml_collections.ConfigDict(dict(
+        llm=_llm(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28,
+                 num_heads=28, num_kv_heads=4, rope_theta=1e6, rms_norm_eps=1e-6,
+                 remat_policy="full", ce_chunk_size=4096,
+                 bos_token_id=151644, eos_token_id=151645, start_of_image=151652,
+                 end_of_image=151653),
+        vit=_vit(hidden_size=1152, intermediate_size=4304, num_layers=26, num_heads=16,
+                 patch_size=14, max_patches_per_side=70, remat_policy="full"),
+        vae=_vae(ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, z_channels=16),
+        bagel=_bagel(max_latent_size=64, vit_max_num_patch_per_side=70),
+        compute_dtype="bfloat16", param_dtype="float32",
+    ))
+
+
+def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Raise ValueError naming the offending key and the fix; return cfg."""
+    def need(cond, msg):
+        if not cond:
+            raise ValueError(f"invalid model config: {msg}")
+
+    llm, vit, vae, bagel = cfg.llm, cfg.vit, cfg.vae, cfg.bagel
+    for name, v in [("llm.hidden_size", llm.hidden_size), ("llm.num_heads", llm.num_heads),
+                    ("llm.num_kv_heads", llm.num_kv_heads), ("llm.num_layers", llm.num_layers),
+                    ("llm.vocab_size", llm.vocab_size), ("vit.hidden_size", vit.hidden_size),
+                    ("vit.num_heads", vit.num_heads), ("vae.z_channels", vae.z_channels)]:
+        need(isinstance(v, int) and v > 0, f"{name} must be a positive int, got {v!r}")
+    need(llm.hidden_size % llm.num_heads == 0,
+         f"llm.num_heads={llm.num_heads} does not divide llm.hidden_size={llm.hidden_size}")
+    need(llm.num_heads % llm.num_kv_heads == 0,
+         f"llm.num_kv_heads={llm.num_kv_heads} does not divide llm.num_heads={llm.num_heads}")
+    need((llm.hidden_size // llm.num_heads) % 2 == 0, "llm head_dim must be even for RoPE")
+    need(llm.hidden_size % 4 == 0, "llm.hidden_size must be a multiple of 4 (2-D sin-cos tables)")
+    need(vit.hidden_size % vit.num_heads == 0,
+         f"vit.num_heads={vit.num_heads} does not divide vit.hidden_size={vit.hidden_size}")
+    need(llm.layer_module in LAYER_MODULES, f"llm.layer_module must be one of {LAYER_MODULES}")
+    need(llm.remat_policy in REMAT_POLICIES, f"llm.remat_policy must be one of {REMAT_POLICIES}")
+    need(vit.remat_policy in REMAT_POLICIES, f"vit.remat_policy must be one of {REMAT_POLICIES}")
+    need(all(vae.ch * m % vae.groupnorm_groups == 0 for m in vae.ch_mult),
+         f"vae.groupnorm_groups={vae.groupnorm_groups} must divide every vae.ch*ch_mult")
+    need(vit.max_patches_per_side == bagel.vit_max_num_patch_per_side,
+         f"vit.max_patches_per_side={vit.max_patches_per_side} (SigLIP image_size/patch_size) must equal "
+         f"bagel.vit_max_num_patch_per_side={bagel.vit_max_num_patch_per_side}: both index r*side+c")
+    need(bagel.latent_patch_size > 0 and bagel.max_latent_size > 0, "bagel latent sizes must be > 0")
+    need(cfg.compute_dtype in ("float32", "bfloat16"), "compute_dtype must be float32 or bfloat16")
+    return cfg
+
+
+def head_dim(cfg) -> int:
+    return cfg.llm.hidden_size // cfg.llm.num_heads
+
+
+def patch_latent_dim(cfg) -> int:
+    return cfg.bagel.latent_patch_size ** 2 * cfg.vae.z_channels
+
+
+def vae_downsample(cfg) -> int:
+    """Pixels per latent pixel (2 ** number of downsampling levels)."""
+    return 2 ** (len(cfg.vae.ch_mult) - 1)
+
+
+def from_bagel_dir(path: str, base: ml_collections.ConfigDict | None = None,
+                   **bagel_overrides) -> ml_collections.ConfigDict:
+    """A model config from BAGEL's ``llm_config.json`` / ``vit_config.json`` in ``path``.
+
+    BAGEL's loaders drop the ViT's last layer (``num_hidden_layers - 1`` are used) and force
+    qk_norm, the MoT layer and an untied head; the model-level settings (latent patch size,
+    max latent size, ViT grid, timestep shift) are not in the release files: they come from
+    ``base`` (default: BAGEL-7B-MoT's) and ``bagel_overrides``.
+    """
+    cfg = base if base is not None else bagel_7b()
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    with open(os.path.join(path, "llm_config.json")) as f:
+        lj = json.load(f)
+    with open(os.path.join(path, "vit_config.json")) as f:
+        vj = json.load(f)
+    cfg.llm.update(dict(
+        vocab_size=lj["vocab_size"], hidden_size=lj["hidden_size"],
+        intermediate_size=lj["intermediate_size"], num_layers=lj["num_hidden_layers"],
+        num_heads=lj["num_attention_heads"],
+        num_kv_heads=lj.get("num_key_value_heads", lj["num_attention_heads"]),
+        rope_theta=float(lj.get("rope_theta", 1e6)), rms_norm_eps=float(lj.get("rms_norm_eps", 1e-6)),
+    ))
+    if lj.get("tie_word_embeddings", False):
+        raise ValueError(f"{path}/llm_config.json: tie_word_embeddings=true is not a BAGEL layout "
+                         "(BAGEL always unties lm_head)")
+    cfg.vit.update(dict(
+        hidden_size=vj["hidden_size"], intermediate_size=vj["intermediate_size"],
+        num_layers=vj["num_hidden_layers"] - 1, num_heads=vj["num_attention_heads"],
+        patch_size=vj.get("patch_size", 14), layer_norm_eps=float(vj.get("layer_norm_eps", 1e-6)),
+        max_patches_per_side=vj.get("image_size", 980) // vj.get("patch_size", 14),
+    ))
+    cfg.bagel.update(bagel_overrides)
+    return validate(cfg)

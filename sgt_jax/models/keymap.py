@@ -1,0 +1,166 @@
+"""One declarative table between BAGEL's PyTorch key names and this port's parameters.
+
+An entry says: BAGEL key -> (path of the nnx.Param in ``nnx.state(model)``, how to convert the
+array, which layer slice of a stacked parameter it fills). The checkpoint converter
+(sgt_jax/convert) streams through the same table; nothing else knows BAGEL's names.
+
+Conversions: ``linear`` (torch (out, in) <-> kernel (in, out)), ``copy``, ``conv`` (torch
+(out, in, kh, kw) <-> (kh, kw, in, out)). The fixed sin-cos tables ``latent_pos_embed.pos_embed`` /
+``vit_pos_embed.pos_embed`` are regenerated, never loaded (BAGEL's own loader pops them too);
+``FIXED_KEYS`` lists them so an export can write them back.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+from flax import nnx
+
+FIXED_KEYS = {"latent_pos_embed.pos_embed": ("latent_pos_embed",),
+              "vit_pos_embed.pos_embed": ("vit_pos_embed",)}
+
+
+class Entry(NamedTuple):
+    key: str                 # BAGEL / FLUX key
+    path: tuple              # nnx state path
+    kind: str                # "linear" | "copy" | "conv"
+    layer: int | None = None  # slice of a stacked (scanned) parameter
+
+
+def to_torch(kind: str, a: np.ndarray) -> np.ndarray:
+    if kind == "linear":
+        return np.ascontiguousarray(a.T)
+    if kind == "conv":
+        return np.ascontiguousarray(a.transpose(3, 2, 0, 1))
+    return a
+
+
+def from_torch(kind: str, a: np.ndarray) -> np.ndarray:
+    if kind == "linear":
+        return np.ascontiguousarray(a.T)
+    if kind == "conv":
+        return np.ascontiguousarray(a.transpose(2, 3, 1, 0))
+    return a
+
+
+def _linear(key, path, bias=True, layer=None):
+    out = [Entry(f"{key}.weight", path + ("kernel",), "linear", layer)]
+    if bias:
+        out.append(Entry(f"{key}.bias", path + ("bias",), "copy", layer))
+    return out
+
+
+def llm_table(cfg, prefix: str = "language_model.", root: tuple = ("language_model",)) -> list[Entry]:
+    """Qwen2 MoT (or dense) LLM keys."""
+    mot = cfg.llm.layer_module == "mot"
+    t = [Entry(f"{prefix}model.embed_tokens.weight", root + ("embed_tokens", "embedding"), "copy"),
+         Entry(f"{prefix}model.norm.weight", root + ("norm", "scale"), "copy"),
+         Entry(f"{prefix}lm_head.weight", root + ("lm_head", "kernel"), "linear")]
+    if mot:
+        t.append(Entry(f"{prefix}model.norm_moe_gen.weight", root + ("norm_gen", "scale"), "copy"))
+    for i in range(cfg.llm.num_layers):
+        base = f"{prefix}model.layers.{i}."
+        experts = [("", "und")] + ([("_moe_gen", "gen")] if mot else [])
+        for sfx, e in experts:
+            lp = root + ("layers", e)
+            for proj, bias in (("q_proj", True), ("k_proj", True), ("v_proj", True), ("o_proj", False)):
+                t += _linear(f"{base}self_attn.{proj}{sfx}", lp + (proj,), bias, i)
+            if cfg.llm.qk_norm:
+                t.append(Entry(f"{base}self_attn.q_norm{sfx}.weight", lp + ("q_norm", "scale"), "copy", i))
+                t.append(Entry(f"{base}self_attn.k_norm{sfx}.weight", lp + ("k_norm", "scale"), "copy", i))
+            mlp = "mlp_moe_gen" if sfx else "mlp"
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                t += _linear(f"{base}{mlp}.{proj}", lp + (proj,), False, i)
+            t.append(Entry(f"{base}input_layernorm{sfx}.weight", lp + ("input_layernorm", "scale"), "copy", i))
+            t.append(Entry(f"{base}post_attention_layernorm{sfx}.weight",
+                           lp + ("post_attention_layernorm", "scale"), "copy", i))
+    return t
+
+
+def bagel_table(cfg) -> list[Entry]:
+    """Every trainable tensor of BAGEL's ``Bagel.state_dict()`` (the VAE is separate: vae.py)."""
+    from sgt_jax.models import siglip
+
+    t = llm_table(cfg)
+    if cfg.bagel.visual_gen:
+        t += _linear("time_embedder.mlp.0", ("time_embedder", "fc1"))
+        t += _linear("time_embedder.mlp.2", ("time_embedder", "fc2"))
+        t += _linear("vae2llm", ("vae2llm",))
+        t += _linear("llm2vae", ("llm2vae",))
+    if cfg.bagel.visual_und:
+        t += _linear("connector.fc1", ("connector", "fc1"))
+        t += _linear("connector.fc2", ("connector", "fc2"))
+        t += [Entry(e[0], ("vit_model",) + tuple(e[1]), e[2], e[3] if len(e) > 3 else None)
+              for e in siglip.torch_key_table(cfg)]
+    return t
+
+
+# -------------------------------------------------------------------------------------------------
+
+
+def _flat_params(model) -> dict:
+    return {tuple(p): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def load_state(model, tensors: dict, table: list[Entry], ignore: tuple = (), what: str = "checkpoint"):
+    """Assign ``tensors`` (BAGEL names -> arrays) into ``model`` via ``table``.
+
+    Raises ValueError listing every missing, unexpected and mis-shaped key before changing
+    anything. Keys in ``ignore`` (e.g. the regenerated sin-cos tables) are skipped.
+    """
+    params = _flat_params(model)
+    known = {e.key for e in table}
+    missing = sorted(known - set(tensors))
+    unexpected = sorted(set(tensors) - known - set(ignore))
+    bad_shape, bad_dtype, staged = [], [], {}
+    for e in table:
+        if e.key not in tensors:
+            continue
+        if e.path not in params:
+            raise KeyError(f"key table names {e.path} for {e.key}, but the model has no such parameter")
+        a = np.asarray(tensors[e.key])
+        if not np.issubdtype(a.dtype, np.floating) and a.dtype.name != "bfloat16":
+            bad_dtype.append(f"{e.key}: {a.dtype}")
+            continue
+        a = from_torch(e.kind, a)
+        target = params[e.path].shape if e.layer is None else params[e.path].shape[1:]
+        if a.shape != tuple(target):
+            bad_shape.append(f"{e.key}: file {tuple(to_torch(e.kind, a).shape) if e.kind != 'copy' else a.shape}, "
+                             f"model expects {tuple(to_torch(e.kind, np.zeros(target)).shape)}")
+            continue
+        staged.setdefault(e.path, []).append((e.layer, a))
+    if missing or unexpected or bad_shape or bad_dtype:
+        msg = [f"{what} does not match the model config:"]
+        if missing:
+            msg.append(f"  {len(missing)} missing keys: {missing[:20]}{' ...' if len(missing) > 20 else ''}")
+        if unexpected:
+            msg.append(f"  {len(unexpected)} unexpected keys: {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}")
+        if bad_shape:
+            msg.append(f"  {len(bad_shape)} mis-shaped: {bad_shape[:20]}")
+        if bad_dtype:
+            msg.append(f"  {len(bad_dtype)} non-float tensors: {bad_dtype[:20]}")
+        msg.append("  fix: build the model config from the checkpoint's own llm_config.json / vit_config.json "
+                   "(config.from_bagel_dir), or pass the matching preset")
+        raise ValueError("\n".join(msg))
+    for path, items in staged.items():
+        var = params[path]
+        if items[0][0] is None:
+            var.value = np.asarray(items[0][1], np.float32)
+        else:
+            full = np.array(var.value, dtype=np.float32)
+            for layer, a in items:
+                full[layer] = a
+            var.value = full
+    return model
+
+
+def export_state(model, table: list[Entry]) -> dict[str, np.ndarray]:
+    """The model's parameters under BAGEL's names (fp32 numpy), in table order."""
+    params = _flat_params(model)
+    out = {}
+    for e in table:
+        a = np.asarray(params[e.path].value)
+        if e.layer is not None:
+            a = a[e.layer]
+        out[e.key] = to_torch(e.kind, a)
+    return out

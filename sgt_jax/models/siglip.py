@@ -1,0 +1,312 @@
+"""BAGEL's SigLIP-NaViT vision encoder (``vit_model.vision_model``), packed-row form.
+
+Input is a batch of packed rows: every row holds the patches of one or more images back to back,
+plus padding. Per token:
+  ``patches``    (B, P, 3*p*p) flattened per patch in (py, px, c) order (see ``patchify``);
+  ``pos_ids``    (B, P) int, row * max_patches_per_side + col (see ``position_ids``);
+  ``image_ids``  (B, P) int, the image the patch belongs to (unique within a row), -1 for padding.
+
+Forward (BAGEL siglip_navit.py, with the ViT's last layer already dropped by the config):
+  x = Linear(patches) + position_embedding[pos_ids]
+  for each layer:  x += out_proj(attn(LN1 x))    # non-causal, only among patches of the same image
+                   x += fc2(gelu_tanh(fc1(LN2 x)))
+  out = post_layernorm(x)
+Padding slots attend to nothing and their outputs are set to 0.
+
+Layers are stored stacked (leading logical axis "layers") and run with ``jax.lax.scan``
+(``cfg.vit.scan_layers``); ``cfg.vit.remat_policy`` selects the ``jax.checkpoint`` policy.
+
+Weights convert to and from BAGEL / HF key names through one declarative table,
+``torch_key_table`` (used by ``load_torch_state`` and ``export_torch_state``).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from sgt_jax.models.attention import dot_product_attention
+from sgt_jax.models.layers import Dense, LayerNorm, gelu_tanh, normal_init, param
+
+
+BAGEL_VIT_PREFIX = "vit_model.vision_model."
+HF_VIT_PREFIX = "vision_model."
+
+# Remat policies (MaxText names); the saved names are tagged with checkpoint_name in the layer body.
+_SAVED_NAMES = {
+    "save_qkv_proj": ("query_proj", "key_proj", "value_proj"),
+    "save_out_proj": ("out_proj",),
+    "save_dot_except_mlp": ("query_proj", "key_proj", "value_proj", "out_proj"),
+    "minimal": ("query_proj", "key_proj", "value_proj", "out_proj", "context", "mlpwi", "mlpwo"),
+}
+
+
+def remat_body(fn, policy: str):
+    """Wrap a layer body with jax.checkpoint according to a MaxText-named remat policy."""
+    if policy == "none":
+        return fn
+    if policy == "full":
+        return jax.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable)
+    if policy in _SAVED_NAMES:
+        return jax.checkpoint(
+            fn, policy=jax.checkpoint_policies.save_only_these_names(*_SAVED_NAMES[policy]))
+    raise ValueError(f"unknown vit.remat_policy {policy!r}; expected one of "
+                     f"{('none', 'full') + tuple(_SAVED_NAMES)}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Input helpers (numpy or jax arrays)
+
+
+def patchify(image_hwc, patch: int):
+    """(H, W, C) image -> (H/p * W/p, p*p*C): patches in row-major order, each flattened as
+    (py, px, c) -- BAGEL's data_utils.patchify (which takes CHW: ``"chpwq->hwpqc"``)."""
+    h, w, c = image_hwc.shape
+    if h % patch or w % patch:
+        raise ValueError(f"image {h}x{w} is not a multiple of the patch size {patch}")
+    x = image_hwc.reshape(h // patch, patch, w // patch, patch, c)
+    x = x.transpose(0, 2, 1, 3, 4)                      # (hp, wp, py, px, c)
+    return x.reshape((h // patch) * (w // patch), patch * patch * c)
+
+
+def position_ids(h_patches: int, w_patches: int, max_per_side: int) -> np.ndarray:
+    """Flattened position ids r * max_per_side + c of an h x w patch grid (row-major), int32 --
+    BAGEL's get_flattened_position_ids_extrapolate."""
+    if h_patches > max_per_side or w_patches > max_per_side:
+        raise ValueError(f"patch grid {h_patches}x{w_patches} exceeds max_patches_per_side={max_per_side}")
+    r, c = np.meshgrid(np.arange(h_patches), np.arange(w_patches), indexing="ij")
+    return (r * max_per_side + c).reshape(-1).astype(np.int32)
+
+
+def image_ids_from_lengths(lengths, total: int | None = None) -> np.ndarray:
+    """Per-token image ids 0..n-1 for images of ``lengths`` patches packed back to back, padded
+    with -1 up to ``total`` tokens (BAGEL's ``vit_token_seqlens`` -> ``image_ids``)."""
+    lengths = [int(n) for n in np.asarray(lengths).reshape(-1)]
+    ids = np.concatenate([np.full(n, i, np.int32) for i, n in enumerate(lengths)] or
+                         [np.zeros(0, np.int32)])
+    total = len(ids) if total is None else total
+    if total < len(ids):
+        raise ValueError(f"{len(ids)} patches do not fit in {total} slots")
+    return np.concatenate([ids, np.full(total - len(ids), -1, np.int32)])
+
+
+def conv_patch_weight_to_linear(w):
+    """Stock (HF) SigLIP Conv2d patch weight (hidden, C, p, p) -> BAGEL's Linear (hidden, p*p*C)
+    (feature order (py, px, c), matching ``patchify``)."""
+    w = np.asarray(w)
+    return np.ascontiguousarray(w.transpose(0, 2, 3, 1).reshape(w.shape[0], -1))
+
+
+def linear_patch_weight_to_conv(w, patch: int, channels: int = 3):
+    """Inverse of ``conv_patch_weight_to_linear``: (hidden, p*p*C) -> (hidden, C, p, p)."""
+    w = np.asarray(w)
+    return np.ascontiguousarray(w.reshape(w.shape[0], patch, patch, channels).transpose(0, 3, 1, 2))
+
+
+# ------------------------------------------------------------------------------------------------
+# Modules
+
+
+class SiglipEncoderLayer(nnx.Module):
+    """One pre-LN SigLIP encoder layer (attention within each image, then the GELU-tanh MLP)."""
+
+    def __init__(self, vit, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        d, m = vit.hidden_size, vit.intermediate_size
+        self.num_heads = vit.num_heads
+        self.head_dim = d // vit.num_heads
+        self.layer_norm1 = LayerNorm(d, vit.layer_norm_eps, ("norm",), rngs=rngs)
+        self.q_proj = Dense(d, d, ("embed", "heads"), use_bias=True, rngs=rngs, dtype=dtype)
+        self.k_proj = Dense(d, d, ("embed", "heads"), use_bias=True, rngs=rngs, dtype=dtype)
+        self.v_proj = Dense(d, d, ("embed", "heads"), use_bias=True, rngs=rngs, dtype=dtype)
+        self.out_proj = Dense(d, d, ("heads", "embed"), use_bias=True, rngs=rngs, dtype=dtype)
+        self.layer_norm2 = LayerNorm(d, vit.layer_norm_eps, ("norm",), rngs=rngs)
+        self.fc1 = Dense(d, m, ("embed", "mlp"), use_bias=True, rngs=rngs, dtype=dtype)
+        self.fc2 = Dense(m, d, ("mlp", "embed"), use_bias=True, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+        b, l, _ = x.shape
+        nh, hd = self.num_heads, self.head_dim
+        h = self.layer_norm1(x)
+        q = checkpoint_name(self.q_proj(h), "query_proj").reshape(b, l, nh, hd)
+        k = checkpoint_name(self.k_proj(h), "key_proj").reshape(b, l, nh, hd)
+        v = checkpoint_name(self.v_proj(h), "value_proj").reshape(b, l, nh, hd)
+        o = checkpoint_name(dot_product_attention(q, k, v, mask), "context")
+        x = x + checkpoint_name(self.out_proj(o.reshape(b, l, nh * hd)), "out_proj")
+        h = self.layer_norm2(x)
+        h = gelu_tanh(checkpoint_name(self.fc1(h), "mlpwi"))
+        return x + checkpoint_name(self.fc2(h), "mlpwo")
+
+
+class SiglipNaViT(nnx.Module):
+    """BAGEL's ``vit_model.vision_model``: (B, P, 3*p*p) packed patches -> (B, P, hidden)."""
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        vit = cfg.vit
+        if vit.hidden_size % vit.num_heads:
+            raise ValueError(f"vit.num_heads={vit.num_heads} does not divide "
+                             f"vit.hidden_size={vit.hidden_size}")
+        d, p = vit.hidden_size, vit.patch_size
+        self.hidden_size = d
+        self.patch_size = p
+        self.max_patches_per_side = vit.max_patches_per_side
+        self.num_layers = vit.num_layers
+        self.scan_layers = bool(vit.scan_layers)
+        self.remat_policy = str(vit.remat_policy)
+        remat_body(lambda: None, self.remat_policy)  # validate the policy name early
+        self.dtype = dtype
+
+        self.patch_embedding = Dense(3 * p * p, d, (None, "embed"), use_bias=True, rngs=rngs,
+                                     dtype=dtype)
+        self.position_embedding = param(rngs, normal_init(0.02), (vit.max_patches_per_side ** 2, d),
+                                        ("vit_pos", "embed"))
+
+        @nnx.split_rngs(splits=vit.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_layers(r):
+            return SiglipEncoderLayer(vit, rngs=r, dtype=dtype)
+
+        self.layers = make_layers(rngs)
+        self.post_layernorm = LayerNorm(d, vit.layer_norm_eps, ("norm",), rngs=rngs)
+
+    def __call__(self, patches: jax.Array, pos_ids: jax.Array, image_ids: jax.Array) -> jax.Array:
+        valid = image_ids >= 0
+        mask = (image_ids[:, :, None] == image_ids[:, None, :]) & valid[:, :, None] & valid[:, None, :]
+        pos = jnp.where(valid, pos_ids, 0)
+        x = self.patch_embedding(patches)
+        x = x + jnp.take(self.position_embedding[...], pos, axis=0, mode="clip").astype(self.dtype)
+
+        graphdef, stacked = nnx.split(self.layers)
+
+        def body(h, layer_state):
+            return nnx.merge(graphdef, layer_state)(h, mask), None
+
+        body = remat_body(body, self.remat_policy)
+        if self.scan_layers:
+            x, _ = jax.lax.scan(body, x, stacked)
+        else:
+            for i in range(self.num_layers):
+                x, _ = body(x, jax.tree.map(lambda a: a[i], stacked))
+        x = self.post_layernorm(x)
+        return jnp.where(valid[..., None], x, jnp.zeros((), x.dtype))
+
+
+# ------------------------------------------------------------------------------------------------
+# Torch <-> JAX weights
+
+_LAYER_TABLE = (
+    # (torch suffix under encoder.layers.{j}., path under ("layers",), kind)
+    ("self_attn.q_proj.weight", ("q_proj", "kernel"), "linear"),
+    ("self_attn.q_proj.bias", ("q_proj", "bias"), "copy"),
+    ("self_attn.k_proj.weight", ("k_proj", "kernel"), "linear"),
+    ("self_attn.k_proj.bias", ("k_proj", "bias"), "copy"),
+    ("self_attn.v_proj.weight", ("v_proj", "kernel"), "linear"),
+    ("self_attn.v_proj.bias", ("v_proj", "bias"), "copy"),
+    ("self_attn.out_proj.weight", ("out_proj", "kernel"), "linear"),
+    ("self_attn.out_proj.bias", ("out_proj", "bias"), "copy"),
+    ("layer_norm1.weight", ("layer_norm1", "scale"), "copy"),
+    ("layer_norm1.bias", ("layer_norm1", "bias"), "copy"),
+    ("layer_norm2.weight", ("layer_norm2", "scale"), "copy"),
+    ("layer_norm2.bias", ("layer_norm2", "bias"), "copy"),
+    ("mlp.fc1.weight", ("fc1", "kernel"), "linear"),
+    ("mlp.fc1.bias", ("fc1", "bias"), "copy"),
+    ("mlp.fc2.weight", ("fc2", "kernel"), "linear"),
+    ("mlp.fc2.bias", ("fc2", "bias"), "copy"),
+)
+
+
+def _num_layers(cfg) -> int:
+    if isinstance(cfg, SiglipNaViT):
+        return cfg.num_layers
+    return (cfg.vit if "vit" in cfg else cfg).num_layers
+
+
+def torch_key_table(cfg) -> list[tuple[str, tuple[str, ...], str, int | None]]:
+    """Every key under ``vit_model.vision_model.`` (without the prefix) ->
+    (torch key, nnx state path, kind, layer index or None).
+
+    kind "linear": torch (out, in) weight <-> kernel (in, out); "copy": same layout. A layer index
+    j means the entry fills slice [j] of the stacked (leading "layers" axis) parameter.
+    ``cfg`` is the model config (or its ``vit`` part, or a SiglipNaViT)."""
+    table: list[tuple[str, tuple[str, ...], str, int | None]] = [
+        ("embeddings.patch_embedding.weight", ("patch_embedding", "kernel"), "linear", None),
+        ("embeddings.patch_embedding.bias", ("patch_embedding", "bias"), "copy", None),
+        ("embeddings.position_embedding.weight", ("position_embedding",), "copy", None),
+    ]
+    for j in range(_num_layers(cfg)):
+        for suffix, path, kind in _LAYER_TABLE:
+            table.append((f"encoder.layers.{j}.{suffix}", ("layers",) + path, kind, j))
+    table += [
+        ("post_layernorm.weight", ("post_layernorm", "scale"), "copy", None),
+        ("post_layernorm.bias", ("post_layernorm", "bias"), "copy", None),
+    ]
+    return table
+
+
+def _state_vars(model: SiglipNaViT) -> dict[tuple[str, ...], nnx.Variable]:
+    return {tuple(str(k) for k in path): var
+            for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def load_torch_state(model: SiglipNaViT, tensors: Mapping[str, Any],
+                     prefix: str = BAGEL_VIT_PREFIX) -> None:
+    """Load torch-layout tensors (e.g. BAGEL's ``model.safetensors``) into ``model`` in place.
+
+    Keys outside ``prefix`` are ignored (a whole BAGEL state dict may be passed). Raises
+    ValueError listing missing, unexpected (under ``prefix`` but unknown) and mis-shaped keys;
+    nothing is written in that case."""
+    table = torch_key_table(model)
+    variables = _state_vars(model)
+    known = {prefix + key for key, *_ in table}
+    unexpected = sorted(k for k in tensors if k.startswith(prefix) and k not in known)
+    missing, misshaped = [], []
+    new_values: dict[tuple[str, ...], np.ndarray] = {}
+    for key, path, kind, layer in table:
+        full_key = prefix + key
+        var = variables[path]
+        target_shape = var.shape if layer is None else var.shape[1:]
+        want = tuple(target_shape[::-1]) if kind == "linear" else tuple(target_shape)
+        if full_key not in tensors:
+            missing.append(full_key)
+            continue
+        arr = np.asarray(tensors[full_key], dtype=np.float32)
+        if arr.shape != want:
+            misshaped.append(f"{full_key}: got {arr.shape}, expected {want}")
+            continue
+        if kind == "linear":
+            arr = arr.T
+        if layer is None:
+            new_values[path] = arr
+        else:
+            buf = new_values.setdefault(path, np.array(var[...], dtype=np.float32))
+            buf[layer] = arr
+    if missing or unexpected or misshaped:
+        parts = []
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {missing}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
+        if misshaped:
+            parts.append(f"mis-shaped keys ({len(misshaped)}): {misshaped}")
+        raise ValueError("load_torch_state (SigLIP-NaViT): " + "; ".join(parts))
+    for path, arr in new_values.items():
+        var = variables[path]
+        var[...] = jnp.asarray(arr, dtype=var[...].dtype)
+
+
+def export_torch_state(model: SiglipNaViT, prefix: str = BAGEL_VIT_PREFIX) -> dict[str, np.ndarray]:
+    """The inverse of ``load_torch_state``: {prefix + torch key: float32 numpy array} in the
+    torch layout (Linear weights (out, in), the patch embedding in BAGEL's Linear form)."""
+    variables = _state_vars(model)
+    out: dict[str, np.ndarray] = {}
+    for key, path, kind, layer in torch_key_table(model):
+        arr = np.asarray(variables[path][...], dtype=np.float32)
+        if layer is not None:
+            arr = arr[layer]
+        if kind == "linear":
+            arr = arr.T
+        out[prefix + key] = np.ascontiguousarray(arr)
+    return out

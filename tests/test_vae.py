@@ -1,0 +1,256 @@
+"""FLUX autoencoder (sgt_jax/models/vae.py) against the BAGEL golden fixture tiny_v1.
+
+The fixture's AE has ch_mult (1, 1, 1, 1), so it never exercises ``nin_shortcut`` or channel
+changes between levels; ``test_matches_torch_functional_reference`` covers those with a small
+PyTorch functional re-statement of the FLUX forward on a (1, 2) config.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from sgt_jax.models import vae as V
+from sgt_jax.models.config import tiny
+
+GOLDEN = Path(os.environ.get("SGT_GOLDEN_DIR")
+              or Path(__file__).resolve().parents[1].parent / "shared/fixtures/bagel_golden/tiny_v1")
+
+needs_golden = pytest.mark.skipif(
+    not (GOLDEN / "ae.safetensors").exists() or not (GOLDEN / "batch.safetensors").exists(),
+    reason=f"golden fixture not found at {GOLDEN} (set SGT_GOLDEN_DIR to the tiny_v1 directory)")
+
+
+def nhwc(a: np.ndarray) -> jax.Array:
+    return jnp.asarray(a.transpose(0, 2, 3, 1))
+
+
+def build(cfg, tensors, dtype=jnp.float32) -> V.AutoEncoder:
+    """Abstract construction (no random init) + load, as a real-size AE would be loaded."""
+    model = nnx.eval_shape(lambda: V.AutoEncoder(cfg, rngs=nnx.Rngs(0), dtype=dtype))
+    V.load_torch_state(model, tensors)
+    return model
+
+
+_encode_moments = nnx.jit(lambda m, x: m.encode_moments(x))
+_encode_eps = nnx.jit(lambda m, x, eps: m.encode(x, eps=eps))
+_encode_key = nnx.jit(lambda m, x, key: m.encode(x, key=key))
+_decode = nnx.jit(lambda m, z: m.decode(z))
+
+
+@pytest.fixture(scope="module")
+def golden():
+    from safetensors.numpy import load_file
+    return load_file(str(GOLDEN / "ae.safetensors")), load_file(str(GOLDEN / "batch.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def ae32(golden):
+    return build(tiny().vae, golden[0])
+
+
+def maxdiff(a, b) -> float:
+    return float(np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32))))
+
+
+# ------------------------------------------------------------------------------------------------
+# golden fixture
+
+
+@needs_golden
+def test_key_table_covers_fixture_and_state(golden):
+    ae, _ = golden
+    table = V.torch_key_table(tiny())
+    assert len(table) == len(ae) == 172
+    assert {k for k, _, _ in table} == set(ae)
+    abstract = nnx.eval_shape(lambda: V.AutoEncoder(tiny(), rngs=nnx.Rngs(0)))
+    paths = [p for p, _ in nnx.to_flat_state(nnx.state(abstract, nnx.Param))]
+    assert sorted(map(str, paths)) == sorted(str(p) for _, p, _ in table)
+    assert {kind for _, _, kind in table} == {"conv", "copy"}
+
+
+@needs_golden
+def test_encode_moments_matches_golden(golden, ae32):
+    _, b = golden
+    mom = _encode_moments(ae32, nhwc(b["padded_images"]))
+    assert mom.shape == (7, 4, 6, 8)
+    err = maxdiff(mom, b["vae_moments"].transpose(0, 2, 3, 1))
+    print(f"moments max|diff| {err:.3e}")
+    assert err <= 1e-5
+
+
+@needs_golden
+def test_encode_with_eps_matches_golden(golden, ae32):
+    _, b = golden
+    lat = _encode_eps(ae32, nhwc(b["padded_images"]), nhwc(b["vae_eps"]))
+    assert lat.dtype == jnp.float32
+    err = maxdiff(lat, b["padded_latent"].transpose(0, 2, 3, 1))
+    print(f"latent max|diff| {err:.3e}")
+    assert err <= 1e-5
+
+
+@needs_golden
+def test_decode_matches_golden(golden, ae32):
+    _, b = golden
+    dec = _decode(ae32, nhwc(b["padded_latent"]))
+    assert dec.shape == (7, 32, 48, 3)
+    err = maxdiff(dec, b["decoded"].transpose(0, 2, 3, 1))
+    print(f"decoded max|diff| {err:.3e}")
+    assert err <= 1e-5
+
+
+@needs_golden
+def test_export_round_trip_is_bit_exact(golden, ae32):
+    ae, _ = golden
+    out = V.export_torch_state(ae32)
+    assert list(sorted(out)) == list(sorted(ae))
+    for k, v in ae.items():
+        assert out[k].dtype == v.dtype == np.float32, k
+        assert out[k].shape == v.shape, k
+        assert np.array_equal(out[k], v), k
+
+
+@needs_golden
+def test_load_reports_every_problem(golden):
+    ae, _ = golden
+    bad = dict(ae)
+    del bad["decoder.mid.attn_1.q.bias"]
+    bad["encoder.mid.attn_2.q.weight"] = np.zeros((32, 32, 1, 1), np.float32)
+    bad["encoder.conv_in.weight"] = np.zeros((32, 3, 1, 1), np.float32)
+    bad["decoder.norm_out.bias"] = np.zeros((16,), np.float32)
+    model = nnx.eval_shape(lambda: V.AutoEncoder(tiny(), rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError) as exc:
+        V.load_torch_state(model, bad)
+    msg = str(exc.value)
+    for name in ["decoder.mid.attn_1.q.bias", "encoder.mid.attn_2.q.weight",
+                 "encoder.conv_in.weight", "decoder.norm_out.bias"]:
+        assert name in msg, (name, msg)
+    assert "missing" in msg and "unexpected" in msg and "shape" in msg
+    assert "(32, 3, 3, 3)" in msg  # the expected torch shape of conv_in.weight
+    # nothing was assigned: the model is still abstract
+    assert isinstance(model.encoder.conv_in.kernel.get_value(), jax.ShapeDtypeStruct)
+
+
+@needs_golden
+def test_encode_key_is_deterministic_and_bf16_close(golden, ae32):
+    ae, b = golden
+    x = nhwc(b["padded_images"])
+    k1, k2 = jax.random.key(1), jax.random.key(2)
+    a, a2, c = _encode_key(ae32, x, k1), _encode_key(ae32, x, k1), _encode_key(ae32, x, k2)
+    assert a.shape == (7, 4, 6, 4)
+    assert np.array_equal(np.asarray(a), np.asarray(a2))
+    assert maxdiff(a, c) > 1e-3
+
+    ae16 = build(tiny().vae, ae, dtype=jnp.bfloat16)
+    z = nhwc(b["padded_latent"])
+    d32 = _decode(ae32, z)
+    d16 = _decode(ae16, z)
+    assert d16.dtype == jnp.bfloat16
+    err = maxdiff(d16, d32)
+    print(f"bf16 decode max|diff| {err:.3e} (max|decoded| {float(jnp.max(jnp.abs(d32))):.3f})")
+    assert err <= 5e-2
+    assert ae16.encoder.conv_in.kernel.get_value().dtype == jnp.float32  # fp32 masters
+
+
+def test_encode_argument_errors():
+    model = nnx.eval_shape(lambda: V.AutoEncoder(tiny(), rngs=nnx.Rngs(0)))
+    x = jnp.zeros((1, 16, 16, 3))
+    with pytest.raises(ValueError, match="exactly one of key"):
+        model.encode(x)
+    with pytest.raises(ValueError, match="exactly one of key"):
+        model.encode(x, key=jax.random.key(0), eps=jnp.zeros((1, 2, 2, 4)))
+    with pytest.raises(ValueError, match="NHWC"):
+        model.encode_moments(jnp.zeros((1, 3, 16, 16)))
+
+
+# ------------------------------------------------------------------------------------------------
+# nin_shortcut / channel changes, against an independent PyTorch statement of the FLUX forward
+
+
+def _small_cfg():
+    return ml_collections.ConfigDict(dict(
+        in_channels=3, out_ch=3, ch=8, ch_mult=(1, 2), num_res_blocks=1, z_channels=2,
+        scale_factor=0.5, shift_factor=0.1, groupnorm_groups=4, eps=1e-6))
+
+
+def _torch_ae(sd, cfg, x, z):
+    """FLUX AE forward with torch.nn.functional from a state dict; returns (moments, decoded)."""
+    import torch
+    import torch.nn.functional as F
+
+    def conv(h, name, stride=1, pad=1):
+        return F.conv2d(h, sd[name + ".weight"], sd[name + ".bias"], stride=stride, padding=pad)
+
+    def gn(h, name):
+        return F.group_norm(h, cfg.groupnorm_groups, sd[name + ".weight"], sd[name + ".bias"], cfg.eps)
+
+    def res(h, name):
+        r = conv(F.silu(gn(h, name + ".norm1")), name + ".conv1")
+        r = conv(F.silu(gn(r, name + ".norm2")), name + ".conv2")
+        if name + ".nin_shortcut.weight" in sd:
+            h = conv(h, name + ".nin_shortcut", pad=0)
+        return h + r
+
+    def attn(h, name):
+        n, c, hh, ww = h.shape
+        hn = gn(h, name + ".norm")
+        q, k, v = (conv(hn, f"{name}.{p}", pad=0).reshape(n, c, hh * ww).transpose(1, 2)
+                   for p in ("q", "k", "v"))
+        o = torch.softmax(q @ k.transpose(1, 2) / c ** 0.5, dim=-1) @ v
+        return h + conv(o.transpose(1, 2).reshape(n, c, hh, ww), name + ".proj_out", pad=0)
+
+    def mid(h, p):
+        return res(attn(res(h, p + ".block_1"), p + ".attn_1"), p + ".block_2")
+
+    n = len(cfg.ch_mult)
+    h = conv(x, "encoder.conv_in")
+    for i in range(n):
+        for j in range(cfg.num_res_blocks):
+            h = res(h, f"encoder.down.{i}.block.{j}")
+        if i != n - 1:
+            h = conv(F.pad(h, (0, 1, 0, 1)), f"encoder.down.{i}.downsample.conv", stride=2, pad=0)
+    h = mid(h, "encoder.mid")
+    moments = conv(F.silu(gn(h, "encoder.norm_out")), "encoder.conv_out")
+
+    h = mid(conv(z / cfg.scale_factor + cfg.shift_factor, "decoder.conv_in"), "decoder.mid")
+    for i in reversed(range(n)):
+        for j in range(cfg.num_res_blocks + 1):
+            h = res(h, f"decoder.up.{i}.block.{j}")
+        if i != 0:
+            h = conv(F.interpolate(h, scale_factor=2.0, mode="nearest"), f"decoder.up.{i}.upsample.conv")
+    return moments, conv(F.silu(gn(h, "decoder.norm_out")), "decoder.conv_out")
+
+
+def test_matches_torch_functional_reference():
+    torch = pytest.importorskip("torch")
+    cfg = _small_cfg()
+    model = V.AutoEncoder(cfg, rngs=nnx.Rngs(0))            # real (random) init path
+    table = V.torch_key_table(cfg)
+    paths = [p for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+    assert sorted(map(str, paths)) == sorted(str(p) for _, p, _ in table)
+    assert any("nin_shortcut" in k for k, _, _ in table)
+    assert "decoder.up.1.upsample.conv.weight" in {k for k, _, _ in table}
+
+    rng = np.random.default_rng(0)
+    sd = {k: (rng.standard_normal(v.shape) * (0.3 if v.ndim == 4 else 1.0)).astype(np.float32)
+          for k, v in V.export_torch_state(model).items()}
+    V.load_torch_state(model, sd)
+    exported = V.export_torch_state(model)
+    assert all(np.array_equal(exported[k], sd[k]) for k in sd)
+
+    x = rng.uniform(-1, 1, (2, 3, 8, 12)).astype(np.float32)
+    z = rng.standard_normal((2, 2, 4, 6)).astype(np.float32)
+    with torch.no_grad():
+        tsd = {k: torch.from_numpy(v) for k, v in sd.items()}
+        t_mom, t_dec = _torch_ae(tsd, cfg, torch.from_numpy(x), torch.from_numpy(z))
+    mom = _encode_moments(model, nhwc(x))
+    dec = _decode(model, nhwc(z))
+    scale = max(1.0, float(np.abs(t_mom.numpy()).max()), float(np.abs(t_dec.numpy()).max()))
+    assert maxdiff(mom, t_mom.numpy().transpose(0, 2, 3, 1)) <= 1e-4 * scale
+    assert maxdiff(dec, t_dec.numpy().transpose(0, 2, 3, 1)) <= 1e-4 * scale
