@@ -157,6 +157,10 @@ def test_scan_loop_and_remat_equivalence():
     base = _model_with()
     loop = _model_with(scan_layers=False)
     full = _model_with(remat_policy="full")
+    for m, has_scan, has_remat in ((base, True, False), (loop, False, False), (full, True, True)):
+        gd, st = nnx.split(m)
+        jaxpr = str(jax.make_jaxpr(lambda s: nnx.merge(gd, s)(*inputs))(st))
+        assert ("scan[" in jaxpr) == has_scan and ("remat" in jaxpr) == has_remat
     state = nnx.state(base)
     for m in (loop, full):
         nnx.update(m, state)

@@ -90,8 +90,8 @@ def bagel_table(cfg) -> list[Entry]:
     if cfg.bagel.visual_und:
         t += _linear("connector.fc1", ("connector", "fc1"))
         t += _linear("connector.fc2", ("connector", "fc2"))
-        t += [Entry(e[0], ("vit_model",) + tuple(e[1]), e[2], e[3] if len(e) > 3 else None)
-              for e in siglip.torch_key_table(cfg)]
+        t += [Entry(siglip.BAGEL_VIT_PREFIX + key, ("vit_model",) + tuple(path), kind, layer)
+              for key, path, kind, layer in siglip.torch_key_table(cfg)]
     return t
 
 
@@ -145,12 +145,12 @@ def load_state(model, tensors: dict, table: list[Entry], ignore: tuple = (), wha
     for path, items in staged.items():
         var = params[path]
         if items[0][0] is None:
-            var.value = np.asarray(items[0][1], np.float32)
+            var.set_value(np.asarray(items[0][1], np.float32))
         else:
-            full = np.array(var.value, dtype=np.float32)
+            full = np.array(var.get_value(), dtype=np.float32)
             for layer, a in items:
                 full[layer] = a
-            var.value = full
+            var.set_value(full)
     return model
 
 
@@ -159,7 +159,7 @@ def export_state(model, table: list[Entry]) -> dict[str, np.ndarray]:
     params = _flat_params(model)
     out = {}
     for e in table:
-        a = np.asarray(params[e.path].value)
+        a = np.asarray(params[e.path].get_value())
         if e.layer is not None:
             a = a[e.layer]
         out[e.key] = to_torch(e.kind, a)

@@ -25,7 +25,7 @@ def param(rngs: nnx.Rngs | None, init, shape: Sequence[int], names: Names) -> nn
     """An fp32 parameter with logical axis names (no mesh needed at construction)."""
     assert len(names) == len(shape), (names, shape)
     key = rngs.params() if rngs is not None else jax.random.key(0)
-    return nnx.Param(init(key, tuple(shape), jnp.float32), sharding_names=tuple(names),
+    return nnx.Param(init(key, tuple(shape), jnp.float32), out_sharding=tuple(names),
                      eager_sharding=False)
 
 

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sgt_jax.models.config import validate
 from sgt_jax.models.layers import ones_init, param, zeros_init
 
 CONV_NAMES = ("conv_h", "conv_w", "conv_in", "conv_out")
@@ -57,7 +58,11 @@ def vae_config(cfg) -> VAEConfig:
     if isinstance(cfg, VAEConfig):
         c = cfg
     else:
-        v = cfg.vae if "vae" in cfg else cfg
+        if "vae" in cfg:                      # a full model config: validate it as a whole
+            validate(cfg)
+            v = cfg.vae
+        else:
+            v = cfg
         c = VAEConfig(in_channels=int(v.in_channels), out_ch=int(v.out_ch), ch=int(v.ch),
                       ch_mult=tuple(int(m) for m in v.ch_mult), num_res_blocks=int(v.num_res_blocks),
                       z_channels=int(v.z_channels), scale_factor=float(v.scale_factor),
@@ -440,6 +445,12 @@ def _to_torch_shape(shape: tuple, kind: str) -> tuple:
     return tuple(shape)
 
 
+def expected_torch_shapes(model: AutoEncoder) -> dict[str, tuple[int, ...]]:
+    """FLUX key -> the torch-layout shape ``load_torch_state`` expects (works on abstract models)."""
+    return {key: _to_torch_shape(tuple(_variable(model, path).get_value().shape), kind)
+            for key, path, kind in torch_key_table(model.config)}
+
+
 def load_torch_state(model: AutoEncoder, tensors: dict[str, np.ndarray]) -> None:
     """Assign a FLUX AE state dict (torch layout, any float dtype) to ``model`` (fp32 params).
     Checks everything first: raises ValueError naming every missing key, unexpected key and
@@ -451,10 +462,9 @@ def load_torch_state(model: AutoEncoder, tensors: dict[str, np.ndarray]) -> None
     missing = [k for k, _, _ in table if k not in tensors]
     unexpected = sorted(k for k in tensors if k not in known)
     mismatched = []
-    for key, path, kind in table:
+    for key, want in expected_torch_shapes(model).items():
         if key not in tensors:
             continue
-        want = _to_torch_shape(tuple(_variable(model, path).get_value().shape), kind)
         got = tuple(np.shape(tensors[key]))
         if got != want:
             mismatched.append(f"{key}: got {got}, expected {want}")
