@@ -1,0 +1,1 @@
+"""SGT data: sources -> records -> samples (sequence plans) -> packer -> PackedBatch."""
