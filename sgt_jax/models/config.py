@@ -25,6 +25,7 @@ def _llm(**kw) -> ml_collections.ConfigDict:
         remat_policy="none",       # one of REMAT_POLICIES (names as in MaxText)
         attention_impl="dense",    # "dense" (XLA, CPU/tests); TPU kernels are selected here later
         ce_chunk_size=0,           # >0: lm_head + CE in chunks of this many tokens (saves HBM)
+        freeze_und=False,          # BAGEL's freeze_und: no gradient through und tokens / into und weights
         bos_token_id=150, eos_token_id=151, start_of_image=152, end_of_image=153,
     ))
     c.update(kw)

@@ -128,21 +128,25 @@ class DecoderLayer(nnx.Module):
         self.und = ExpertWeights(cfg, rngs=rngs, dtype=dtype)
         self.gen = ExpertWeights(cfg, rngs=rngs, dtype=dtype) if self.mot else None
         self.attention_impl = cfg.llm.attention_impl
+        self.freeze_und = bool(cfg.llm.freeze_und)
 
     def _experts(self, length: int, num_gen: int):
-        return [(self.gen if e == GEN else self.und, a, b)
+        return [(e, self.gen if e == GEN else self.und, a, b)
                 for e, a, b in expert_slices(length, num_gen, self.mot)]
 
     def __call__(self, x, cos, sin, seg: attn_lib.Segments, num_gen: int):
         parts = self._experts(x.shape[1], num_gen)
-        qkv = [w.qkv(x[:, a:b], cos[:, a:b], sin[:, a:b]) for w, a, b in parts]
-        q, k, v = (jnp.concatenate(t, axis=1) if len(parts) > 1 else t[0] for t in zip(*qkv))
+        # freeze_und (BAGEL): und rows are detached at the input, after q/k(-norm)/v, after o_proj
+        # and after the MLP, so no gradient reaches und weights or flows through und tokens.
+        sg = (lambda e, t: jax.lax.stop_gradient(t) if e == UND else t) if self.freeze_und else (lambda e, t: t)
+        cat = lambda ts: jnp.concatenate(ts, axis=1) if len(ts) > 1 else ts[0]
+        qkv = [tuple(sg(e, t) for t in w.qkv(sg(e, x[:, a:b]), cos[:, a:b], sin[:, a:b]))
+               for e, w, a, b in parts]
+        q, k, v = (cat(list(t)) for t in zip(*qkv))
         o = checkpoint_name(attn_lib.attention(q, k, v, seg, self.attention_impl), "context")
         o = o.reshape(x.shape[:2] + (-1,))
-        a = [checkpoint_name(w.o_proj(o[:, s:e]), "out_proj") for w, s, e in parts]
-        x = x + (jnp.concatenate(a, axis=1) if len(a) > 1 else a[0])
-        m = [w.mlp(x[:, s:e]) for w, s, e in parts]
-        return x + (jnp.concatenate(m, axis=1) if len(m) > 1 else m[0])
+        x = x + cat([sg(e, checkpoint_name(w.o_proj(o[:, a:b]), "out_proj")) for e, w, a, b in parts])
+        return x + cat([sg(e, w.mlp(x[:, a:b])) for e, w, a, b in parts])
 
 
 class Qwen2MoT(nnx.Module):
@@ -183,9 +187,10 @@ class Qwen2MoT(nnx.Module):
         else:
             for i in range(c.num_layers):
                 x, _ = body(x, jax.tree.map(lambda a: a[i], stacked))
-        norms = [(self.norm_gen if e == GEN else self.norm, a, b)
-                 for e, a, b in expert_slices(x.shape[1], num_gen, self.mot)]
-        outs = [n(x[:, a:b]) for n, a, b in norms]
+        outs = []
+        for e, a, b in expert_slices(x.shape[1], num_gen, self.mot):
+            y = (self.norm_gen if e == GEN else self.norm)(x[:, a:b])
+            outs.append(jax.lax.stop_gradient(y) if c.freeze_und and e == UND else y)
         return jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
 
     def __call__(self, x: jax.Array, positions: jax.Array, seg: attn_lib.Segments,

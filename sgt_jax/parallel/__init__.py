@@ -1,0 +1,1 @@
+"""Device mesh, the logical-axis rules table, multi-host setup."""
