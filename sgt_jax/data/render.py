@@ -197,32 +197,40 @@ def distinct_colors(n: int, seed: int, *, background: Sequence[int] | None = (0,
 # rendering
 # ------------------------------------------------------------------------------------------------
 
-def _mask_indices(m, shape: tuple[int, int]) -> np.ndarray:
-    """Column-major flat indices of the pixels of a mask given as an RLE dict or a 2-D array."""
+def _mask_runs(m, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, lengths) of the runs of ones of a mask (RLE dict or 2-D array), column-major."""
     if isinstance(m, dict):
         size, c = rle_counts(m)
         if size != shape:
             raise ValueError(f"mask size {list(size)} differs from the image size {list(shape)}")
-        return _runs_to_indices(*_ones_runs(c))
+        return _ones_runs(c)
     a = np.asarray(m)
     if a.shape != shape:
         raise ValueError(f"mask shape {list(a.shape)} differs from the image size {list(shape)}")
-    return np.flatnonzero(a.T.reshape(-1))
+    flat = (a.T.reshape(-1) != 0).astype(np.int8)
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], flat, [0]])))
+    return edges[0::2], edges[1::2] - edges[0::2]
 
 
 def label_map(masks: Sequence, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Paint masks largest-first into an int32 label map (0 = background, k+1 = k-th painted mask).
 
     Returns ``(labels (h, w), order)`` where ``order[k]`` is the input index of the mask painted k-th.
+    Works on runs: long runs are painted as slices, short ones by one scatter per mask.
     """
     h, w = int(shape[0]), int(shape[1])
-    idx = [_mask_indices(m, (h, w)) for m in masks]
-    areas = np.array([i.size for i in idx], np.int64)
+    runs = [_mask_runs(m, (h, w)) for m in masks]
+    areas = np.array([int(ln.sum()) for _, ln in runs], np.int64)
     order = np.argsort(-areas, kind="stable")
     flat = np.zeros(h * w, np.int32)
     for k, j in enumerate(order):
-        flat[idx[j]] = k + 1
-    return flat.reshape(w, h).T, order
+        starts, lengths = runs[j]
+        if lengths.size and areas[j] >= 32 * lengths.size:
+            for a, b in zip(starts.tolist(), (starts + lengths).tolist()):
+                flat[a:b] = k + 1
+        else:
+            flat[_runs_to_indices(starts, lengths)] = k + 1
+    return np.ascontiguousarray(flat.reshape(w, h).T), order
 
 
 def resize_labels(labels: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:

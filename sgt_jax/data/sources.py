@@ -35,7 +35,9 @@ Spec grammar (``make_source``)::
     llava:FILE[::IMAGE_ROOT]         .jsonl / .json (list) / .parquet; IMAGE_ROOT defaults to
                                      FILE's directory
     synthetic_seg:[DIR]              synthetic scenes (generated on first use) read as SA-1B;
-                                     DIR defaults to WORKDIR/synthetic
+                                     DIR defaults to WORKDIR/synthetic; a finished DIR is used
+                                     as it is unless generation options are given (then they
+                                     must match what DIR holds)
     synthetic_vqa:[DIR]              the LLaVA-format VQA about the same scenes (DIR/vqa.jsonl)
     tfds:NAME:SPLIT                  a prepared TFDS dataset with an ``image`` and a target image
                                      feature (e.g. tfds:coco/2017_panoptic:train)
@@ -590,7 +592,8 @@ class CocoPanopticSource(_Source):
                                      composite=False, resample=Image.NEAREST)
         else:
             rgb, _ = self._decode(png_bytes, key, max_pixels=self.max_pixels, composite=False)
-            ids = rgb[..., 0].astype(np.int64) + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
+            rgb = rgb.astype(np.int64)
+            ids = rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
             uniq = np.unique(ids)
             uniq = uniq[uniq != 0]
             masks = [ids == u for u in uniq]
@@ -1002,7 +1005,8 @@ def parse_spec(spec: str) -> tuple[str, str, dict[str, str]]:
     for item in filter(None, query.split("&")):
         name, eq, value = item.partition("=")
         if not eq:
-            raise SpecError(f"source spec {spec!r}: option {item!r} must be NAME=VALUE")
+            raise SpecError(f"source spec {spec!r}: option {item!r} must be NAME=VALUE; "
+                            f"usage: {_USAGE[kind]!r}")
         if name not in _OPTIONS[kind]:
             raise SpecError(f"source spec {spec!r}: unknown option {name!r} for {kind}; valid: "
                             f"{', '.join(sorted(_OPTIONS[kind]))}")
@@ -1077,7 +1081,11 @@ def make_source(spec: str, *, seed: int, workdir: str | None = None):
                 gen["size"] = _parse_range(opts["size"], "size")
             if "shapes" in opts:
                 gen["num_shapes"] = _parse_range(opts["shapes"], "shapes")
-            synthetic.ensure_generated(out, **gen)
+            stamp = synthetic.read_stamp(out)
+            if stamp is not None and not (_SYN_OPTS & set(opts)):
+                pass               # no generation options given: use the finished set as it is
+            else:
+                synthetic.ensure_generated(out, **gen)
             if kind == "synthetic_seg":
                 return SA1BSource([out], seed=seed, cache_dir=cache_dir, **seg, **bg)
             return LlavaSource(os.path.join(out, synthetic.VQA_FILE), out, **seg)

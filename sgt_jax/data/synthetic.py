@@ -223,6 +223,15 @@ def generate(out_dir: str, num_images: int, *, seed: int = 0, size: int | Sequen
     return out_dir
 
 
+def read_stamp(out_dir: str) -> dict | None:
+    """The generation parameters of a finished synthetic directory, or None."""
+    try:
+        with open(os.path.join(out_dir, STAMP_FILE)) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
 def ensure_generated(out_dir: str, num_images: int = 1000, *, seed: int = 0,
                      size: int | Sequence[int] = (64, 128),
                      num_shapes: int | Sequence[int] = (1, 6)) -> str:
