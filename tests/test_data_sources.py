@@ -633,7 +633,12 @@ def test_make_source_errors_name_spec_and_fix(tmp_path, spec, match):
 
 
 def test_tfds_source():
-    pytest.importorskip("tensorflow_datasets",
-                        reason="tensorflow_datasets is not installed (optional; not a dependency)")
-    with pytest.raises((sources.SpecError, ImportError, Exception)):
+    try:
+        import tensorflow_datasets  # noqa: F401
+    except ImportError:
+        with pytest.raises(sources.SpecError, match="need tensorflow_datasets"):
+            sources.make_source("tfds:coco/2017_panoptic:train", seed=0)
+        pytest.skip("tensorflow_datasets is not installed (optional, not a dependency): "
+                    "only the clear error was checked")
+    with pytest.raises(sources.SpecError, match="prepare the dataset"):
         sources.make_source("tfds:coco/2017_panoptic:train?data_dir=/nonexistent", seed=0)

@@ -863,7 +863,7 @@ class TfdsSource(_Source):
         try:
             import tensorflow_datasets as tfds
         except ImportError:
-            raise ImportError("tfds: sources need tensorflow_datasets (pip install "
+            raise ImportError("tfds sources need tensorflow_datasets (pip install "
                               "tensorflow-datasets) and a prepared copy of the dataset") from None
         self.dataset, self.split, self.data_dir = dataset, split, data_dir
         self.target, self.max_side = target, max_side
@@ -1094,10 +1094,17 @@ def make_source(spec: str, *, seed: int, workdir: str | None = None):
             if not name or not split:
                 raise SpecError(f"source spec {spec!r}: tfds needs NAME:SPLIT; {usage}")
             kw = {k: opts[k] for k in ("data_dir", "target") if k in opts}
-            return TfdsSource(name, split, **kw, **({"max_side": seg["max_side"]}
-                                                    if "max_side" in seg else {}))
+            try:
+                return TfdsSource(name, split, **kw, **({"max_side": seg["max_side"]}
+                                                        if "max_side" in seg else {}))
+            except ImportError:
+                raise
+            except Exception as e:  # noqa: BLE001 -- tfds raises its own types
+                raise SpecError(f"source spec {spec!r}: {type(e).__name__}: {e}; prepare the "
+                                f"dataset first (`tfds build {name}` or download_and_prepare "
+                                f"into data_dir); {usage}") from e
     except SpecError:
         raise
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, ImportError) as e:
         raise SpecError(f"source spec {spec!r}: {e}; {usage}") from e
     raise AssertionError(kind)
