@@ -1,0 +1,176 @@
+"""Data configs (ml_collections): every knob of sources -> samples -> packer -> Grain pipeline.
+
+``default_data_config()`` has SGT-BAGEL's sizes (ViT 224, VAE long edge 512-1024 stride 16, VQA ViT
+378-980, Seg:VQA = 2:1 by samples in every batch) with static row shapes for a 16k-token row;
+``tiny_data_config()`` shrinks the images and the rows to the tiny CPU model (``models.config.tiny``:
+ViT and latent position tables of 8 per side). Both read the built-in synthetic data generated
+into the workdir unless ``sources`` says otherwise. ``validate`` raises a clear error naming the key.
+
+Strings in ``sources`` and ``tokenizer_path`` may contain ``{workdir}``.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+BAGEL_MAX_PIXELS = 14 * 14 * 9 * 1024          # ImageTransform default (1,806,336)
+VLM_MAX_PIXELS = 2_007_040                      # BAGEL / SGT VLM config
+MIX_MODES = ("samples", "tokens", "weights")
+RESAMPLE = ("bicubic", "bilinear", "nearest")
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+    """SGT-BAGEL sizes (paper recipe / official code), rows of 16k tokens."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    # ---- static shapes of a PackedBatch (part of the compiled program) ----
+    c.rows_per_batch = 8               # B of the GLOBAL batch; each process yields B / process_count rows
+    c.tokens_per_row = 16384           # L
+    c.gen_tokens_per_row = 8192        # num_gen: exactly this many gen-routed positions per row
+    c.vit_patches_per_row = 6144       # P  (<= L - num_gen: ViT tokens are und tokens)
+    c.vae_images_per_row = 6           # N
+    c.vae_image_size = 1024            # static padded (H, W) of vae_images; int (square) or (H, W)
+    c.vae_images_dtype = "float32"     # "float32" or "bfloat16" (halves host memory / transfer)
+    c.max_tokens_per_sample = 16384    # BAGEL's max_num_tokens_per_sample: longer samples are dropped
+
+    # ---- constants shared with the model config (the trainer checks they agree) ----
+    c.vit_patch_size = 14
+    c.vit_max_patches_per_side = 70    # bagel.vit_max_num_patch_per_side
+    c.vae_downsample = 16              # VAE 8x * latent patch 2: one latent token = 16x16 px
+    c.max_latent_size = 64             # bagel.max_latent_size (latent position table side)
+
+    # ---- image transforms (BAGEL's MaxLongEdgeMinShortEdgeResize) ----
+    t = ml_collections.ConfigDict()
+    t.vit_image_size = 224             # seg / recon ViT input: ImageTransform(224, 224, 14) as in SGT
+    t.vit_stride = 14
+    t.vae_min = 512                    # generation target: short edge >= 512 ...
+    t.vae_max = 1024                   # ... long edge <= 1024
+    t.vae_stride = 16
+    t.vae_max_pixels = BAGEL_MAX_PIXELS
+    t.vqa_vit_min = 378
+    t.vqa_vit_max = 980
+    t.vqa_vit_max_pixels = VLM_MAX_PIXELS   # divided by the number of images of the record
+    t.seg_vit_max_pixels = BAGEL_MAX_PIXELS
+    t.sqrt_max_pixels = False          # True: fix BAGEL's quirk (it scales each side by the AREA ratio)
+    t.resample = "bicubic"             # images (BAGEL: PIL bicubic, antialiased)
+    t.target_resample = "bicubic"      # seg target masks: bicubic as SGT does; "nearest" keeps colours pure
+    c.transforms = t
+
+    # ---- samples ----
+    s = ml_collections.ConfigDict()
+    s.text_cond_dropout_prob = 0.1     # BAGEL/SGT visual_gen training values
+    s.vit_cond_dropout_prob = 0.3
+    s.vae_cond_dropout_prob = 0.3
+    s.timestep_mean = 0.0              # raw timestep ~ N(mean, std), one draw per noised image
+    s.timestep_std = 1.0
+    s.ce_weighting = "square"          # BAGEL's len2weight for ce_weights: "square" | "token" | "sample"
+    s.instruction = "paraphrase"       # seg instruction: "paraphrase" (>=100 variants) | "fixed"
+    s.strict_image_placeholders = True  # VQA: <image> count != image count -> BadRecord
+    c.samples = s
+
+    # ---- mixing ----
+    m = ml_collections.ConfigDict()
+    m.mode = "samples"                 # "samples": exact ratio in every batch; "tokens": token shares
+                                       # (low-discrepancy); "weights": i.i.d. draws (official SGT code)
+    m.ratios = ml_collections.ConfigDict({"seg": 2, "vqa": 1})
+    m.weights = ml_collections.ConfigDict({"seg": 1.0, "vqa": 5.0})   # SGT high_mixed_sam.yaml
+    c.mix = m
+
+    # ---- sources: stream name -> spec (sources.make_source); ';' joins several specs ----
+    # (the synthetic scenes are generated into the workdir on first use; both specs must agree on n)
+    c.sources = ml_collections.ConfigDict({
+        "seg": "synthetic_seg:{workdir}/synthetic?n=1000",
+        "vqa": "synthetic_vqa:{workdir}/synthetic?n=1000",
+    })
+    c.tokenizer_path = "{workdir}/tokenizer"   # a Qwen2 checkpoint dir; built tiny if absent here
+    c.tiny_tokenizer_vocab_size = 1024
+
+    # ---- packer ----
+    p = ml_collections.ConfigDict()
+    p.max_buffer = 16                  # deferred groups kept before a batch is closed (best fit over
+                                       # all B rows, atomic mixing groups; see packer.py)
+    p.max_consecutive_errors = 1000    # a source failing this often in a row is a bug: raise
+    c.packer = p
+
+    # ---- Grain ----
+    g = ml_collections.ConfigDict()
+    g.num_workers = 0                  # worker processes (mp_prefetch); 0 = in the main process
+    g.worker_buffer_size = 2
+    g.read_threads = 0                 # threads building samples ahead inside each worker
+    c.grain = g
+    return c
+
+
+def tiny_data_config() -> ml_collections.ConfigDict:
+    """CPU sizes for ``models.config.tiny()`` (8x8 ViT and latent position tables)."""
+    c = default_data_config()
+    c.rows_per_batch = 4
+    c.tokens_per_row = 512
+    c.gen_tokens_per_row = 128
+    c.vit_patches_per_row = 256
+    c.vae_images_per_row = 4
+    c.vae_image_size = 128
+    c.max_tokens_per_sample = 512
+    c.vit_max_patches_per_side = 8
+    c.max_latent_size = 8
+    t = c.transforms
+    t.vit_image_size = 112
+    t.vae_min, t.vae_max = 64, 128
+    t.vqa_vit_min, t.vqa_vit_max = 56, 112
+    c.tiny_tokenizer_vocab_size = 512
+    return c
+
+
+def vae_hw(cfg) -> tuple[int, int]:
+    s = cfg.vae_image_size
+    return (int(s), int(s)) if isinstance(s, int) else (int(s[0]), int(s[1]))
+
+
+def validate(cfg, process_count: int = 1) -> ml_collections.ConfigDict:
+    """Raise ValueError naming the offending key and the fix; return cfg."""
+    def need(cond, msg):
+        if not cond:
+            raise ValueError(f"invalid data config: {msg}")
+
+    L, G, P, N = cfg.tokens_per_row, cfg.gen_tokens_per_row, cfg.vit_patches_per_row, cfg.vae_images_per_row
+    for k, v in [("tokens_per_row", L), ("rows_per_batch", cfg.rows_per_batch)]:
+        need(isinstance(v, int) and v > 0, f"{k} must be a positive int, got {v!r}")
+    for k, v in [("gen_tokens_per_row", G), ("vit_patches_per_row", P), ("vae_images_per_row", N)]:
+        need(isinstance(v, int) and v >= 0, f"{k} must be an int >= 0, got {v!r}")
+    need(G < L, f"gen_tokens_per_row={G} must be < tokens_per_row={L} (text needs und tokens)")
+    need(P <= L - G, f"vit_patches_per_row={P} exceeds the und budget tokens_per_row - "
+         f"gen_tokens_per_row = {L - G}: lower it")
+    need(cfg.rows_per_batch % process_count == 0,
+         f"rows_per_batch={cfg.rows_per_batch} is not divisible by process_count={process_count}")
+    h, w = vae_hw(cfg)
+    d = cfg.vae_downsample
+    need(h % d == 0 and w % d == 0, f"vae_image_size={cfg.vae_image_size} must be a multiple of "
+         f"vae_downsample={d}")
+    need(max(h, w) // d <= cfg.max_latent_size,
+         f"vae_image_size={cfg.vae_image_size} gives {max(h, w) // d} latent tokens per side, more than "
+         f"max_latent_size={cfg.max_latent_size} (the latent position table): lower vae_image_size")
+    t = cfg.transforms
+    need(t.vae_max <= min(h, w), f"transforms.vae_max={t.vae_max} exceeds vae_image_size="
+         f"{cfg.vae_image_size}: every resized target must fit the static padded image")
+    need(t.vae_stride % d == 0, f"transforms.vae_stride={t.vae_stride} must be a multiple of "
+         f"vae_downsample={d}")
+    need(t.vit_stride == cfg.vit_patch_size, f"transforms.vit_stride={t.vit_stride} must equal "
+         f"vit_patch_size={cfg.vit_patch_size}")
+    side = cfg.vit_max_patches_per_side * cfg.vit_patch_size
+    need(t.vit_image_size <= side and t.vqa_vit_max <= side,
+         f"ViT images up to {max(t.vit_image_size, t.vqa_vit_max)} px exceed vit_max_patches_per_side="
+         f"{cfg.vit_max_patches_per_side} x {cfg.vit_patch_size} px: lower transforms.vit_image_size / "
+         "transforms.vqa_vit_max")
+    need(t.resample in RESAMPLE and t.target_resample in RESAMPLE, f"resample must be one of {RESAMPLE}")
+    need(cfg.mix.mode in MIX_MODES, f"mix.mode={cfg.mix.mode!r} must be one of {MIX_MODES}")
+    streams = set(cfg.sources.keys())
+    table = cfg.mix.ratios if cfg.mix.mode != "weights" else cfg.mix.weights
+    key = "mix.ratios" if cfg.mix.mode != "weights" else "mix.weights"
+    need(set(table.keys()) == streams, f"{key} has streams {sorted(table.keys())} but sources has "
+         f"{sorted(streams)}: give every source a ratio (0 disables it)")
+    need(all(v >= 0 for v in table.values()) and sum(table.values()) > 0,
+         f"{key} must be >= 0 with a positive sum")
+    need(cfg.packer.max_buffer >= 1, "packer.max_buffer must be >= 1")
+    need(cfg.vae_images_dtype in ("float32", "bfloat16"), "vae_images_dtype: float32 or bfloat16")
+    need(cfg.samples.ce_weighting in ("square", "token", "sample"), "samples.ce_weighting: square|token|sample")
+    return cfg

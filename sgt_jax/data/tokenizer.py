@@ -1,0 +1,150 @@
+"""The Qwen2 tokenizer (from a checkpoint directory, through transformers) with BAGEL's four
+special tokens, and a tiny locally-built byte-level BPE tokenizer in the same format for tests and
+the CPU preset (no hub access anywhere: everything is read from local files).
+
+BAGEL (data_utils.add_special_tokens) makes sure ``<|im_start|> <|im_end|> <|vision_start|>
+<|vision_end|>`` exist and uses them as bos / eos / start_of_image / end_of_image; text is encoded
+with ``tokenizer.encode(text)`` (Qwen2 adds no BOS/EOS itself) and wrapped by the packer.
+
+``Tokenizer`` loads lazily and pickles as its path, so Grain worker processes load their own copy.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Iterable
+
+SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>")
+ENDOFTEXT = "<|endoftext|>"
+# Qwen2's pre-tokenizer split (the same regex transformers' Qwen2Tokenizer uses)
+_QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+                r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecialTokens:
+    bos_token_id: int        # <|im_start|>
+    eos_token_id: int        # <|im_end|>
+    start_of_image: int      # <|vision_start|>
+    end_of_image: int        # <|vision_end|>
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class Tokenizer:
+    """A transformers tokenizer read from ``path`` (``AutoTokenizer``, local files only)."""
+
+    def __init__(self, path: str):
+        self.path = os.fspath(path)
+        self._tok = None
+        self._special: SpecialTokens | None = None
+        self.num_new_tokens = 0
+
+    def _load(self):
+        if self._tok is not None:
+            return
+        if not os.path.isdir(self.path):
+            raise FileNotFoundError(
+                f"tokenizer directory {self.path!r} does not exist: point data.tokenizer_path at a Qwen2 "
+                "checkpoint dir (tokenizer.json / vocab.json + merges.txt), or build a tiny one with "
+                "sgt_jax.data.tokenizer.build_tiny_tokenizer(dir)")
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+        missing = [t for t in SPECIAL_TOKENS if t not in tok.get_vocab()]
+        if missing:   # BAGEL's add_special_tokens
+            self.num_new_tokens = tok.add_special_tokens({"additional_special_tokens": missing})
+        ids = [tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS]
+        self._special = SpecialTokens(*ids)
+        self._tok = tok
+
+    @property
+    def special(self) -> SpecialTokens:
+        self._load()
+        return self._special
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids (incl. added tokens): the model's vocab_size must be >= this."""
+        self._load()
+        return len(self._tok)
+
+    def encode(self, text: str) -> list[int]:
+        self._load()
+        return list(self._tok.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        self._load()
+        return self._tok.decode(list(ids))
+
+    def __getstate__(self):
+        return {"path": self.path}
+
+    def __setstate__(self, state):
+        self.__init__(state["path"])
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.path!r})"
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    tok = Tokenizer(path)
+    tok._load()
+    return tok
+
+
+def _default_corpus() -> list[str]:
+    from sgt_jax.data.instructions import RECON_INSTRUCTIONS, SEGMENT_INSTRUCTIONS
+
+    words = ("red green blue yellow orange purple pink brown black white gray cyan magenta circle "
+             "square triangle rectangle ellipse star shape shapes object objects left right top bottom "
+             "above below how many is there are the a an of in on to what color which one yes no "
+             "image picture scene count number zero one two three four five six seven eight nine ten")
+    lines = list(SEGMENT_INSTRUCTIONS) + list(RECON_INSTRUCTIONS) + [words]
+    lines += [f"How many {c} {s}s are there? There are {n}." for c in words.split()[:12]
+              for s in ("circle", "square", "triangle") for n in range(10)]
+    lines += ["Is the red circle left of the blue square? Yes.", "What color is the triangle? Green.",
+              "The quick brown fox jumps over the lazy dog. 0123456789 .,;:!?'\"()[]{}<>-+*/=_"]
+    return lines
+
+
+def build_tiny_tokenizer(out_dir: str, texts: Iterable[str] | None = None, vocab_size: int = 512) -> str:
+    """Train a byte-level BPE tokenizer (Qwen2's normalizer / pre-tokenizer / decoder) on ``texts``
+    (default: the instruction lists and a small VQA vocabulary), add ``<|endoftext|>`` and the four
+    special tokens, and save it in HF format (tokenizer.json + tokenizer_config.json, class
+    ``Qwen2Tokenizer``) so that ``Tokenizer(out_dir)`` / ``AutoTokenizer`` read it like a real
+    Qwen2 checkpoint. At most ``vocab_size`` ids (fewer if the corpus has fewer merges); the
+    special tokens are the last five ids. Returns ``out_dir``."""
+    from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    specials = [ENDOFTEXT, *SPECIAL_TOKENS]
+    tok = HFTokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < len(alphabet) + len(specials):
+        raise ValueError(f"vocab_size={vocab_size} < {len(alphabet) + len(specials)} (256 bytes + 5 specials)")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(specials), initial_alphabet=alphabet,
+                                  special_tokens=[], show_progress=False, min_frequency=1)
+    tok.train_from_iterator(list(texts) if texts is not None else _default_corpus(), trainer=trainer)
+    tok.add_special_tokens(specials)
+
+    from transformers import PreTrainedTokenizerFast
+
+    os.makedirs(out_dir, exist_ok=True)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=ENDOFTEXT, pad_token=ENDOFTEXT,
+                                 unk_token=None, additional_special_tokens=list(SPECIAL_TOKENS))
+    hf.save_pretrained(out_dir)
+    # make it look like a Qwen2 checkpoint's tokenizer
+    cfg_path = os.path.join(out_dir, "tokenizer_config.json")
+    with open(cfg_path) as f:
+        tcfg = json.load(f)
+    tcfg["tokenizer_class"] = "Qwen2Tokenizer"
+    with open(cfg_path, "w") as f:
+        json.dump(tcfg, f, indent=2)
+    return out_dir
