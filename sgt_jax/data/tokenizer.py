@@ -13,10 +13,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import threading
 from collections.abc import Iterable
 
 SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>")
 ENDOFTEXT = "<|endoftext|>"
+_LOAD_LOCK = threading.Lock()      # transformers' lazy imports are not thread-safe
 # Qwen2's pre-tokenizer split (the same regex transformers' Qwen2Tokenizer uses)
 _QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
                 r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
@@ -45,6 +47,11 @@ class Tokenizer:
     def _load(self):
         if self._tok is not None:
             return
+        with _LOAD_LOCK:
+            if self._tok is None:
+                self._load_locked()
+
+    def _load_locked(self):
         if not os.path.isdir(self.path):
             raise FileNotFoundError(
                 f"tokenizer directory {self.path!r} does not exist: point data.tokenizer_path at a Qwen2 "
