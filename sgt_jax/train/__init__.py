@@ -1,0 +1,1 @@
+"""Training: losses, optimizer recipe, the pure train step, checkpoints, metrics, the loop."""

@@ -1,0 +1,273 @@
+"""The training loop: build (or restore) the sharded state, compile the step once, feed it the
+global batch, log, checkpoint, and stop cleanly on SIGTERM (TPU preemption)."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sgt_jax.models.bagel import Bagel
+from sgt_jax.models.config import validate
+from sgt_jax.models.vae import AutoEncoder
+from sgt_jax.parallel import mesh as mesh_lib
+from sgt_jax.train import metrics as metrics_lib
+from sgt_jax.train.checkpoint import Checkpointer, config_json
+from sgt_jax.train.optimizer import copy_init_moe, make_tx, trainable_filter
+from sgt_jax.train.step import TrainState, make_train_step
+
+log = logging.getLogger("sgt_jax.train")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class CompileCounter:
+    """Counts XLA backend compilations by function name (jax.monitoring) -- a run must compile
+    its train step (``sgt_train_step``) exactly once."""
+    EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __init__(self):
+        self.by_name: dict[str, int] = {}
+        jax.monitoring.register_event_duration_secs_listener(self._on)
+
+    def _on(self, event, duration, fun_name: str = "?", **kw):
+        if event == self.EVENT:
+            self.by_name[fun_name] = self.by_name.get(fun_name, 0) + 1
+
+
+_COMPILES = CompileCounter()
+
+
+def compile_count(name: str | None = None) -> int:
+    """Compilations so far of the function ``name`` (all functions if None)."""
+    if name is None:
+        return sum(_COMPILES.by_name.values())
+    return sum(v for k, v in _COMPILES.by_name.items() if name in k)
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+class Setup:
+    """Everything static about a run: mesh, graphdefs, shardings, the optimizer, the step."""
+
+    def __init__(self, cfg, mesh=None):
+        self.cfg = cfg
+        validate(cfg.model)
+        self.mesh = mesh if mesh is not None else mesh_lib.make_mesh(cfg.mesh.to_dict())
+        self.tx = make_tx(cfg.train)
+        self.filter = trainable_filter(cfg.train, cfg.model)
+        abstract = nnx.eval_shape(lambda: Bagel(cfg.model, rngs=nnx.Rngs(0)))
+        self.graphdef, a_params, a_frozen, a_fixed = nnx.split(abstract, self.filter, nnx.Param, ...)
+        vae_abs = nnx.eval_shape(lambda: AutoEncoder(cfg.model, rngs=nnx.Rngs(0)))
+        self.vae_graphdef, a_vae = nnx.split(vae_abs, nnx.Param)
+        a_opt = jax.eval_shape(self.tx.init, a_params)
+        sh = lambda tree: mesh_lib.state_shardings(tree, self.mesh)
+        rep = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        self.abstract_state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=a_params,
+                                         opt_state=a_opt, ema=a_params,
+                                         nan_streak=jax.ShapeDtypeStruct((), jnp.int32),
+                                         nan_total=jax.ShapeDtypeStruct((), jnp.int32))
+        self.state_shardings = TrainState(step=rep, params=sh(a_params), opt_state=sh(a_opt),
+                                          ema=sh(a_params), nan_streak=rep, nan_total=rep)
+        self.abstract_consts = {"frozen": a_frozen, "fixed": a_fixed, "vae": a_vae}
+        self.consts_shardings = {k: sh(v) for k, v in self.abstract_consts.items()}
+        self.num_gen = int(cfg.data.gen_tokens_per_row)
+        step = make_train_step(graphdef=self.graphdef, vae_graphdef=self.vae_graphdef, tx=self.tx,
+                               cfg=cfg, num_gen=self.num_gen)
+        self.batch_sharding = mesh_lib.batch_sharding(self.mesh)
+        self.step_fn = jax.jit(step, in_shardings=(self.state_shardings, self.consts_shardings, self.batch_sharding),
+                               out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
+
+    # -- initial state -----------------------------------------------------------------------
+
+    def init(self, seed: int):
+        """Random init (or the imported checkpoint in train.init_from), created sharded on device."""
+        cfg = self.cfg
+        t = cfg.train
+
+        def make():
+            model = Bagel(cfg.model, rngs=nnx.Rngs(seed))
+            if t.copy_init_moe:
+                copy_init_moe(nnx.state(model))
+            _, params, frozen, fixed = nnx.split(model, self.filter, nnx.Param, ...)
+            vae = nnx.state(AutoEncoder(cfg.model, rngs=nnx.Rngs(seed + 1)), nnx.Param)
+            return params, {"frozen": frozen, "fixed": fixed, "vae": vae}
+
+        out_sh = (self.state_shardings.params, self.consts_shardings)
+        with self.mesh:
+            params, consts = jax.jit(make, out_shardings=out_sh)()
+            if t.init_from:
+                params, consts = self._load_model_dir(t.init_from, params, consts)
+            opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(params)
+            ema = jax.tree.map(lambda x: x.copy(), params)   # own buffers: the step donates both
+        z = lambda: jnp.zeros((), jnp.int32)
+        state = TrainState(step=z(), params=params, opt_state=opt_state, ema=ema, nan_streak=z(), nan_total=z())
+        # exactly the step's shardings, so the first call does not compile a second variant
+        return jax.device_put(state, self.state_shardings), consts
+
+    def _load_model_dir(self, path, params, consts):
+        from sgt_jax.convert.model_dir import load_model_dir
+
+        full = nnx.State.merge(params, consts["frozen"])
+        _, pure, vae_pure = load_model_dir(path, shardings=None)
+        nnx.replace_by_pure_dict(full, pure)
+        vae = consts["vae"]
+        nnx.replace_by_pure_dict(vae, vae_pure)
+        g = self.graphdef
+        model = nnx.merge(g, full, consts["fixed"])
+        _, p, f, _ = nnx.split(model, self.filter, nnx.Param, ...)
+        p = jax.device_put(p, self.state_shardings.params)
+        f = jax.device_put(f, self.consts_shardings["frozen"])
+        vae = jax.device_put(vae, self.consts_shardings["vae"])
+        log.info("initialised from %s", path)
+        return p, {"frozen": f, "fixed": consts["fixed"], "vae": vae}
+
+    def global_batch(self, local):
+        return mesh_lib.global_batch(local, self.mesh)
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def _to_host(m: dict) -> dict:
+    return {k: np.asarray(v) for k, v in jax.device_get(m).items()}
+
+
+def train(cfg, workdir: str, *, data_iterator=None, stop_after: int | None = None, quiet: bool = False) -> dict:
+    """Run (or resume) training in ``workdir``. Returns a summary dict.
+
+    ``data_iterator`` (tests) must yield ``(PackedBatch of numpy, stats)`` and have
+    ``get_state()``/``set_state()``; by default the config's Grain pipeline is built.
+    ``stop_after``: return after this many steps of this invocation (tests)."""
+    mesh_lib.initialize_distributed()
+    t = cfg.train
+    os.makedirs(workdir, exist_ok=True) if "://" not in workdir else None
+    setup = Setup(cfg)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=t.save_every, keep=t.keep,
+                        async_save=t.async_checkpointing)
+    if data_iterator is None:
+        from sgt_jax.data.pipeline import make_train_iterator
+
+        data_iterator = make_train_iterator(cfg, workdir=workdir, process_index=jax.process_index(),
+                                            process_count=jax.process_count())
+    state, consts = setup.init(t.seed)
+    start = ckpt.latest_step()
+    if start is not None:
+        saved = {"train": state, "frozen": consts["frozen"], "vae": consts["vae"]}
+        sh = {"train": setup.state_shardings, "frozen": setup.consts_shardings["frozen"],
+              "vae": setup.consts_shardings["vae"]}
+        restored, data_state, _ = ckpt.restore(start, saved, sh)
+        state, consts = restored["train"], {"frozen": restored["frozen"], "fixed": consts["fixed"],
+                                            "vae": restored["vae"]}
+        data_iterator.set_state(data_state["iterator"])
+        log.info("resumed from step %d", start)
+    start = int(start or 0)
+
+    stop = {"sigterm": False}
+    old_handler = signal.signal(signal.SIGTERM, lambda *a: stop.__setitem__("sigterm", True)) \
+        if _main_thread() else None
+    is_chief = jax.process_index() == 0
+    writer = metrics_lib.MetricsWriter(workdir, t.steps, start, enabled=is_chief and not quiet)
+    peak = metrics_lib.device_peak_tflops()
+    meta = {"config": config_json(cfg)}
+    history, step, t_last, flops_acc, wait_acc, n_acc = [], start, time.perf_counter(), 0.0, 0.0, 0
+    stats = {}
+    end = t.steps if stop_after is None else min(t.steps, start + stop_after)
+
+    last_saved = [start]
+
+    def save(s, force=False):
+        if s == last_saved[0]:
+            return False
+        saved = ckpt.save(s, {"train": state, "frozen": consts["frozen"], "vae": consts["vae"]},
+                          {"iterator": data_iterator.get_state(), "stats": _jsonable(stats)}, meta, force=force)
+        if saved:
+            last_saved[0] = s
+        return saved
+
+    compiles_before = compile_count("sgt_train_step")
+    try:
+        while step < end:
+            t_wait = time.perf_counter()
+            local, stats = next(data_iterator)
+            wait_acc += time.perf_counter() - t_wait
+            batch = setup.global_batch(local)
+            flops_acc += metrics_lib.step_flops(cfg.model, local) * jax.process_count()
+            state, m = setup.step_fn(state, consts, batch)
+            step += 1
+            n_acc += 1
+            if step % t.log_every == 0 or step == end:
+                m = _to_host(m)
+                now = time.perf_counter()
+                dt = (now - t_last) / n_acc
+                row = {k: float(v) for k, v in m.items()}
+                row.update(step_time_s=dt, data_wait_frac=wait_acc / max(now - t_last, 1e-9),
+                           step_compiles=compile_count("sgt_train_step"))
+                for k in ("tokens_text", "tokens_vit", "tokens_latent"):
+                    row[k.replace("tokens_", "tokens_per_s_")] = m[k] / dt
+                tflops = flops_acc / max(now - t_last, 1e-9) / 1e12 / jax.device_count()
+                row["model_tflops_per_device"] = tflops
+                row["mfu"] = tflops / peak if peak else float("nan")    # NaN on CPU: no meaningful peak
+                row.update({f"data_{k}": v for k, v in _flat_counts(stats).items()})
+                writer.write(step, row)
+                history.append(row | {"step": step})
+                t_last, flops_acc, wait_acc, n_acc = now, 0.0, 0.0, 0
+                if m["nan_streak"] >= t.nan_max_streak:
+                    raise NonFiniteLossError(
+                        f"{int(m['nan_streak'])} consecutive steps with a non-finite loss or gradient "
+                        f"(step {step}); updates were skipped. Lower train.lr, check the data "
+                        f"(metrics.jsonl data_* counters) or raise train.nan_max_streak.")
+            writer.advance()
+            if stop["sigterm"]:
+                save(step, force=True)
+                ckpt.wait()
+                log.warning("SIGTERM: checkpoint written at step %d, exiting", step)
+                break
+            save(step)
+        else:
+            save(step, force=True)
+    finally:
+        ckpt.close()
+        png = writer.close()
+        if old_handler is not None:
+            signal.signal(signal.SIGTERM, old_handler)
+    summary = {"workdir": workdir, "steps": step, "checkpoints": ckpt.directory, "metrics": writer.jsonl_path,
+               "tensorboard": writer.tb_dir, "loss_curve": png, "history": history,
+               "compiles_in_loop": compile_count("sgt_train_step") - compiles_before, "preempted": stop["sigterm"]}
+    return summary
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _flat_counts(stats: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in (stats or {}).items():
+        if isinstance(v, dict):
+            out.update(_flat_counts(v, f"{prefix}{k}_"))
+        elif isinstance(v, (int, float, np.integer, np.floating)):
+            out[f"{prefix}{k}"] = float(v)
+    return out
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating,)):
+        return float(x)
+    return x

@@ -1,0 +1,140 @@
+"""Metrics of a run: FLOPs and MFU, a JSONL log, TensorBoard event files, a console progress bar
+and a loss-curve PNG at the end."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+
+from sgt_jax import batch as B
+
+# bf16 dense peak TFLOP/s per chip (MaxText's table; BAGEL's has GPUs only)
+PEAK_TFLOPS = {"v4": 275.0, "v5e": 197.0, "v5 lite": 197.0, "v5litepod": 197.0, "v5p": 459.0,
+               "v6e": 918.0, "v6 lite": 918.0, "a100": 312.0, "h100": 989.0}
+
+
+def device_peak_tflops(device=None) -> float | None:
+    """Peak bf16 TFLOP/s of one device, or None where unknown (CPU: MFU is not meaningful)."""
+    import jax
+
+    d = device or jax.devices()[0]
+    if d.platform == "cpu":
+        return None
+    kind = d.device_kind.lower()
+    for name, peak in sorted(PEAK_TFLOPS.items(), key=lambda kv: -len(kv[0])):
+        if name in kind:
+            return peak
+    return None
+
+
+def llm_dense_params(cfg) -> int:
+    """BAGEL's N_dense: per-layer q/k/v/o + MLP over L layers, plus embed and lm_head. One expert
+    per token, so a MoT layer counts as one dense layer."""
+    c = cfg.llm
+    hd = c.hidden_size // c.num_heads
+    q, kv = c.num_heads * hd, c.num_kv_heads * hd
+    per_layer = 3 * c.hidden_size * c.intermediate_size + c.hidden_size * (q + 2 * kv + q)
+    return c.num_layers * per_layer + 2 * c.vocab_size * c.hidden_size
+
+
+def vit_dense_params(cfg) -> int:
+    v, h = cfg.vit, cfg.llm.hidden_size
+    per_layer = 4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size
+    return (v.num_layers * per_layer + 3 * v.patch_size ** 2 * v.hidden_size
+            + v.hidden_size * h + h * h)
+
+
+def _segment_sq_sum(ids: np.ndarray, valid: np.ndarray) -> float:
+    total = 0.0
+    for r in range(ids.shape[0]):
+        _, counts = np.unique(ids[r][valid[r]], return_counts=True)
+        total += float(np.sum(counts.astype(np.float64) ** 2))
+    return total
+
+
+def step_flops(cfg_model, batch) -> float:
+    """Model FLOPs of one training step (fwd + bwd = 6 N per token + attention), BAGEL's
+    formula extended to the ViT: LLM over non-pad tokens with 12*hd*nh*layers*sum(doc_len^2),
+    ViT over real patches with its own attention term. VAE encode and remat are not counted."""
+    kind = np.asarray(batch.kind)
+    real = kind != B.PAD
+    c, v = cfg_model.llm, cfg_model.vit
+    hd = c.hidden_size // c.num_heads
+    flops = 6.0 * llm_dense_params(cfg_model) * real.sum()
+    flops += 12.0 * hd * c.num_heads * c.num_layers * _segment_sq_sum(np.asarray(batch.doc_ids), real)
+    img = np.asarray(batch.vit_image_ids)
+    n_patch = (img >= 0).sum()
+    if n_patch:
+        flops += 6.0 * vit_dense_params(cfg_model) * n_patch
+        flops += 12.0 * (v.hidden_size // v.num_heads) * v.num_heads * v.num_layers * _segment_sq_sum(img, img >= 0)
+    return float(flops)
+
+
+class MetricsWriter:
+    """JSONL + TensorBoard + a tqdm bar; ``close`` writes the loss-curve PNG."""
+
+    def __init__(self, workdir: str, total_steps: int, start_step: int = 0, enabled: bool = True):
+        self.workdir = workdir
+        self.enabled = enabled
+        self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
+        self.png_path = os.path.join(workdir, "loss_curve.png")
+        self.tb_dir = os.path.join(workdir, "tensorboard")
+        self._tb = None
+        self._bar = None
+        if enabled:
+            os.makedirs(workdir, exist_ok=True)
+            from tensorboardX import SummaryWriter
+            from tqdm import tqdm
+
+            self._tb = SummaryWriter(self.tb_dir)
+            self._bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, desc="train")
+        self.t0 = time.perf_counter()
+
+    def write(self, step: int, scalars: dict):
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: (float(v) if np.ndim(v) == 0 else v) for k, v in scalars.items()}}
+        with open(self.jsonl_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        for k, v in row.items():
+            if k != "step" and isinstance(v, (int, float)) and np.isfinite(v):
+                self._tb.add_scalar(k, v, step)
+        self._bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}", ce=f"{row.get('ce', float('nan')):.3f}",
+                              mse=f"{row.get('mse', float('nan')):.4f}", refresh=False)
+
+    def advance(self, n: int = 1):
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def close(self) -> str | None:
+        if not self.enabled:
+            return None
+        self._bar.close()
+        self._tb.close()
+        return plot_loss_curve(self.jsonl_path, self.png_path)
+
+
+def plot_loss_curve(jsonl_path: str, png_path: str) -> str | None:
+    if not os.path.exists(jsonl_path):
+        return None
+    rows = [json.loads(line) for line in open(jsonl_path)]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    steps = [r["step"] for r in rows]
+    for ax, key in zip(axes, ("loss", "mse", "ce")):
+        ax.plot(steps, [r.get(key, np.nan) for r in rows], lw=1)
+        ax.set_title({"loss": "total loss", "mse": "segmentation MSE (flow)", "ce": "VQA CE"}[key])
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return png_path

@@ -1,0 +1,119 @@
+"""The train step: one pure function of (state, consts, batch) under jax.jit.
+
+    state   = TrainState(step, params, opt_state, ema, nan_streak, nan_total)   (donated)
+    consts  = {"frozen": frozen Bagel params, "fixed": sin-cos tables, "vae": VAE params}
+    batch   = PackedBatch with ``vae_images`` (pixels); the step VAE-encodes them (frozen, keyed)
+
+Randomness: key = fold_in(key(seed), step) -> VAE sampling key, flow-noise key. Loss: BAGEL's
+global token means (CE over CE tokens, MSE channel-mean then over noised latent tokens); with
+gradient accumulation each micro-batch is normalised by its own token totals and the micro
+losses are averaged, as BAGEL does.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from sgt_jax import batch as B
+from sgt_jax.train.optimizer import ema_update, schedule
+
+
+class TrainState(NamedTuple):
+    step: jax.Array          # int32 scalar: train steps run (batches consumed), skipped ones included
+    params: Any              # nnx.State of trainable Params (fp32)
+    opt_state: Any
+    ema: Any                 # fp32 EMA of params, same sharding
+    nan_streak: jax.Array    # consecutive skipped (non-finite) steps
+    nan_total: jax.Array
+
+
+def reduce_losses(out: dict, batch: B.PackedBatch, t) -> tuple[jax.Array, dict]:
+    """BAGEL's reduction (pretrain_unified_navit.py): global token means over the whole
+    (sharded) batch -- sums over all rows are global sums inside jit."""
+    ce_mask = batch.ce_mask
+    if t.ce_loss_reweighting:
+        w = jnp.where(ce_mask, batch.ce_weights, 0.0)
+        ce = jnp.sum(out["ce"] * w) / jnp.maximum(jnp.sum(w), 1e-12)
+    else:
+        ce = jnp.sum(out["ce"]) / jnp.maximum(jnp.sum(ce_mask), 1)
+    n_mse = jnp.sum(batch.mse_mask)
+    mse = jnp.sum(jnp.mean(out["mse"], axis=-1)) / jnp.maximum(n_mse, 1)
+    loss = t.ce_weight * ce + t.mse_weight * mse
+    return loss, {"ce": ce, "mse": mse}
+
+
+def token_counts(batch: B.PackedBatch) -> dict:
+    k = batch.kind
+    return {"tokens_text": jnp.sum(k == B.TEXT), "tokens_vit": jnp.sum(k == B.VIT),
+            "tokens_latent": jnp.sum((k == B.VAE_CLEAN) | (k == B.VAE_NOISED)),
+            "tokens_pad": jnp.sum(k == B.PAD), "tokens_ce": jnp.sum(batch.ce_mask),
+            "tokens_mse": jnp.sum(batch.mse_mask)}
+
+
+def encode_images(vae_graphdef, vae_params, images: jax.Array, key: jax.Array) -> jax.Array:
+    """(B, N, H, W, 3) pixels -> (B, N, h, w, C) sampled, scaled latents; no gradient."""
+    vae = nnx.merge(vae_graphdef, vae_params)
+    b, n = images.shape[:2]
+    lat = vae.encode(images.reshape((b * n,) + images.shape[2:]), key=key)
+    return jax.lax.stop_gradient(lat.reshape((b, n) + lat.shape[1:]))
+
+
+def make_train_step(*, graphdef, vae_graphdef, tx: optax.GradientTransformation, cfg, num_gen: int):
+    """The pure step function (jit it with shardings in the loop)."""
+    t = cfg.train
+
+    def loss_fn(params, consts, mb, key):
+        model = nnx.merge(graphdef, params, consts["frozen"], consts["fixed"])
+        out = model(mb, num_gen=num_gen, key=key)
+        loss, parts = reduce_losses(out, mb, t)
+        return loss, parts
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def sgt_train_step(state: TrainState, consts: dict, batch: B.PackedBatch):
+        key = jax.random.fold_in(jax.random.key(t.seed), state.step)
+        k_vae, k_noise = jax.random.split(key)
+        latents = encode_images(vae_graphdef, consts["vae"], batch.vae_images, k_vae)
+        batch = batch.replace(latents=latents, vae_images=None)
+        accum = int(t.grad_accum)
+        if accum == 1:
+            (loss, parts), grads = grad_fn(state.params, consts, batch, k_noise)
+        else:
+            rows = batch.kind.shape[0]
+            if rows % accum:
+                raise ValueError(f"rows per batch {rows} not divisible by train.grad_accum {accum}")
+            micro = jax.tree.map(lambda x: x.reshape((accum, rows // accum) + x.shape[1:]), batch)
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+
+            def body(carry, xs):
+                g_acc, l_acc, ce_acc, mse_acc = carry
+                mb, i = xs
+                (l, p), g = grad_fn(state.params, consts, mb, jax.random.fold_in(k_noise, i))
+                g_acc = jax.tree.map(lambda a, b: a + b / accum, g_acc, g)
+                return (g_acc, l_acc + l / accum, ce_acc + p["ce"] / accum, mse_acc + p["mse"] / accum), None
+
+            z = jnp.zeros((), jnp.float32)
+            (grads, loss, ce, mse), _ = jax.lax.scan(body, (zeros, z, z, z), (micro, jnp.arange(accum)))
+            parts = {"ce": ce, "mse": mse}
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = ema_update(state.ema, params, t.ema_decay)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+        new_state = TrainState(
+            step=state.step + 1,
+            params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
+            ema=keep(ema, state.ema),
+            nan_streak=jnp.where(ok, 0, state.nan_streak + 1),
+            nan_total=state.nan_total + (~ok).astype(jnp.int32))
+        lr = schedule(t)(state.step - state.nan_total)     # the count optax used for this update
+        metrics = {"loss": loss, "ce": parts["ce"], "mse": parts["mse"], "grad_norm": grad_norm, "lr": lr,
+                   "skipped": ~ok, "nan_streak": new_state.nan_streak, **token_counts(batch)}
+        return new_state, metrics
+
+    return sgt_train_step

@@ -1,0 +1,205 @@
+"""The trainer: sharding equivalence, exact resume after SIGKILL, SIGTERM, freezing, EMA, warmup,
+NaN guard, one compilation per run."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+from fake_data import FakeIterator
+from sgt_jax.models.config import tiny
+from sgt_jax.parallel import mesh as mesh_lib
+from sgt_jax.train import loop
+from sgt_jax.train.config import default_mesh_config, default_train_config
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def tiny_run_config(steps=4, save_every=100, **train):
+    cfg = ml_collections.ConfigDict(dict(
+        model=tiny(), data=ml_collections.ConfigDict(dict(gen_tokens_per_row=8)),
+        train=default_train_config(), mesh=default_mesh_config()))
+    cfg.train.update(dict(steps=steps, warmup_steps=2, log_every=1, save_every=save_every, lr=1e-3), **train)
+    return cfg
+
+
+def flat(tree):
+    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def run_steps(cfg, mesh, n, rows=8, **it_kw):
+    setup = loop.Setup(cfg, mesh=mesh)
+    state, consts = setup.init(cfg.train.seed)
+    it = FakeIterator(cfg, rows=rows, **it_kw)
+    losses = []
+    for _ in range(n):
+        b, _ = next(it)
+        state, m = setup.step_fn(state, consts, setup.global_batch(b))
+        losses.append(float(m["loss"]))
+    return setup, state, consts, losses
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", [dict(data=1, fsdp=4, tensor=2), dict(data=2, fsdp=4, tensor=1)])
+def test_sharded_step_equals_single_device(shape):
+    assert jax.device_count() == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
+    cfg = tiny_run_config()
+    one = mesh_lib.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+    many = mesh_lib.make_mesh(shape)
+    _, s1, _, l1 = run_steps(cfg, one, 2)
+    setup8, s8, c8, l8 = run_steps(cfg, many, 2)
+    np.testing.assert_allclose(l1, l8, rtol=1e-5)
+    a, b = flat(s1.params), flat(s8.params)
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], atol=1e-6, rtol=1e-5, err_msg=k)
+    # the state really is sharded: embeddings over fsdp (and tensor), ema and Adam moments alike
+    emb = s8.params["language_model"]["embed_tokens"]["embedding"].get_value()
+    spec = emb.sharding.spec
+    assert spec[1] == "fsdp" and (shape["tensor"] == 1 or spec[0] == "tensor"), spec
+    assert s8.ema["language_model"]["embed_tokens"]["embedding"].get_value().sharding.spec == spec
+    mu = s8.opt_state[1][0].mu["language_model"]["embed_tokens"]["embedding"].get_value()
+    assert mu.sharding.spec == spec
+    n_shards = len({d for d in emb.sharding.device_set})
+    assert n_shards == 8 and emb.addressable_shards[0].data.shape[1] == emb.shape[1] // 4
+    q = s8.params["language_model"]["layers"]["gen"]["q_proj"]["kernel"].get_value()
+    assert q.sharding.spec[1:] == ("fsdp", "tensor" if shape["tensor"] > 1 else None)
+
+
+def test_warmup_from_zero_ema_and_frozen_parameters():
+    cfg = tiny_run_config(freeze_vit=True, ema_decay=0.9)
+    mesh = mesh_lib.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+    setup = loop.Setup(cfg, mesh=mesh)
+    state, consts = setup.init(0)
+    p0, f0, v0 = flat(state.params), flat(consts["frozen"]), flat(consts["vae"])
+    assert not any("vit_model" in k for k in p0) and any("vit_model" in k for k in f0)
+    it = FakeIterator(cfg, rows=2)
+    b, _ = next(it)
+    state, m = setup.step_fn(state, consts, setup.global_batch(b))
+    assert float(m["lr"]) == 0.0
+    p1 = flat(state.params)
+    assert all(np.array_equal(p0[k], p1[k]) for k in p0), "the first update must use lr 0 (BAGEL)"
+    b, _ = next(it)
+    state, m = setup.step_fn(state, consts, setup.global_batch(b))
+    assert float(m["lr"]) == pytest.approx(cfg.train.lr / 2)
+    p2, e2 = flat(state.params), flat(state.ema)
+    assert any(not np.array_equal(p1[k], p2[k]) for k in p1)
+    for k in p2:   # ema_2 = d (d p0 + (1-d) p1) + (1-d) p2, with p1 == p0
+        want = 0.9 * (0.9 * p0[k] + 0.1 * p1[k]) + 0.1 * p2[k]
+        np.testing.assert_allclose(e2[k], want, rtol=1e-6, atol=1e-7, err_msg=k)
+    assert all(np.array_equal(f0[k], v) for k, v in flat(consts["frozen"]).items())
+    assert all(np.array_equal(v0[k], v) for k, v in flat(consts["vae"]).items())
+
+
+def test_freeze_und_gives_no_gradient_through_und_tokens():
+    cfg = tiny_run_config()
+    cfg.model.llm.freeze_und = True
+    setup = loop.Setup(cfg, mesh=mesh_lib.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1]))
+    names = set(flat(setup.abstract_state.params))
+    assert not any("'und'" in k or "embed_tokens" in k or "vit_model" in k or "connector" in k for k in names)
+    assert any("lm_head" in k for k in names) and any("'gen'" in k for k in names)
+
+
+def test_nan_guard_skips_and_stops(tmp_path):
+    cfg = tiny_run_config(steps=6, nan_max_streak=2)
+    mesh = mesh_lib.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+    setup = loop.Setup(cfg, mesh=mesh)
+    state, consts = setup.init(0)
+    it = FakeIterator(cfg, rows=2, nan_at=(2,))
+    ps = []
+    for i in range(4):
+        b, _ = next(it)
+        before = flat(state.params)
+        state, m = setup.step_fn(state, consts, setup.global_batch(b))
+        ps.append((before, flat(state.params), bool(m["skipped"])))
+    assert [x[2] for x in ps] == [False, False, True, False]
+    assert all(np.array_equal(ps[2][0][k], ps[2][1][k]) for k in ps[2][0]), "a skipped step changes nothing"
+    assert int(state.nan_total) == 1 and int(state.nan_streak) == 0
+    with pytest.raises(loop.NonFiniteLossError, match="consecutive steps"):
+        loop.train(cfg, str(tmp_path / "run"), data_iterator=FakeIterator(cfg, rows=8, nan_at=(1, 2, 3)),
+                   quiet=True)
+
+
+def test_one_compilation_across_varying_samples(tmp_path):
+    cfg = tiny_run_config(steps=5)
+    s = loop.train(cfg, str(tmp_path / "run"), data_iterator=FakeIterator(cfg, rows=8, vary=True), quiet=True)
+    assert s["steps"] == 5
+    assert s["compiles_in_loop"] == 1, s["compiles_in_loop"]
+
+
+def _worker(workdir, steps, *extra, wait=True):
+    cmd = [sys.executable, os.path.join(HERE, "train_worker.py"), str(workdir), str(steps), *map(str, extra)]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    if not wait:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+
+
+def _losses(workdir):
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def _final_params(workdir, step):
+    path = os.path.join(workdir, "checkpoints", str(step), "state")
+    tree = ocp.PyTreeCheckpointer().restore(path)
+    return flat(tree["train"])
+
+
+@pytest.mark.slow
+def test_exact_resume_after_sigkill(tmp_path):
+    n = 4
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    r = _worker(straight, 2 * n)
+    assert r.returncode == 0, r.stdout + r.stderr
+    # killed when asking for batch n+1 (checkpoints at steps 2 and 4 were requested, async)
+    r = _worker(killed, 2 * n, "--kill-at", n + 1)
+    assert r.returncode == -signal.SIGKILL, r.stdout + r.stderr
+    r = _worker(killed, 2 * n)
+    assert r.returncode == 0, r.stdout + r.stderr
+    a, b = _losses(straight), _losses(killed)
+    assert all(a[s] == b[s] for s in a), (a, b)        # fp32 on CPU: bitwise
+    pa, pb = _final_params(straight, 2 * n), _final_params(killed, 2 * n)
+    assert pa.keys() == pb.keys()
+    assert all(np.array_equal(pa[k], pb[k]) for k in pa)
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
+    wd = tmp_path / "run"
+    p = _worker(wd, 50, "--sleep", 0.5, "--save-every", 1000, wait=False)
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        if (wd / "metrics.jsonl").exists() and len((wd / "metrics.jsonl").read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.5)
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out
+    summary = json.loads(out.split("SUMMARY ", 1)[1].splitlines()[0])
+    assert summary["preempted"] and 2 <= summary["steps"] < 50
+    steps = sorted(int(d) for d in os.listdir(wd / "checkpoints") if d.isdigit())
+    assert steps[-1] == summary["steps"]
+
+
+@pytest.mark.slow
+def test_kill_during_async_save_leaves_previous_checkpoint(tmp_path):
+    wd = tmp_path / "run"
+    # save every step; kill right after step 3's save was requested (asynchronous, likely unfinished)
+    r = _worker(wd, 10, "--kill-at", 3, "--save-every", 1)
+    assert r.returncode == -signal.SIGKILL
+    mgr = ocp.CheckpointManager(str(wd / "checkpoints"))
+    latest = mgr.latest_step()
+    assert latest is not None and latest >= 1
+    tree = ocp.PyTreeCheckpointer().restore(str(wd / "checkpoints" / str(latest) / "state"))
+    assert int(np.asarray(tree["train"]["step"])) == latest
+    r = _worker(wd, 5)
+    assert r.returncode == 0, r.stdout + r.stderr

@@ -1,0 +1,58 @@
+"""Run the trainer on FakeIterator in a subprocess (resume / kill / SIGTERM tests).
+
+    python tests/train_worker.py WORKDIR STEPS [--kill-after-save N] [--slow]
+"""
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+from fake_data import FakeIterator  # noqa: E402
+from test_train import tiny_run_config  # noqa: E402
+
+from sgt_jax.train import loop  # noqa: E402
+
+
+class KillAfter(FakeIterator):
+    """SIGKILLs the process when asked for batch number ``kill_at`` (after earlier saves)."""
+
+    def __init__(self, *a, kill_at=None, sleep=0.0, **kw):
+        super().__init__(*a, **kw)
+        self.kill_at, self.sleep = kill_at, sleep
+
+    def __next__(self):
+        if self.kill_at is not None and self.i == self.kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.sleep:
+            time.sleep(self.sleep)
+        return super().__next__()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("workdir")
+    ap.add_argument("steps", type=int)
+    ap.add_argument("--kill-at", type=int)
+    ap.add_argument("--sleep", type=float, default=0.0)
+    ap.add_argument("--save-every", type=int, default=2)
+    ap.add_argument("--sync", action="store_true")
+    a = ap.parse_args()
+    cfg = tiny_run_config(steps=a.steps, save_every=a.save_every)
+    cfg.train.async_checkpointing = not a.sync
+    it = KillAfter(cfg, rows=2, kill_at=a.kill_at, sleep=a.sleep)
+    s = loop.train(cfg, a.workdir, data_iterator=it, quiet=False)
+    print("SUMMARY " + json.dumps({k: s[k] for k in ("steps", "preempted", "compiles_in_loop")}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
