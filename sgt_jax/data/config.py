@@ -26,7 +26,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     # ---- static shapes of a PackedBatch (part of the compiled program) ----
     c.rows_per_batch = 8               # B of the GLOBAL batch; each process yields B / process_count rows
     c.tokens_per_row = 16384           # L
-    c.gen_tokens_per_row = 8192        # num_gen: exactly this many gen-routed positions per row
+    c.gen_tokens_per_row = 10240       # num_gen: exactly this many gen-routed positions per row
+                                       # (match the stream's gen share: ~0.65 for SGT 2:1, bench/packing.py)
     c.vit_patches_per_row = 6144       # P  (<= L - num_gen: ViT tokens are und tokens)
     c.vae_images_per_row = 6           # N
     c.vae_image_size = 1024            # static padded (H, W) of vae_images; int (square) or (H, W)
