@@ -107,12 +107,6 @@ def test_batches_are_static_valid_and_exactly_two_to_one(tok):
 def test_other_ratios_tokens_and_weights_modes(tok):
     st = next(_it(_cfg(**{"mix.ratios": {"seg": 1, "vqa": 3}}), tok))[1]
     assert 3 * st["batch/samples/seg"] == st["batch/samples/vqa"]
-    # by tokens: 2:1 token shares, approximately (deterministic low-discrepancy choice)
-    it = _it(_cfg(**{"mix.mode": "tokens"}), tok)
-    for _ in range(5):
-        st = next(it)[1]
-    n_seg = st["total/tokens/vae_noised"] + st["total/tokens/vit"]   # rough: seg tokens dominate these
-    assert n_seg > 0
     it_a, it_b = _it(_cfg(**{"mix.mode": "weights"}), tok), _it(_cfg(**{"mix.mode": "weights"}), tok)
     for _ in range(4):
         (a, sa), (b, sb) = next(it_a), next(it_b)
@@ -187,13 +181,10 @@ def test_multi_host_shards_are_disjoint_slices(tok):
     seen = []
     for p in range(2):
         it = _it(cfg, tok, process_index=p, process_count=2)
-        ids = set()
         for _ in range(3):
             batch, st = next(it)
             assert batch.kind.shape[0] == 2                    # B / process_count rows
             assert st["batch/samples/seg"] == 2 * st["batch/samples/vqa"]
-        for s, g in ((s, g) for grp in it._parent.packer.buffer for s, g in [(x.stream, x.index) for x in grp]):
-            ids.add((s, g))
         cur = it._parent.cursor
         k, K = it._parent.shard
         assert K == 2 and k == p
@@ -214,7 +205,7 @@ def test_bad_records_are_skipped_and_counted(tok):
         batch, st = next(it)
         B.check_routing(batch, 128)
     for k in ("skipped/corrupt_image", "skipped/bad_annotation", "skipped/bad_array", "skipped/error_RuntimeError",
-              "skipped/bad_record", "skipped/image_placeholder_mismatch", "dropped/over_max_tokens_per_sample"):
+              "skipped/bad_record", "skipped/placeholder_mismatch", "dropped/over_max_tokens_per_sample"):
         assert st[f"total/{k}"] >= 1, k
     # every good record is delivered (one epoch of each stream consumed by now)
     assert st["total/samples/seg"] >= 10 and st["total/samples/vqa"] >= 10

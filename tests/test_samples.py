@@ -194,14 +194,14 @@ def test_vqa_bad_records(tok):
     conv = [{"from": "human", "value": "<image> <image> Hi"}, {"from": "gpt", "value": "Yo"}]
     with pytest.raises(BadRecord) as e:
         b({"task": "vqa", "id": "x", "images": [_img(40, 40)], "conversations": conv}, stream="v", index=0)
-    assert e.value.reason == "image_placeholder_mismatch"
+    assert e.value.reason == "placeholder_mismatch"
     with pytest.raises(BadRecord) as e:
         b({"task": "vqa", "id": "x", "images": [], "conversations": [{"from": "human", "value": "Hi"}]},
           stream="v", index=0)
     assert e.value.reason == "no_loss"
     with pytest.raises(BadRecord) as e:
         b({"task": "vqa", "id": "x", "conversations": "nope"}, stream="v", index=0)
-    assert e.value.reason == "bad_conversations"
+    assert e.value.reason == "bad_conversation"
     with pytest.raises(BadRecord) as e:
         b({"task": "seg", "id": "x", "image": np.zeros((8, 8), np.uint8), "target": _img(8, 8)},
           stream="s", index=0)

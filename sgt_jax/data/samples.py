@@ -424,11 +424,11 @@ class SampleBuilder:
         convs = record.get("conversations")
         if not isinstance(convs, list) or not all(isinstance(c, dict) and isinstance(c.get("value"), str)
                                                    and c.get("from") in ("human", "gpt") for c in convs):
-            raise BadRecord("bad_conversations", key=key)
+            raise BadRecord("bad_conversation", key=key)
         images = [_rgb({"image": im}, "image", key) for im in images]
         n_ph = sum(c["value"].count("<image>") for c in convs if c["from"] == "human")
         if self.s["strict"] and n_ph != len(images):
-            raise BadRecord("image_placeholder_mismatch", key=key,
+            raise BadRecord("placeholder_mismatch", key=key,
                             detail=f"{n_ph} <image> placeholders, {len(images)} images")
         vit_images = [self.vqa_vit(im, img_num=len(images)) for im in images]
         items: list[Item] = []
