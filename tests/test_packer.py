@@ -200,6 +200,9 @@ def test_best_fit_groups_are_atomic_and_deferred():
     big = iter([[seg_sample(i) for i in range(5)]] + [[vqa_sample(i)] for i in range(100)])
     rows, ev = pk.pack(lambda: next(big))
     assert ev["dropped/group_over_batch"] == 5 and rows[0]
+    pk = PK.BestFitPacker(spec, rows=1, max_buffer=2, max_dropped_in_a_row=3)
+    with pytest.raises(RuntimeError, match="do not fit an empty batch"):
+        pk.pack(lambda: [seg_sample(i) for i in range(5)])
 
 
 def test_best_fit_at_least_as_dense_as_bagel():

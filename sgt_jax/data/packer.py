@@ -137,10 +137,11 @@ class BestFitPacker:
     Counter of events (``deferred``, ``dropped/<reason>``). ``buffer`` is the deferred groups (the
     pipeline saves them as (stream, index) descriptors and rebuilds them on restore)."""
 
-    def __init__(self, spec: RowSpec, rows: int, max_buffer: int = 16):
+    def __init__(self, spec: RowSpec, rows: int, max_buffer: int = 16, max_dropped_in_a_row: int = 100):
         if max_buffer < 1:
             raise ValueError("packer.max_buffer must be >= 1")
         self.spec, self.rows, self.max_buffer = spec, rows, max_buffer
+        self.max_dropped_in_a_row = max_dropped_in_a_row
         self.buffer: list[list[Sample]] = []
 
     def pack(self, next_group: Callable[[], list[Sample]]) -> tuple[list[list[Sample]], collections.Counter]:
@@ -151,12 +152,20 @@ class BestFitPacker:
             if not place_group(rows, g, self.spec):
                 keep.append(g)
         self.buffer = keep
+        dropped = 0
         while len(self.buffer) < self.max_buffer:
             g = next_group()
             if place_group(rows, g, self.spec):
+                dropped = 0
                 continue
             if not place_group([Row() for _ in range(self.rows)], g, self.spec):
                 ev["dropped/group_over_batch"] += len(g)
+                dropped += 1
+                if dropped >= self.max_dropped_in_a_row:
+                    raise RuntimeError(
+                        f"{dropped} mixing groups in a row ({[s.stream for s in g]}) do not fit an empty batch "
+                        f"of {self.rows} rows x {self.spec.tokens_per_row} tokens: raise rows_per_batch / "
+                        "tokens_per_row or the per-row budgets, or lower mix.ratios")
                 continue
             self.buffer.append(g)
             ev["deferred"] += len(g)
