@@ -60,6 +60,10 @@ def test_sharded_step_equals_single_device(shape):
     np.testing.assert_allclose(l1, l8, rtol=1e-5)
     a, b = flat(s1.params), flat(s8.params)
     for k in a:
+        if "vit_model" in k and "k_proj" in k and "bias" in k:
+            # softmax is invariant to the key bias: its true gradient is exactly 0, the computed one
+            # is round-off, and Adam turns round-off into +-lr updates (golden README notes the same)
+            continue
         np.testing.assert_allclose(a[k], b[k], atol=1e-6, rtol=1e-5, err_msg=k)
     # the state really is sharded: embeddings over fsdp (and tensor), ema and Adam moments alike
     emb = s8.params["language_model"]["embed_tokens"]["embedding"].get_value()
@@ -203,3 +207,24 @@ def test_kill_during_async_save_leaves_previous_checkpoint(tmp_path):
     assert int(np.asarray(tree["train"]["step"])) == latest
     r = _worker(wd, 5)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_grad_accumulation_averages_micro_batches():
+    """BAGEL normalises each micro-batch by its own token totals and averages: two identical
+    micro-batches must give exactly the one-batch update."""
+    mesh = mesh_lib.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+    it = FakeIterator(tiny_run_config(), rows=1)
+    b, _ = next(it)
+    b2 = jax.tree.map(lambda x: np.concatenate([x, x]), b)
+    out = []
+    for accum, batch in ((1, b), (2, b2)):
+        cfg = tiny_run_config(grad_accum=accum, warmup_steps=0)
+        setup = loop.Setup(cfg, mesh=mesh)
+        state, consts = setup.init(0)
+        state, m = setup.step_fn(state, consts, setup.global_batch(batch))
+        out.append((float(m["loss"]), flat(state.params)))
+    assert out[0][0] == pytest.approx(out[1][0], rel=1e-6)
+    for k in out[0][1]:
+        if "vit_model" in k and "k_proj" in k and "bias" in k:
+            continue   # exactly-zero true gradient, see test_sharded_step_equals_single_device
+        np.testing.assert_allclose(out[0][1][k], out[1][1][k], rtol=1e-5, atol=1e-6, err_msg=k)

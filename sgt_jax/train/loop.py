@@ -55,12 +55,29 @@ def compile_count(name: str | None = None) -> int:
 # ------------------------------------------------------------------------------------------------
 
 
+def check_consistency(cfg) -> None:
+    """The data and model sections must describe the same tables and routing quota."""
+    from sgt_jax.models.config import vae_downsample
+
+    m, d = cfg.model, cfg.data
+    pairs = [("data.vit_max_patches_per_side", d.get("vit_max_patches_per_side"),
+              "model.bagel.vit_max_num_patch_per_side", m.bagel.vit_max_num_patch_per_side),
+             ("data.max_latent_size", d.get("max_latent_size"), "model.bagel.max_latent_size", m.bagel.max_latent_size),
+             ("data.vae_downsample", d.get("vae_downsample"), "VAE downsample x latent_patch_size",
+              vae_downsample(m) * m.bagel.latent_patch_size),
+             ("data.vit_patch_size", d.get("vit_patch_size"), "model.vit.patch_size", m.vit.patch_size)]
+    for a, va, b, vb in pairs:
+        if va is not None and va != vb:
+            raise ValueError(f"config mismatch: {a}={va} but {b}={vb}; set them equal")
+
+
 class Setup:
     """Everything static about a run: mesh, graphdefs, shardings, the optimizer, the step."""
 
     def __init__(self, cfg, mesh=None):
         self.cfg = cfg
         validate(cfg.model)
+        check_consistency(cfg)
         self.mesh = mesh if mesh is not None else mesh_lib.make_mesh(cfg.mesh.to_dict())
         self.tx = make_tx(cfg.train)
         self.filter = trainable_filter(cfg.train, cfg.model)
@@ -154,9 +171,13 @@ def train(cfg, workdir: str, *, data_iterator=None, stop_after: int | None = Non
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=t.save_every, keep=t.keep,
                         async_save=t.async_checkpointing)
     if data_iterator is None:
-        from sgt_jax.data.pipeline import make_train_iterator
+        from sgt_jax.data.pipeline import ensure_tokenizer, make_train_iterator
 
-        data_iterator = make_train_iterator(cfg, workdir=workdir, process_index=jax.process_index(),
+        tok = ensure_tokenizer(cfg.data, workdir)
+        if tok.vocab_size > cfg.model.llm.vocab_size:
+            raise ValueError(f"the tokenizer has {tok.vocab_size} ids but model.llm.vocab_size="
+                             f"{cfg.model.llm.vocab_size}: ids past the embedding table would be wrong")
+        data_iterator = make_train_iterator(cfg.data, workdir=workdir, tokenizer=tok, process_index=jax.process_index(),
                                             process_count=jax.process_count())
     state, consts = setup.init(t.seed)
     start = ckpt.latest_step()
@@ -178,7 +199,7 @@ def train(cfg, workdir: str, *, data_iterator=None, stop_after: int | None = Non
     writer = metrics_lib.MetricsWriter(workdir, t.steps, start, enabled=is_chief and not quiet)
     peak = metrics_lib.device_peak_tflops()
     meta = {"config": config_json(cfg)}
-    history, step, t_last, flops_acc, wait_acc, n_acc = [], start, time.perf_counter(), 0.0, 0.0, 0
+    history, step, t_last, flops_acc, wait_acc, pending = [], start, time.perf_counter(), 0.0, 0.0, []
     stats = {}
     end = t.steps if stop_after is None else min(t.steps, start + stop_after)
 
@@ -202,27 +223,34 @@ def train(cfg, workdir: str, *, data_iterator=None, stop_after: int | None = Non
             batch = setup.global_batch(local)
             flops_acc += metrics_lib.step_flops(cfg.model, local) * jax.process_count()
             state, m = setup.step_fn(state, consts, batch)
+            pending.append(m)
             step += 1
-            n_acc += 1
             if step % t.log_every == 0 or step == end:
-                m = _to_host(m)
+                window = [_to_host(x) for x in jax.device_get(pending)]
+                n_acc, pending = len(window), []
+                m = window[-1]
                 now = time.perf_counter()
                 dt = (now - t_last) / n_acc
-                row = {k: float(v) for k, v in m.items()}
-                row.update(step_time_s=dt, data_wait_frac=wait_acc / max(now - t_last, 1e-9),
+                # losses: mean over the steps of the window that were not skipped
+                ok = [w for w in window if not w["skipped"]] or window
+                row = {k: float(np.mean([w[k] for w in ok])) for k in ("loss", "ce", "mse", "grad_norm")}
+                row.update(lr=float(m["lr"]), skipped=float(sum(w["skipped"] for w in window)),
+                           nan_streak=float(m["nan_streak"]), step_time_s=dt,
+                           data_wait_frac=wait_acc / max(now - t_last, 1e-9),
                            step_compiles=compile_count("sgt_train_step"))
-                for k in ("tokens_text", "tokens_vit", "tokens_latent"):
-                    row[k.replace("tokens_", "tokens_per_s_")] = m[k] / dt
+                for k in ("tokens_text", "tokens_vit", "tokens_latent", "tokens_pad"):
+                    row[k.replace("tokens_", "tokens_per_s_")] = float(np.mean([w[k] for w in window])) / dt
                 tflops = flops_acc / max(now - t_last, 1e-9) / 1e12 / jax.device_count()
                 row["model_tflops_per_device"] = tflops
                 row["mfu"] = tflops / peak if peak else float("nan")    # NaN on CPU: no meaningful peak
                 row.update({f"data_{k}": v for k, v in _flat_counts(stats).items()})
                 writer.write(step, row)
                 history.append(row | {"step": step})
-                t_last, flops_acc, wait_acc, n_acc = now, 0.0, 0.0, 0
-                if m["nan_streak"] >= t.nan_max_streak:
+                t_last, flops_acc, wait_acc = now, 0.0, 0.0
+                streak = max(int(w["nan_streak"]) for w in window)
+                if streak >= t.nan_max_streak:
                     raise NonFiniteLossError(
-                        f"{int(m['nan_streak'])} consecutive steps with a non-finite loss or gradient "
+                        f"{streak} consecutive steps with a non-finite loss or gradient "
                         f"(step {step}); updates were skipped. Lower train.lr, check the data "
                         f"(metrics.jsonl data_* counters) or raise train.nan_max_streak.")
             writer.advance()

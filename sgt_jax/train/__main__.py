@@ -1,0 +1,49 @@
+"""Command line: ``python -m sgt_jax.train --config configs/<preset>.py [--config.<key>=<value> ...]
+--workdir DIR``. Starts from random init or ``train.init_from`` (an imported BAGEL model dir),
+and resumes automatically from the last checkpoint in DIR."""
+import logging
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", os.path.join(os.path.dirname(__file__), "..", "..", "configs", "tiny.py"),
+                                "a configs/<preset>.py file", lock_config=True)
+flags.DEFINE_string("workdir", None, "run directory: checkpoints, metrics.jsonl, tensorboard/, loss_curve.png")
+flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv):
+    del argv
+    from sgt_jax.parallel.mesh import initialize_distributed
+
+    initialize_distributed()      # before any other JAX call, on pods
+    import jax
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("absl", "orbax", "jax._src"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from sgt_jax.train.loop import train
+
+    cfg = flags.FLAGS.config
+    workdir = flags.FLAGS.workdir
+    print(f"sgt-jax: {jax.device_count()} {jax.devices()[0].platform} device(s), "
+          f"{jax.process_count()} process(es); workdir {workdir}", flush=True)
+    s = train(cfg, workdir)
+    if jax.process_index() == 0:
+        h = s["history"]
+        if h:
+            first, last = h[0], h[-1]
+            print(f"\nsteps {s['steps']}: loss {first['loss']:.4f} -> {last['loss']:.4f}, "
+                  f"segmentation MSE {first['mse']:.4f} -> {last['mse']:.4f}, VQA CE {first['ce']:.4f} -> {last['ce']:.4f}")
+        print(f"train step compiled {s['compiles_in_loop']} time(s) in this run")
+        print(f"checkpoints: {s['checkpoints']}\nmetrics:     {s['metrics']}\n"
+              f"tensorboard: {s['tensorboard']}\nloss curve:  {s['loss_curve']}")
+        if s["preempted"]:
+            print("stopped by SIGTERM after writing a checkpoint; rerun the same command to resume")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(app.run(main))
