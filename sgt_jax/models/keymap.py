@@ -164,3 +164,83 @@ def export_state(model, table: list[Entry]) -> dict[str, np.ndarray]:
             a = a[e.layer]
         out[e.key] = to_torch(e.kind, a)
     return out
+
+
+# -------------------------------------------------------------------------------------------------
+# Streaming view of the same tables (used by sgt_jax/convert): entries grouped per parameter.
+
+
+class ParamGroup(NamedTuple):
+    """All table entries that fill one parameter: one entry (``layer`` None) for a plain
+    parameter, or one per layer (sorted, covering 0..n-1) for a stacked (scanned) one."""
+    path: tuple
+    kind: str
+    entries: tuple
+
+    @property
+    def stacked(self) -> bool:
+        return self.entries[0].layer is not None
+
+
+def vae_entries(cfg) -> list[Entry]:
+    """The AE's rows (``vae.torch_key_table``) as Entries (never stacked)."""
+    from sgt_jax.models import vae
+
+    return [Entry(key, tuple(path), kind, None) for key, path, kind in vae.torch_key_table(cfg)]
+
+
+def group_entries(table: list[Entry]) -> list[ParamGroup]:
+    """Group a table per parameter path, in order of first appearance. Raises ValueError when a
+    stacked parameter's layer entries are not exactly 0..n-1 or kinds disagree."""
+    groups: dict[tuple, list[Entry]] = {}
+    for e in table:
+        groups.setdefault(tuple(e.path), []).append(e)
+    out = []
+    for path, es in groups.items():
+        kinds = {e.kind for e in es}
+        if len(kinds) != 1:
+            raise ValueError(f"key table: parameter {path} has entries of kinds {sorted(kinds)}")
+        if es[0].layer is None:
+            if len(es) != 1:
+                raise ValueError(f"key table: {len(es)} unstacked entries for {path}: {[e.key for e in es]}")
+        else:
+            es = sorted(es, key=lambda e: e.layer)
+            if [e.layer for e in es] != list(range(len(es))):
+                raise ValueError(f"key table: stacked parameter {path} has layers {[e.layer for e in es]}")
+        out.append(ParamGroup(path, es[0].kind, tuple(es)))
+    return out
+
+
+def torch_shape(kind: str, shape) -> tuple:
+    """Shape of the torch tensor for a (per-layer) parameter slice of ``shape``."""
+    shape = tuple(int(s) for s in shape)
+    if kind == "linear":
+        return shape[::-1]
+    if kind == "conv":
+        kh, kw, cin, cout = shape
+        return (cout, cin, kh, kw)
+    return shape
+
+
+def fixed_tables(cfg) -> dict[str, np.ndarray]:
+    """The regenerated sin-cos tables under BAGEL's names (fp32), for the branches ``cfg`` has."""
+    from sgt_jax.models.layers import sincos_2d_table
+
+    out = {}
+    if cfg.bagel.visual_gen:
+        out["latent_pos_embed.pos_embed"] = sincos_2d_table(cfg.llm.hidden_size, cfg.bagel.max_latent_size)
+    if cfg.bagel.visual_und:
+        out["vit_pos_embed.pos_embed"] = sincos_2d_table(cfg.llm.hidden_size,
+                                                         cfg.bagel.vit_max_num_patch_per_side)
+    return out
+
+
+def fixed_table_shapes(cfg) -> dict[str, tuple]:
+    """Shapes of ``fixed_tables(cfg)`` without computing them."""
+    h, b = cfg.llm.hidden_size, cfg.bagel
+    out = {}
+    if b.visual_gen:
+        out["latent_pos_embed.pos_embed"] = (b.max_latent_size ** 2, h)
+    if b.visual_und:
+        out["vit_pos_embed.pos_embed"] = (b.vit_max_num_patch_per_side ** 2, h)
+    return out

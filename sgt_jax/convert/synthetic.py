@@ -1,0 +1,145 @@
+"""Random BAGEL-layout checkpoints of any size, written and verified block by block.
+
+For the conversion tests, ``bench/convert.py`` and ``scripts/convert_full_size.py``: a model
+config (e.g. ``bagel_7b`` with fewer layers) -> a directory in BAGEL's release layout whose
+values are a deterministic function of (key, row block), so a round trip can be verified
+against the generator without keeping the source on disk. Values are random finite numbers
+(random sign and mantissa bits, exponent in a small range; no NaN/Inf so bit equality is
+value equality).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import zlib
+
+import ml_dtypes
+import numpy as np
+
+from sgt_jax.convert.bagel_io import bagel_config_files
+from sgt_jax.convert.safetensors_io import PlannedTensor, SafetensorsPlanWriter, SafetensorsSource
+from sgt_jax.models import keymap
+
+GEN_BLOCK_BYTES = 64 * 2 ** 20
+
+
+def _dtype(name) -> np.dtype:
+    return np.dtype(ml_dtypes.bfloat16) if str(name) in ("bf16", "bfloat16") else np.dtype(name)
+
+
+def bagel_plan(cfg, dtype) -> list[PlannedTensor]:
+    """Every tensor of BAGEL's ``Bagel.state_dict()`` for ``cfg`` (incl. the two fixed tables)."""
+    from sgt_jax.convert.model_dir import abstract_params, flatten
+
+    shapes = {p: tuple(v.shape) for p, v in flatten(abstract_params(cfg)).items()}
+    dt = _dtype(dtype)
+    plan = [PlannedTensor(e.key, dt, keymap.torch_shape(e.kind, shapes[tuple(e.path)] if e.layer is None
+                                                        else shapes[tuple(e.path)][1:]))
+            for e in keymap.bagel_table(cfg)]
+    plan += [PlannedTensor(k, dt, s) for k, s in keymap.fixed_table_shapes(cfg).items()]
+    return plan
+
+
+def vae_plan(cfg) -> list[PlannedTensor]:
+    from sgt_jax.convert.model_dir import abstract_vae, flatten
+
+    shapes = {p: tuple(v.shape) for p, v in flatten(abstract_vae(cfg)).items()}
+    return [PlannedTensor(e.key, np.dtype(np.float32), keymap.torch_shape(e.kind, shapes[tuple(e.path)]))
+            for e in keymap.vae_entries(cfg)]
+
+
+def _rows_per_block(t: PlannedTensor) -> int:
+    if not t.shape:
+        return 1
+    row = max(1, t.nbytes // max(t.shape[0], 1))
+    return max(1, GEN_BLOCK_BYTES // row)
+
+
+def value_blocks(t: PlannedTensor, fixed: dict | None = None):
+    """Yield (r0, r1, block) of tensor ``t``'s values (deterministic in key and rows)."""
+    if fixed and t.key in fixed:
+        yield 0, t.shape[0], fixed[t.key].astype(t.dtype)
+        return
+    n = t.shape[0] if t.shape else 1
+    step = _rows_per_block(t)
+    dt = np.dtype(t.dtype)
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        shape = ((r1 - r0),) + tuple(t.shape[1:]) if t.shape else ()
+        rng = np.random.default_rng([zlib.crc32(t.key.encode()), r0])
+        count = math.prod(shape)
+        if dt.itemsize == 2:      # bf16: sign | exponent 0x78..0x7F (2^-7 .. 1) | random mantissa
+            bits = np.frombuffer(rng.bytes(2 * count), np.uint16).copy()
+            bits = (bits & np.uint16(0x83FF)) | np.uint16(0x3C00)
+            block = bits.view(dt).reshape(shape)
+        else:                     # fp32: the same recipe on 32 bits
+            bits = np.frombuffer(rng.bytes(4 * count), np.uint32).copy()
+            bits = (bits & np.uint32(0x83FFFFFF)) | np.uint32(0x3C000000)
+            block = bits.view(np.float32).astype(dt, copy=False).reshape(shape)
+        yield r0, r1, block
+
+
+def write_checkpoint(cfg, out_dir: str, *, dtype="bf16", shard_bytes: int | None = None,
+                     weights_name: str = "ema", with_vae: bool = True, tokenizer: bool = True) -> dict:
+    """Write a random BAGEL release-layout dir for ``cfg``; returns {"bytes", "largest_tensor_bytes"}."""
+    os.makedirs(out_dir, exist_ok=True)
+    plan = bagel_plan(cfg, dtype)
+    fixed = keymap.fixed_tables(cfg)
+    w = SafetensorsPlanWriter(out_dir, weights_name, plan, shard_bytes)
+    for t in plan:
+        for _, _, block in value_blocks(t, fixed):
+            w.write(t.key, block)
+    w.close()
+    total = sum(t.nbytes for t in plan)
+    largest = max(t.nbytes for t in plan)
+    if with_vae:
+        vp = vae_plan(cfg)
+        w = SafetensorsPlanWriter(out_dir, "ae", vp)
+        for t in vp:
+            for _, _, block in value_blocks(t):
+                w.write(t.key, block)
+        w.close()
+        total += sum(t.nbytes for t in vp)
+    lj, vj = bagel_config_files(cfg, torch_dtype="bfloat16" if str(dtype) in ("bf16", "bfloat16") else "float32")
+    for name, obj in (("llm_config.json", lj), ("vit_config.json", vj)):
+        with open(os.path.join(out_dir, name), "w") as f:
+            json.dump(obj, f, indent=2)
+    if tokenizer:
+        added = {str(getattr(cfg.llm, k)): {"content": tok, "special": True}
+                 for k, tok in (("bos_token_id", "<|im_start|>"), ("eos_token_id", "<|im_end|>"),
+                                ("start_of_image", "<|vision_start|>"), ("end_of_image", "<|vision_end|>"))}
+        with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+            json.dump({"tokenizer_class": "Qwen2Tokenizer", "added_tokens_decoder": added}, f, indent=1)
+        with open(os.path.join(out_dir, "merges.txt"), "w") as f:
+            f.write("#version: 0.2\n")
+    return {"bytes": total, "largest_tensor_bytes": largest}
+
+
+def verify_export(cfg, export_path: str, *, dtype="bf16", with_vae: bool = True) -> list[str]:
+    """Compare an exported weights file/index (and ae.safetensors next to it) with the generator:
+    names, shapes, dtypes and every bit. Returns the list of differences (empty = identical)."""
+    diffs = []
+    fixed = keymap.fixed_tables(cfg)
+    plans = [(export_path, bagel_plan(cfg, dtype), fixed)]
+    if with_vae:
+        plans.append((os.path.join(os.path.dirname(export_path), "ae.safetensors"), vae_plan(cfg), None))
+    for path, plan, fx in plans:
+        src = SafetensorsSource(path)
+        want = {t.key for t in plan}
+        if set(src.keys()) != want:
+            diffs.append(f"{path}: keys differ: missing {sorted(want - set(src.keys()))[:10]}, "
+                         f"extra {sorted(set(src.keys()) - want)[:10]}")
+        for t in plan:
+            info = src.tensors.get(t.key)
+            if info is None:
+                continue
+            if tuple(info.shape) != tuple(t.shape) or info.np_dtype != np.dtype(t.dtype):
+                diffs.append(f"{t.key}: {info.dtype}{list(info.shape)} vs {np.dtype(t.dtype)}{list(t.shape)}")
+                continue
+            for r0, r1, block in value_blocks(t, fx):
+                got = src.read(t.key, (r0, r1)) if t.shape else src.read(t.key)
+                if got.tobytes() != np.ascontiguousarray(block).tobytes():
+                    diffs.append(f"{t.key}: values differ in rows [{r0}, {r1})")
+                    break
+    return diffs
