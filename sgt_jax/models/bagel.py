@@ -57,6 +57,12 @@ def shift_timesteps(raw: jax.Array, shift: float) -> jax.Array:
     return shift * t / (1.0 + (shift - 1.0) * t)
 
 
+def row_normal(key: jax.Array, shape: tuple, row_ids: jax.Array | None = None) -> jax.Array:
+    """Standard normal (B, ...) where row r is drawn from fold_in(key, row_ids[r])."""
+    rows = jnp.arange(shape[0]) if row_ids is None else row_ids
+    return jax.vmap(lambda r: jax.random.normal(jax.random.fold_in(key, r), shape[1:], jnp.float32))(rows)
+
+
 def patchify_latents(latents: jax.Array, p: int) -> jax.Array:
     """(B, N, h, w, C) -> (B, N*(h/p)*(w/p), p*p*C): tokens row-major per image, features
     ordered (pi, qi, c) as BAGEL's einsum('chpwq->hwpqc')."""
@@ -94,9 +100,11 @@ class Bagel(nnx.Module):
         return self.connector(v) + jnp.take(self.vit_pos_embed[...], pos, axis=0).astype(self.dtype)
 
     def __call__(self, batch: PackedBatch, *, num_gen: int, noise: jax.Array | None = None,
-                 key: jax.Array | None = None) -> dict:
+                 key: jax.Array | None = None, row_ids: jax.Array | None = None) -> dict:
         """Training forward. ``batch.latents`` must be set (the train step VAE-encodes
-        ``vae_images``). Flow noise: ``noise`` (B, L, p*p*C) in packing order, or drawn from ``key``.
+        ``vae_images``). Flow noise: ``noise`` (B, L, p*p*C) in packing order, or drawn from
+        ``key`` per row: row r uses fold_in(key, row_ids[r]) (default row_ids = arange(B)), so the
+        noise of a row does not depend on how the batch is split or sharded.
 
         Returns (packing order): ``hidden`` (B, L, H), ``ce`` (B, L) per-token CE (0 off
         ``ce_mask``), ``mse`` (B, L, p*p*C) per-element squared error (0 off ``mse_mask``),
@@ -134,7 +142,7 @@ class Bagel(nnx.Module):
             if noise is None:
                 if key is None:
                     raise ValueError("pass the flow noise or a key to draw it from")
-                eps = jax.random.normal(key, x0.shape, jnp.float32)
+                eps = row_normal(key, x0.shape, row_ids)
             else:
                 eps = r.sort(noise.astype(jnp.float32))[:, lu:]
             t = shift_timesteps(sg("timesteps"), cfg.bagel.timestep_shift)

@@ -19,6 +19,8 @@ import optax
 from flax import nnx
 
 from sgt_jax import batch as B
+from sgt_jax.models.bagel import row_normal
+from sgt_jax.models.vae import latent_from_moments
 from sgt_jax.train.optimizer import ema_update, schedule
 
 
@@ -55,10 +57,15 @@ def token_counts(batch: B.PackedBatch) -> dict:
 
 
 def encode_images(vae_graphdef, vae_params, images: jax.Array, key: jax.Array) -> jax.Array:
-    """(B, N, H, W, 3) pixels -> (B, N, h, w, C) sampled, scaled latents; no gradient."""
+    """(B, N, H, W, 3) pixels -> (B, N, h, w, C) sampled, scaled latents; no gradient. The
+    sampling noise of row r comes from fold_in(key, r)."""
     vae = nnx.merge(vae_graphdef, vae_params)
     b, n = images.shape[:2]
-    lat = vae.encode(images.reshape((b * n,) + images.shape[2:]), key=key)
+    flat = images.reshape((b * n,) + images.shape[2:])
+    moments = vae.encode_moments(flat)
+    eps = row_normal(key, (b, n) + moments.shape[1:-1] + (moments.shape[-1] // 2,))
+    lat = latent_from_moments(moments, eps.reshape((b * n,) + eps.shape[2:]),
+                              vae.config.scale_factor, vae.config.shift_factor)
     return jax.lax.stop_gradient(lat.reshape((b, n) + lat.shape[1:]))
 
 
@@ -66,9 +73,9 @@ def make_train_step(*, graphdef, vae_graphdef, tx: optax.GradientTransformation,
     """The pure step function (jit it with shardings in the loop)."""
     t = cfg.train
 
-    def loss_fn(params, consts, mb, key):
+    def loss_fn(params, consts, mb, key, row_ids):
         model = nnx.merge(graphdef, params, consts["frozen"], consts["fixed"])
-        out = model(mb, num_gen=num_gen, key=key)
+        out = model(mb, num_gen=num_gen, key=key, row_ids=row_ids)
         loss, parts = reduce_losses(out, mb, t)
         return loss, parts
 
@@ -81,7 +88,7 @@ def make_train_step(*, graphdef, vae_graphdef, tx: optax.GradientTransformation,
         batch = batch.replace(latents=latents, vae_images=None)
         accum = int(t.grad_accum)
         if accum == 1:
-            (loss, parts), grads = grad_fn(state.params, consts, batch, k_noise)
+            (loss, parts), grads = grad_fn(state.params, consts, batch, k_noise, jnp.arange(batch.kind.shape[0]))
         else:
             rows = batch.kind.shape[0]
             if rows % accum:
@@ -92,7 +99,8 @@ def make_train_step(*, graphdef, vae_graphdef, tx: optax.GradientTransformation,
             def body(carry, xs):
                 g_acc, l_acc, ce_acc, mse_acc = carry
                 mb, i = xs
-                (l, p), g = grad_fn(state.params, consts, mb, jax.random.fold_in(k_noise, i))
+                rows_i = i * (rows // accum) + jnp.arange(rows // accum)     # global row ids
+                (l, p), g = grad_fn(state.params, consts, mb, k_noise, rows_i)
                 g_acc = jax.tree.map(lambda a, b: a + b / accum, g_acc, g)
                 return (g_acc, l_acc + l / accum, ce_acc + p["ce"] / accum, mse_acc + p["mse"] / accum), None
 
