@@ -444,3 +444,16 @@ def test_bagel_7b_widths_round_trip_bit_exact(tmp_path):
         assert s["peak_rss_gb"] < target, s
     assert md.read_info(tmp_path / "md")["params_dtype"] == "bfloat16"
     assert (tmp_path / "out" / "tokenizer_config.json").exists()
+
+
+def test_conv_form_patch_embedding_is_converted(golden_dir, tmp_path):
+    """A stock-SigLIP Conv2d patch weight (hidden, 3, p, p) imports as BAGEL's Linear form."""
+    from sgt_jax.models import siglip
+
+    k = bagel_io.PATCH_KEY
+    d = _mutate(golden_dir, tmp_path, lambda t: t.update({k: siglip.linear_patch_weight_to_conv(t[k], 14)}))
+    notes = []
+    import_bagel(str(d), str(tmp_path / "md"), progress=False, log=notes.append, **GOLDEN_OPTS)
+    assert any("Conv2d form" in n for n in notes)
+    export_bagel(str(tmp_path / "md"), str(tmp_path / "out"), weights_name="model", progress=False, log=quiet)
+    same_files(str(golden_dir / "model.safetensors"), str(tmp_path / "out" / "model.safetensors"))

@@ -241,9 +241,28 @@ def _config_for_source(cfg_dir: str, keys: set, ae_shapes: dict | None, *, prese
     return config_lib.validate(cfg), notes
 
 
-def _check_tensors(what: str, infos: dict, table: list, param_shapes: dict, optional: dict) -> list[str]:
+PATCH_KEY = "vit_model.vision_model.embeddings.patch_embedding.weight"
+
+
+def _conv_patch_embedding(infos: dict, cfg) -> dict:
+    """{key: converter} when the ViT patch embedding is stored in stock SigLIP's Conv2d form
+    (hidden, C, p, p) instead of BAGEL's Linear form (hidden, p*p*C)."""
+    t = infos.get(PATCH_KEY)
+    p = cfg.vit.patch_size
+    if t is not None and cfg.bagel.visual_und and len(t.shape) == 4 and t.shape[0] == cfg.vit.hidden_size \
+            and t.shape[2:] == (p, p):
+        from sgt_jax.models import siglip
+
+        return {PATCH_KEY: (siglip.conv_patch_weight_to_linear, (t.shape[0], t.shape[1] * p * p))}
+    return {}
+
+
+def _check_tensors(what: str, infos: dict, table: list, param_shapes: dict, optional: dict,
+                   converted: dict | None = None) -> list[str]:
     """Problems of one state dict against a table: missing, unexpected, mis-shaped, wrong dtype.
-    ``optional``: keys allowed but not required -> expected torch shape."""
+    ``optional``: keys allowed but not required -> expected torch shape. ``converted``: keys
+    stored in another form -> (converter, the torch shape after conversion)."""
+    converted = converted or {}
     problems = []
     known = {e.key for e in table}
     missing = [e.key for e in table if e.key not in infos]
@@ -255,7 +274,8 @@ def _check_tensors(what: str, infos: dict, table: list, param_shapes: dict, opti
             continue
         p = param_shapes[tuple(e.path)]
         want = keymap.torch_shape(e.kind, p if e.layer is None else p[1:])
-        if tuple(t.shape) != want:
+        got = converted[e.key][1] if e.key in converted else tuple(t.shape)
+        if got != want:
             mis.append(f"{e.key}: file {list(t.shape)}, config expects {list(want)}")
         if t.dtype not in ALLOWED_DTYPES:
             dt.append(f"{e.key}: {t.dtype}")
@@ -309,15 +329,18 @@ def _group_dtype(src: SafetensorsSource, group) -> np.dtype:
     return _np_dtype("bf16") if names == {"BF16"} else np.dtype(np.float32)
 
 
-def _import_producer(src: SafetensorsSource, group, shape: tuple, dtype: np.dtype, bar):
+def _import_producer(src: SafetensorsSource, group, shape: tuple, dtype: np.dtype, bar, converted: dict):
     """Blocks for one parameter: rows of each source tensor -> their slice of the parameter."""
     def produce(chunk: tuple) -> Iterator[tuple]:
         for e in group.entries:
             pre = () if e.layer is None else (e.layer,)
             ch = chunk[len(pre):]
             t = src.tensors[e.key]
-            if e.kind == "conv" or len(t.shape) == 0:
-                a = np.array(keymap.from_torch(e.kind, src.read(e.key)), dtype=dtype)
+            if e.kind == "conv" or len(t.shape) == 0 or e.key in converted:
+                a = src.read(e.key)
+                if e.key in converted:
+                    a = converted[e.key][0](a)
+                a = np.array(keymap.from_torch(e.kind, a), dtype=dtype)
                 bar.update(t.nbytes)
                 yield pre + (Ellipsis,), a
                 continue
@@ -339,14 +362,15 @@ def _import_producer(src: SafetensorsSource, group, shape: tuple, dtype: np.dtyp
     return produce
 
 
-def _streamed_tree(src: SafetensorsSource, table: list, abstract: dict, bar) -> dict:
+def _streamed_tree(src: SafetensorsSource, table: list, abstract: dict, bar, converted: dict | None = None) -> dict:
     tree: dict = {}
     for g in keymap.group_entries(table):
         shape = tuple(md.get_in(abstract, g.path).shape)
         dtype = _group_dtype(src, g)
         write_shape = ((1,) + shape[1:]) if g.stacked else shape
         md._set(tree, tuple(g.path), md.StreamedArray(shape, dtype, write_shape,
-                                                       _import_producer(src, g, shape, dtype, bar)))
+                                                       _import_producer(src, g, shape, dtype, bar,
+                                                                        converted or {})))
     return tree
 
 
@@ -378,8 +402,12 @@ def import_bagel(src: str, dst: str, *, latent_patch_size: int = 2, max_latent_s
     table = keymap.bagel_table(cfg)
     abstract = md.abstract_params(cfg)
     pshapes = {p: tuple(v.shape) for p, v in md.flatten(abstract).items()}
+    converted = _conv_patch_embedding(source.tensors, cfg)
+    if converted:
+        notes.append(f"{PATCH_KEY} is in Conv2d form {list(source.tensors[PATCH_KEY].shape)}: converted to "
+                     "BAGEL's Linear form (permute(0, 2, 3, 1).reshape)")
     problems = _check_tensors(os.path.basename(wpath), source.tensors, table, pshapes,
-                              optional=keymap.fixed_table_shapes(cfg))
+                              optional=keymap.fixed_table_shapes(cfg), converted=converted)
     _check_fixed(source, cfg, problems, notes)
     vae_table = abstract_vae = None
     if ae is not None:
@@ -395,7 +423,7 @@ def import_bagel(src: str, dst: str, *, latent_patch_size: int = 2, max_latent_s
     total = sum(source.tensors[e.key].nbytes for e in table) + (
         sum(ae.tensors[e.key].nbytes for e in vae_table) if ae else 0)
     bar = _progress(total, "import", progress)
-    params = _streamed_tree(source, table, abstract, bar)
+    params = _streamed_tree(source, table, abstract, bar, converted)
     vae = _streamed_tree(ae, vae_table, abstract_vae, bar) if ae else None
     tok = cfg_dir if any(os.path.exists(os.path.join(cfg_dir, f)) for f in md.TOKENIZER_FILES) else None
     prov = {"tool": "sgt_jax.convert import", "source": os.path.abspath(src), "weights": os.path.basename(wpath),

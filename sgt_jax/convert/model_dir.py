@@ -73,19 +73,36 @@ class ModelDirError(ValueError):
 # trees
 
 
+_ABSTRACT_CACHE: dict = {}
+
+
+def _cached(kind: str, cfg, build):
+    key = (kind, cfg.to_json())
+    if key not in _ABSTRACT_CACHE:
+        if len(_ABSTRACT_CACHE) > 8:
+            _ABSTRACT_CACHE.clear()
+        _ABSTRACT_CACHE[key] = build()
+    return jax.tree.map(lambda x: x, _ABSTRACT_CACHE[key])     # a fresh tree, shared leaves
+
+
 def abstract_params(cfg) -> dict:
-    """Pure dict of ShapeDtypeStruct (fp32) of the Bagel parameters for ``cfg`` (no allocation)."""
+    """Pure dict of ShapeDtypeStruct (fp32) of the Bagel parameters for ``cfg`` (no allocation;
+    cached per config: building the model computes its sin-cos tables, ~1 s at 7B)."""
     from sgt_jax.models.bagel import Bagel
 
-    m = nnx.eval_shape(lambda: Bagel(cfg, rngs=nnx.Rngs(0)))
-    return nnx.to_pure_dict(nnx.state(m, nnx.Param))
+    def build():
+        m = nnx.eval_shape(lambda: Bagel(cfg, rngs=nnx.Rngs(0)))
+        return nnx.to_pure_dict(nnx.state(m, nnx.Param))
+    return _cached("params", cfg, build)
 
 
 def abstract_vae(cfg) -> dict:
     from sgt_jax.models.vae import AutoEncoder
 
-    m = nnx.eval_shape(lambda: AutoEncoder(cfg, rngs=nnx.Rngs(0)))
-    return nnx.to_pure_dict(nnx.state(m, nnx.Param))
+    def build():
+        m = nnx.eval_shape(lambda: AutoEncoder(cfg, rngs=nnx.Rngs(0)))
+        return nnx.to_pure_dict(nnx.state(m, nnx.Param))
+    return _cached("vae", cfg, build)
 
 
 def _key(k) -> Any:

@@ -143,3 +143,86 @@ def verify_export(cfg, export_path: str, *, dtype="bf16", with_vae: bool = True)
                     diffs.append(f"{t.key}: values differ in rows [{r0}, {r1})")
                     break
     return diffs
+
+
+# --------------------------------------------------------------------------------------------------
+# round-trip measurement (bench/convert.py, scripts/convert_full_size.py)
+
+
+def reduced_bagel_7b(llm_layers: int, vit_layers: int = 26):
+    """BAGEL-7B-MoT's widths with ``llm_layers`` decoder and ``vit_layers`` ViT layers."""
+    from sgt_jax.models import config as config_lib
+
+    cfg = config_lib.bagel_7b()
+    cfg.llm.num_layers, cfg.vit.num_layers = int(llm_layers), int(vit_layers)
+    return config_lib.validate(cfg)
+
+
+def _du(path: str) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+    return total
+
+
+def round_trip(cfg, workdir: str, *, dtype="bf16", src_shard_bytes: int | None = 5 * 10 ** 9,
+               export_shard_size: str | None = "5GB", delete_source: bool = True, keep: bool = False,
+               log=print) -> dict:
+    """Write a random BAGEL-layout checkpoint for ``cfg``, import it and export it with the CLI
+    (separate processes, so each phase's peak RSS is its own), and verify the export bit for bit
+    against the generator. ``delete_source`` removes the source weights after the import (the
+    check does not need them), so the disk peak is two copies instead of three."""
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    src, mdir, out = (os.path.join(workdir, n) for n in ("src", "model_dir", "export"))
+    for d in (src, mdir, out):
+        shutil.rmtree(d, ignore_errors=True)
+    os.makedirs(workdir, exist_ok=True)
+    res = {"llm_layers": cfg.llm.num_layers, "vit_layers": cfg.vit.num_layers, "dtype": str(dtype)}
+    t = time.perf_counter()
+    info = write_checkpoint(cfg, src, dtype=dtype, shard_bytes=src_shard_bytes)
+    res["generate_seconds"] = time.perf_counter() - t
+    res.update(checkpoint_bytes=info["bytes"], largest_tensor_bytes=info["largest_tensor_bytes"])
+    log(f"source: {info['bytes'] / 1e9:.2f} GB written in {res['generate_seconds']:.0f} s -> {src}")
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu")
+
+    def cli(*args):
+        stats = os.path.join(workdir, f"{args[0]}_stats.json")
+        cmd = [sys.executable, "-m", "sgt_jax.convert", *args, "--no-progress", "--stats", stats]
+        log("$ " + " ".join(cmd[1:]))
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if p.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stdout}\n{p.stderr}")
+        with open(stats) as f:
+            s = json.load(f)
+        log(f"  {args[0]}: {s['gb_per_s']:.3f} GB/s, {s['seconds']:.1f} s, peak RSS {s['peak_rss_gb']:.2f} GB")
+        return s
+
+    imp = cli("import", "--from", src, "--to", mdir)
+    res["import"] = {k: imp[k] for k in ("bytes", "seconds", "gb_per_s", "peak_rss_gb")}
+    res["model_dir_bytes"] = _du(mdir)
+    if delete_source:
+        for f in os.listdir(src):
+            if f.endswith(".safetensors"):
+                os.remove(os.path.join(src, f))
+    args = ["export", "--from", mdir, "--to", out] + (["--shard-size", export_shard_size] if export_shard_size else [])
+    exp = cli(*args)
+    res["export"] = {k: exp[k] for k in ("bytes", "seconds", "gb_per_s", "peak_rss_gb")}
+    t = time.perf_counter()
+    weights = ("model.safetensors.index.json" if export_shard_size else "ema.safetensors")
+    diffs = verify_export(cfg, os.path.join(out, weights), dtype=dtype)
+    res["verify_seconds"] = time.perf_counter() - t
+    res["bit_exact"] = not diffs
+    res["diffs"] = diffs[:20]
+    res["rss_target_gb"] = 4.0 + info["largest_tensor_bytes"] / 1e9
+    res["rss_within_target"] = max(res["import"]["peak_rss_gb"], res["export"]["peak_rss_gb"]) <= res["rss_target_gb"]
+    log(f"bit-exact: {res['bit_exact']}; peak RSS import {res['import']['peak_rss_gb']:.2f} GB, export "
+        f"{res['export']['peak_rss_gb']:.2f} GB (target <= {res['rss_target_gb']:.2f} GB)")
+    if not keep:
+        for d in (src, mdir, out):
+            shutil.rmtree(d, ignore_errors=True)
+    return res
