@@ -12,7 +12,8 @@ Per token (all int32, shape (B, L)):
                   AND NOT ( mode[k] == NOISE AND split[q] != split[k] )
 
 One interface, ``attention(q, k, v, seg, impl)``; ``impl="dense"`` is the XLA reference used on CPU
-and in tests. A TPU flash kernel plugs in behind the same signature.
+and in tests; ``impl="flash"`` is the Pallas TPU kernel (flash_attention.py), ``"auto"`` picks it
+when compiling for TPU.
 """
 from __future__ import annotations
 
@@ -64,8 +65,22 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     return out.reshape(b, lq, nh, hd).astype(q.dtype)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, seg: Segments, impl: str = "dense") -> jax.Array:
-    """BAGEL's packed attention. q (B, L, nh, hd), k/v (B, L, nkv, hd) -> (B, L, nh, hd)."""
+IMPLS = ("dense", "flash", "auto")
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, seg: Segments, impl: str = "dense",
+              block_sizes=None) -> jax.Array:
+    """BAGEL's packed attention. q (B, L, nh, hd), k/v (B, L, nkv, hd) -> (B, L, nh, hd).
+
+    ``impl``: "dense" (XLA, materialises the mask per row), "flash" (the Pallas kernel of
+    flash_attention.py; interpret mode off TPU), "auto" (flash when compiling for TPU, else
+    dense). ``block_sizes``: a ``flash_attention.BlockSizes`` (None: its defaults)."""
+    if impl == "auto":
+        from sgt_jax.models import flash_attention as fa
+        impl = "flash" if fa.target_is_tpu() else "dense"
     if impl == "dense":
         return dot_product_attention(q, k, v, bagel_mask(seg))
-    raise ValueError(f"unknown attention_impl {impl!r}; available: 'dense'")
+    if impl == "flash":
+        from sgt_jax.models import flash_attention as fa
+        return fa.flash_attention(q, k, v, seg, block_sizes=block_sizes)
+    raise ValueError(f"unknown attention_impl {impl!r}; available: {IMPLS}")

@@ -14,6 +14,7 @@ import ml_collections
 
 REMAT_POLICIES = ("none", "full", "save_dot_except_mlp", "save_qkv_proj", "save_out_proj", "minimal")
 LAYER_MODULES = ("mot", "dense")
+ATTENTION_IMPLS = ("dense", "flash", "auto")   # "auto": flash when compiling for TPU, else dense
 
 
 def _llm(**kw) -> ml_collections.ConfigDict:
@@ -23,7 +24,11 @@ def _llm(**kw) -> ml_collections.ConfigDict:
         layer_module="mot",        # "mot" (und + gen experts) or "dense" (Qwen2DecoderLayer)
         scan_layers=True,          # one compiled layer body (False: a Python loop, for debugging)
         remat_policy="none",       # one of REMAT_POLICIES (names as in MaxText)
-        attention_impl="dense",    # "dense" (XLA, CPU/tests); TPU kernels are selected here later
+        attention_impl="dense",    # one of ATTENTION_IMPLS: "dense" (XLA), "flash" (Pallas), "auto"
+        attention_block_q=512,     # flash: q / kv block sizes of the forward and dq kernels
+        attention_block_kv=512,
+        attention_block_q_dkv=512,   # flash: q / kv block sizes of the dk/dv kernel
+        attention_block_kv_dkv=512,
         ce_chunk_size=0,           # >0: lm_head + CE in chunks of this many tokens (saves HBM)
         freeze_und=False,          # BAGEL's freeze_und: no gradient through und tokens / into und weights
         bos_token_id=150, eos_token_id=151, start_of_image=152, end_of_image=153,
@@ -105,6 +110,12 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
          f"vit.num_heads={vit.num_heads} does not divide vit.hidden_size={vit.hidden_size}")
     need(llm.layer_module in LAYER_MODULES, f"llm.layer_module must be one of {LAYER_MODULES}")
     need(llm.remat_policy in REMAT_POLICIES, f"llm.remat_policy must be one of {REMAT_POLICIES}")
+    need(llm.get("attention_impl", "dense") in ATTENTION_IMPLS,
+         f"llm.attention_impl={llm.get('attention_impl')!r} must be one of {ATTENTION_IMPLS}")
+    for n in ("q", "kv", "q_dkv", "kv_dkv"):
+        bsz = llm.get(f"attention_block_{n}", 512)
+        need(isinstance(bsz, int) and bsz > 0 and bsz % 8 == 0,
+             f"llm.attention_block_{n}={bsz!r} must be a positive multiple of 8 (128 on TPU)")
     need(vit.remat_policy in REMAT_POLICIES, f"vit.remat_policy must be one of {REMAT_POLICIES}")
     need(all(vae.ch * m % vae.groupnorm_groups == 0 for m in vae.ch_mult),
          f"vae.groupnorm_groups={vae.groupnorm_groups} must divide every vae.ch*ch_mult")
