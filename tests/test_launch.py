@@ -1,0 +1,188 @@
+"""launch/: the dry-run of tpu.sh (every generated gcloud command for 2-host topologies) and
+worker.sh run locally with a fake gcloud; shellcheck when it is installed."""
+import os
+import shlex
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TPU = ROOT / "launch" / "tpu.sh"
+WORKER = ROOT / "launch" / "worker.sh"
+
+
+def dry(*args, **env):
+    """Run tpu.sh --dry-run; return the printed commands as argv lists (+ stderr)."""
+    e = {k: v for k, v in os.environ.items() if k not in (
+        "TPU_NAME", "PROJECT", "ZONE", "ACCELERATOR", "BUCKET", "RUN_NAME", "WORKDIR", "CONFIG", "SPOT",
+        "RESERVED", "QUEUED", "RUNTIME_VERSION", "COORDINATOR_PORT")}
+    e.update({"SGT_CODE_REV": "0123abcd", **env})
+    p = subprocess.run(["bash", str(TPU), "--dry-run", *args], capture_output=True, text=True, env=e, timeout=60)
+    assert p.returncode == 0, p.stderr
+    cmds = [shlex.split(line[2:]) for line in p.stdout.splitlines() if line.startswith("+ ")]
+    return cmds, p.stderr
+
+
+BASE = ["--name", "sgt", "--project", "proj", "--zone", "us-east5-a", "--bucket", "gs://bkt"]
+
+
+def flag(cmd, name):
+    return cmd[cmd.index(name) + 1]
+
+
+def test_create_tpu_vm_and_queued_resource():
+    cmds, err = dry(*BASE, "--accelerator", "v5p-16", "--spot", "create")
+    assert cmds == [["gcloud", "--project", "proj", "compute", "tpus", "tpu-vm", "create", "sgt", "--zone",
+                     "us-east5-a", "--accelerator-type", "v5p-16", "--version", "v2-alpha-tpuv5", "--spot"]]
+    assert "2 host(s) per slice" in err
+    cmds, _ = dry(*BASE, "--accelerator", "v6e-64", "--queued", "--reserved", "create")
+    c = cmds[0]
+    assert c[:7] == ["gcloud", "--project", "proj", "compute", "tpus", "queued-resources", "create"]
+    assert flag(c, "--accelerator-type") == "v6e-64" and flag(c, "--runtime-version") == "v2-alpha-tpuv6e"
+    assert flag(c, "--node-id") == "sgt" and "--reserved" in c
+    assert cmds[1][5:8] == ["queued-resources", "describe", "sgt"]          # wait until ACTIVE
+
+
+def test_two_slice_queued_resource_and_delete():
+    cmds, _ = dry(*BASE, "--accelerator", "2xv5e-4", "create")
+    c = cmds[0]
+    assert "queued-resources" in c and flag(c, "--accelerator-type") == "v5litepod-4"
+    assert flag(c, "--node-count") == "2" and flag(c, "--node-prefix") == "sgt"
+    assert flag(c, "--runtime-version") == "v2-alpha-tpuv5-lite"
+    cmds, _ = dry(*BASE, "--accelerator", "2xv5e-4", "delete")
+    assert cmds == [["gcloud", "--project", "proj", "compute", "tpus", "queued-resources", "delete", "sgt",
+                     "--zone", "us-east5-a", "--force", "--quiet"]]
+    cmds, _ = dry(*BASE, "--accelerator", "v4-16", "delete")
+    assert cmds[0][4:8] == ["tpus", "tpu-vm", "delete", "sgt"]
+
+
+def test_setup_ships_head_and_pins_versions_on_all_workers():
+    cmds, err = dry(*BASE, "--accelerator", "v5p-16", "setup")
+    assert cmds[0][:3] == ["git", "-C", str(ROOT)] and cmds[0][3] == "archive"
+    assert cmds[1] == ["gcloud", "storage", "cp", "/tmp/sgt-jax-0123abcd.tar.gz", "gs://bkt/code/sgt-jax-0123abcd.tar.gz"]
+    ssh = cmds[2]
+    assert ssh[4:8] == ["tpus", "tpu-vm", "ssh", "sgt"] and "--worker=all" in ssh
+    remote = flag(ssh, "--command")
+    assert "python3.11 -m venv ~/sgt-venv" in remote
+    assert "gs://bkt/code/sgt-jax-0123abcd.tar.gz" in remote
+    assert "-r ~/sgt-jax/requirements.txt -r ~/sgt-jax/requirements-tpu.txt" in remote
+    assert "pip freeze | sha256sum" in remote and "SGT_VERSIONS" in remote
+    assert "identical" not in err and "0.10.2 0.10.2 0.0.42.1" in err      # the version check ran
+
+
+def test_train_on_two_hosts_sets_the_coordinator():
+    cmds, _ = dry(*BASE, "--accelerator", "v5p-16", "--run", "r1", "--set-env", "LIBTPU_INIT_ARGS=--xla_foo=1 --xla_bar=2",
+                  "train", "--", "train.steps=10", "--config.mesh.tensor=4")
+    describe, ssh = cmds
+    assert describe[4:8] == ["tpus", "tpu-vm", "describe", "sgt"]
+    assert flag(describe, "--format") == "value(networkEndpoints[0].ipAddress)"
+    assert "--worker=all" in ssh
+    remote = shlex.split(flag(ssh, "--command"))
+    env = remote[remote.index("env") + 1:remote.index("bash")]
+    assert "JAX_COORDINATOR_ADDRESS=WORKER0_IP:8476" in env and "SGT_RUN=r1" in env
+    assert "LIBTPU_INIT_ARGS=--xla_foo=1 --xla_bar=2" in env
+    assert not any(e.startswith("MEGASCALE") for e in env)
+    job = remote[remote.index("--") + 1:]
+    assert job[:3] == ["~/sgt-venv/bin/python", "-m", "sgt_jax.train"]
+    assert flag(job, "--workdir") == "gs://bkt/runs/r1" and flag(job, "--config") == "configs/sgt_bagel_7b.py"
+    assert "--config.train.steps=10" in job and "--config.mesh.tensor=4" in job
+    assert remote[:2] == ["cd", "~/sgt-jax"] and remote[remote.index("bash") + 1] == "launch/worker.sh"
+    assert flag(remote, "--gcs-logs") == "gs://bkt/runs/r1/logs" and flag(remote, "--log-dir") == "~/sgt-logs/r1"
+    assert "nohup" in remote and "setsid" in remote      # detached: ssh returns at once
+
+
+def test_run_on_two_single_host_slices_sets_megascale():
+    cmds, err = dry(*BASE, "--accelerator", "2xv6e-8", "run", "--", "python", "-c", "print('hi there')")
+    describe, ssh0, ssh1 = cmds
+    assert describe[7] == "sgt-0"
+    for i, ssh in enumerate((ssh0, ssh1)):
+        assert ssh[7] == f"sgt-{i}" and "--worker=all" in ssh
+        remote = shlex.split(flag(ssh, "--command"))
+        env = remote[remote.index("env") + 1:remote.index("bash")]
+        assert "JAX_COORDINATOR_ADDRESS=WORKER0_IP:8476" in env
+        assert {"MEGASCALE_COORDINATOR_ADDRESS=WORKER0_IP", "MEGASCALE_NUM_SLICES=2", f"MEGASCALE_SLICE_ID={i}",
+                "MEGASCALE_PORT=8081"} <= set(env)
+        assert flag(remote, "--slice") == str(i)
+        assert remote[remote.index("--") + 1:remote.index("--") + 4] == ["python", "-c", "print('hi there')"]
+    assert "started on 2 worker(s)" in err
+
+
+def test_babysit_dry_run_creates_sets_up_and_trains_once():
+    cmds, _ = dry(*BASE, "--accelerator", "v5p-16", "babysit", "--", "train.steps=5")
+    verbs = [" ".join(c[4:7]) for c in cmds if c[0] == "gcloud" and c[3] == "compute"]
+    assert verbs == ["tpus tpu-vm describe", "tpus tpu-vm create", "tpus tpu-vm ssh", "tpus tpu-vm describe",
+                     "tpus tpu-vm ssh", "tpus tpu-vm ssh"]
+    assert "exit_code" in flag(cmds[-1], "--command") and "--worker=0" in cmds[-1]
+
+
+def test_logs_stop_status():
+    cmds, _ = dry(*BASE, "--accelerator", "v5p-16", "--worker", "1", "logs")
+    assert "--worker=1" in cmds[0] and flag(cmds[0], "--command") == "tail -n 200 -F ~/sgt-logs/sgt/worker-1.log"
+    cmds, _ = dry(*BASE, "--accelerator", "v5p-16", "stop")
+    assert "--worker=all" in cmds[0] and "kill -TERM" in flag(cmds[0], "--command")
+    cmds, _ = dry(*BASE, "--accelerator", "v5p-16", "status")
+    assert cmds[0][6] == "describe" and "exit_code" in flag(cmds[1], "--command")
+
+
+def test_bad_arguments_fail_clearly():
+    e = dict(os.environ, SGT_CODE_REV="x")
+    p = subprocess.run(["bash", str(TPU), "--dry-run", *BASE, "--accelerator", "v9-8", "create"],
+                       capture_output=True, text=True, env=e)
+    assert p.returncode != 0 and "unknown accelerator" in p.stderr
+    p = subprocess.run(["bash", str(TPU), "--dry-run", "--zone", "z", "--accelerator", "v5p-8", "create"],
+                       capture_output=True, text=True, env={k: v for k, v in e.items() if k != "TPU_NAME"})
+    assert p.returncode != 0 and "TPU_NAME" in p.stderr
+
+
+@pytest.mark.parametrize("acc,hosts", [("v5p-8", 1), ("v5p-16", 2), ("v5p-64", 8), ("v4-32", 4), ("v6e-8", 1),
+                                       ("v6e-64", 16), ("v5litepod-16", 4), ("v5e-4", 1)])
+def test_hosts_per_slice(acc, hosts):
+    out = subprocess.run(["bash", "-c", f"source {ROOT}/launch/lib.sh; hosts_per_slice {acc}"],
+                         capture_output=True, text=True, check=True).stdout
+    assert int(out) == hosts
+
+
+def test_worker_runs_logs_syncs_and_records_exit_code(tmp_path):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    calls = tmp_path / "gcloud_calls"
+    (fake / "gcloud").write_text(f'#!/usr/bin/env bash\necho "$@" >> {calls}\n')
+    (fake / "gcloud").chmod(0o755)
+    logs = tmp_path / "logs"
+    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", SGT_WORKER_ID="1", SGT_LOG_SYNC="1",
+               JAX_COORDINATOR_ADDRESS="10.0.0.2:8476")
+    p = subprocess.run(["bash", str(WORKER), "--log-dir", str(logs), "--gcs-logs", "gs://bkt/runs/r/logs",
+                        "--slice", "0", "--", "bash", "-c", "echo hello from the job; sleep 1.5; exit 3"],
+                       capture_output=True, text=True, env=env, timeout=60)
+    assert p.returncode == 3, p.stderr
+    log = (logs / "worker-1.log").read_text()
+    assert "hello from the job" in log and "JAX_COORDINATOR_ADDRESS=10.0.0.2:8476" in log and "exit 3" in log
+    assert (logs / "exit_code").read_text().strip() == "3"
+    assert not (logs / "pid").exists()
+    assert f"storage cp {logs}/worker-1.log gs://bkt/runs/r/logs/slice-0-worker-1.log" in calls.read_text()
+
+
+def test_worker_forwards_sigterm(tmp_path):
+    logs = tmp_path / "logs"
+    env = dict(os.environ, SGT_WORKER_ID="0")
+    job = "trap 'echo got-term; exit 42' TERM; for i in $(seq 100); do sleep 0.1; done"
+    p = subprocess.Popen(["bash", str(WORKER), "--log-dir", str(logs), "--", "bash", "-c", job], env=env)
+    for _ in range(100):
+        if (logs / "pid").exists():
+            break
+        time.sleep(0.1)
+    time.sleep(0.5)                         # let the job install its trap
+    p.terminate()
+    assert p.wait(timeout=30) == 42
+    assert "got-term" in (logs / "worker-0.log").read_text()
+    assert (logs / "exit_code").read_text().strip() == "42"
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed (apt-get install shellcheck)")
+def test_shellcheck_clean():
+    files = sorted(str(f) for f in (ROOT / "launch").glob("*.sh"))
+    p = subprocess.run(["shellcheck", "-x", *files], capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 0, p.stdout + p.stderr
