@@ -83,19 +83,19 @@ def random_qkv(seed, batch, length, nh, nkv, hd, dtype=jnp.float32):
 
 
 @functools.lru_cache(maxsize=None)
-def _value_and_grads(impl, blocks):
+def _value_and_grads(impl, blocks, buckets=None):
     def run(q, k, v, seg, ct):
         def f(q, k, v):
             if impl == "dense":
                 return A.dot_product_attention(q, k, v, A.bagel_mask(seg))
-            return F.flash_attention(q, k, v, seg, block_sizes=blocks)
+            return F.flash_attention(q, k, v, seg, block_sizes=blocks, grid_buckets=buckets)
         o, vjp = jax.vjp(f, q, k, v)
         return (o, *vjp(ct.astype(o.dtype)))
     return jax.jit(run)
 
 
-def flash_and_dense(q, k, v, seg, blocks):
-    fl = _value_and_grads("flash", blocks)(q, k, v, seg, q)
+def flash_and_dense(q, k, v, seg, blocks, buckets=None):
+    fl = _value_and_grads("flash", blocks, buckets)(q, k, v, seg, q)
     de = _value_and_grads("dense", None)(q, k, v, seg, q)
     return fl, de
 
@@ -151,6 +151,22 @@ def test_matches_dense_fp32(nh, nkv, blocks):
     seg = random_segments(nh * 10 + nkv, b, length, pad_min=9)
     q, k, v, _ = random_qkv(0, b, length, nh, nkv, hd)
     fl, de = flash_and_dense(q, k, v, seg, blocks)
+    for name, x, y in zip(NAMES, fl, de):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=FP32_ATOL, rtol=0, err_msg=name)
+
+
+def test_grid_buckets():
+    """The shortened grids (lax.switch over n, n/2, n/4, n/8 steps) give the same results; the
+    layout's longest live list fits a cut grid in both the forward/dq and the dk/dv kernels."""
+    b, length, nh, nkv, hd = 2, 256, 2, 1, 16
+    blocks = F.BlockSizes(16, 16, 16, 16)
+    seg = random_segments(2, b, length, max_doc=30)
+    _, _, kinds, kinds_dkv = F.plan(seg, blocks)
+    for kd in (kinds, kinds_dkv):
+        live = int(np.max(np.sum(np.asarray(kd) > 0, axis=-1)))
+        assert live <= 8 < kd.shape[-1], live          # a 16- or 8-step bucket out of 16
+    q, k, v, _ = random_qkv(11, b, length, nh, nkv, hd)
+    fl, de = flash_and_dense(q, k, v, seg, blocks, buckets=4)
     for name, x, y in zip(NAMES, fl, de):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=FP32_ATOL, rtol=0, err_msg=name)
 
@@ -247,6 +263,24 @@ def test_golden_model_forward_with_flash(golden_dir, monkeypatch):
     for name in ("last_hidden_state", "ce_tok", "mse_tok", "loss"):
         assert err[name] <= 1e-5, (name, err[name])
     assert err["mask_mismatches"] == 0
+
+
+@pytest.mark.parametrize("policy", ["nothing", "context"])
+def test_under_remat(policy):
+    """Inside jax.checkpoint (the decoder's remat policies): recomputed, or the kernel's output and
+    lse saved under the name "context" (policy "minimal" saves it)."""
+    b, length, nh, nkv, hd = 1, 64, 2, 1, 16
+    seg = random_segments(8, b, length)
+    q, k, v, ct = random_qkv(8, b, length, nh, nkv, hd)
+    pol = (jax.checkpoint_policies.nothing_saveable if policy == "nothing"
+           else jax.checkpoint_policies.save_only_these_names("context"))
+    blocks = F.BlockSizes(16, 16, 16, 16)
+    f = jax.checkpoint(lambda q, k, v: jnp.tanh(F.flash_attention(q, k, v, seg, block_sizes=blocks)), policy=pol)
+    g = jax.jit(jax.grad(lambda q, k, v: jnp.sum(f(q, k, v) * ct), argnums=(0, 1, 2)))(q, k, v)
+    r = jax.grad(lambda q, k, v: jnp.sum(jnp.tanh(A.dot_product_attention(q, k, v, A.bagel_mask(seg))) * ct),
+                 argnums=(0, 1, 2))(q, k, v)
+    for x, y in zip(g, r):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=FP32_ATOL)
 
 
 # ------------------------------------------------------------------------------------------------

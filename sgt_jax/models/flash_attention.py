@@ -24,7 +24,9 @@ Layout and grid
     index maps, so a skipped block is never DMA'd and never computed (the tail of a list repeats
     the last index: no copy, no compute, only the grid-step overhead).
 
-Block metadata (``classify_blocks``): per block, min/max of doc, split and order, the min order of
+Block metadata (``classify_blocks``): per block, min/max of doc, split and order, the sets of
+doc and split ids mod 64 (two uint32 words each: a block straddling the und/gen boundary of the
+expert-sorted row holds two unrelated doc ranges, which an interval would merge), the min order of
 non-noise tokens and whether any key is causal / non-causal / noise. A pair is SKIP when provably
 empty (disjoint docs; or all keys in the future and no same-split bidirectional key possible; or
 no shared split and every non-noise key in the future), FULL when provably all-allowed (one shared
@@ -95,6 +97,7 @@ class _Static:
     scale: float
     interpret: bool
     vmem_limit_bytes: int | None
+    buckets: int = 1            # grid-length buckets (see _bucketed)
 
 
 def target_is_tpu() -> bool:
@@ -132,12 +135,25 @@ def token_table(seg: Segments) -> jax.Array:
     return jnp.stack([seg.doc, seg.split, seg.order, ko_same, ko_other, z, z, z], axis=-1).astype(jnp.int32)
 
 
+def _bitset(ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(..., size) ids -> two uint32 words per block: the set of ``id mod 64`` (a block's ids can
+    only meet another block's if their sets intersect -- exact for < 64 distinct ids per row)."""
+    h = jnp.remainder(ids, 64).astype(jnp.uint32)
+    one = jnp.uint32(1)
+    lo = jnp.where(h < 32, jnp.left_shift(one, h % 32), jnp.uint32(0))
+    hi = jnp.where(h >= 32, jnp.left_shift(one, h % 32), jnp.uint32(0))
+    red = lambda x: lax.reduce(x, jnp.uint32(0), lax.bitwise_or, (x.ndim - 1,))  # noqa: E731
+    return red(lo), red(hi)
+
+
 def _block_stats(seg: Segments, size: int) -> dict:
     b, length = seg.doc.shape
     r = lambda x: x.reshape(b, length // size, size)  # noqa: E731
     doc, split, order, mode = r(seg.doc), r(seg.split), r(seg.order), r(seg.mode)
+    (d0, d1), (s0, s1) = _bitset(doc), _bitset(split)
     return dict(
         dmin=doc.min(-1), dmax=doc.max(-1), smin=split.min(-1), smax=split.max(-1),
+        dbits0=d0, dbits1=d1, sbits0=s0, sbits1=s1,
         omin=order.min(-1), omax=order.max(-1),
         omin_nn=jnp.where(mode != NOISE, order, _I32_MAX).min(-1),
         any_noise=(mode == NOISE).any(-1), any_causal=(mode == CAUSAL).any(-1),
@@ -150,8 +166,9 @@ def classify_blocks(seg: Segments, bq: int, bkv: int) -> jax.Array:
     qs, ks = _block_stats(seg, bq), _block_stats(seg, bkv)
     Q = lambda n: qs[n][:, :, None]  # noqa: E731
     K = lambda n: ks[n][:, None, :]  # noqa: E731
-    doc_disjoint = (Q("dmax") < K("dmin")) | (Q("dmin") > K("dmax"))
-    split_disjoint = (Q("smax") < K("smin")) | (Q("smin") > K("smax"))
+    bits_disjoint = lambda p: ((Q(p + "0") & K(p + "0")) | (Q(p + "1") & K(p + "1"))) == 0  # noqa: E731
+    doc_disjoint = (Q("dmax") < K("dmin")) | (Q("dmin") > K("dmax")) | bits_disjoint("dbits")
+    split_disjoint = (Q("smax") < K("smin")) | (Q("smin") > K("smax")) | bits_disjoint("sbits")
     all_future = Q("omax") < K("omin")
     empty = (doc_disjoint
              | (all_future & (split_disjoint | ~K("any_bidir")))
@@ -199,6 +216,13 @@ def _mask_k_major(kcol_ref, qrow_ref):
     return _allowed(qr(_DOC), qr(_SPLIT), qr(_ORDER), kc(_DOC), kc(_SPLIT), kc(_KO_SAME), kc(_KO_OTHER))
 
 
+def _dot(a, b, dims):
+    """MXU matmul with fp32 accumulation; fp32 operands at full precision, bf16 at the native one
+    (explicit, so a global ``jax_default_matmul_precision`` cannot change the kernel)."""
+    prec = lax.Precision.HIGHEST if a.dtype == jnp.float32 else lax.Precision.DEFAULT
+    return lax.dot_general(a, b, dims, precision=(prec, prec), preferred_element_type=jnp.float32)
+
+
 def _dispatch(code, body):
     """Run ``body(masked)`` for PARTIAL / FULL_BLOCK steps; nothing for SKIP."""
     kind = code & 3
@@ -221,7 +245,7 @@ def _fwd_kernel(meta, qcol, krow, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_s
         k, v = k_ref[...], v_ref[...]
         for h in range(st.g):
             sl = slice(h * hd, (h + 1) * hd)
-            s = lax.dot_general(q_ref[:, sl], k, _NT, preferred_element_type=jnp.float32) * st.scale
+            s = _dot(q_ref[:, sl], k, _NT) * st.scale
             if masked:
                 s = jnp.where(mask, s, -jnp.inf)
             m_prev, l_prev = m_sc[h], l_sc[h]                           # (bq, 128), lanes equal
@@ -230,7 +254,7 @@ def _fwd_kernel(meta, qcol, krow, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_s
             alpha = jnp.exp(m_prev - m_new)
             l_sc[h] = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
             m_sc[h] = m_new
-            pv = lax.dot_general(p.astype(v.dtype), v, _NN, preferred_element_type=jnp.float32)
+            pv = _dot(p.astype(v.dtype), v, _NN)
             acc[:, sl] = alpha[:, :1] * acc[:, sl] + pv
 
     _dispatch(meta[b, i, t], body)
@@ -260,13 +284,13 @@ def _dq_kernel(meta, qcol, krow, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, d
         k, v = k_ref[...], v_ref[...]
         for h in range(st.g):
             sl = slice(h * hd, (h + 1) * hd)
-            s = lax.dot_general(q_ref[:, sl], k, _NT, preferred_element_type=jnp.float32) * st.scale
+            s = _dot(q_ref[:, sl], k, _NT) * st.scale
             p = jnp.exp(s - lse_ref[h][:, None])
             if masked:
                 p = jnp.where(mask, p, 0.0)
-            dp = lax.dot_general(do_ref[:, sl], v, _NT, preferred_element_type=jnp.float32)
+            dp = _dot(do_ref[:, sl], v, _NT)
             ds = p * (dp - di_ref[h][:, None])
-            acc[:, sl] += lax.dot_general(ds.astype(k.dtype), k, _NN, preferred_element_type=jnp.float32)
+            acc[:, sl] += _dot(ds.astype(k.dtype), k, _NN)
 
     _dispatch(meta[b, i, t], body)
 
@@ -291,14 +315,14 @@ def _dkv_kernel(meta, kcol, qrow, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, 
         for h in range(st.g):
             sl = slice(h * hd, (h + 1) * hd)
             q, do = q_ref[:, sl], do_ref[:, sl]
-            s = lax.dot_general(k, q, _NT, preferred_element_type=jnp.float32) * st.scale
+            s = _dot(k, q, _NT) * st.scale
             p = jnp.exp(s - lse_ref[h:h + 1, :])
             if masked:
                 p = jnp.where(mask, p, 0.0)
-            dv_acc[...] += lax.dot_general(p.astype(do.dtype), do, _NN, preferred_element_type=jnp.float32)
-            dp = lax.dot_general(v, do, _NT, preferred_element_type=jnp.float32)
+            dv_acc[...] += _dot(p.astype(do.dtype), do, _NN)
+            dp = _dot(v, do, _NT)
             ds = p * (dp - di_ref[h:h + 1, :])
-            dk_acc[...] += lax.dot_general(ds.astype(q.dtype), q, _NN, preferred_element_type=jnp.float32)
+            dk_acc[...] += _dot(ds.astype(q.dtype), q, _NN)
 
     _dispatch(meta[b, j, t], body)
 
@@ -316,17 +340,18 @@ def _params(st: _Static, n_parallel: int = 3):
                                 vmem_limit_bytes=st.vmem_limit_bytes)
 
 
-def _cost(st: _Static, b: int, lp: int, nh: int, passes: int, nbytes: int):
-    """Dense-equivalent cost (an upper bound: skipped blocks do no work)."""
-    return pl.CostEstimate(flops=int(2 * passes * b * nh * lp * lp * st.hd),
-                           transcendentals=int(b * nh * lp * lp), bytes_accessed=int(nbytes))
+def _cost(st: _Static, b: int, lp: int, other: int, nh: int, passes: int, nbytes: int):
+    """Cost if every grid step did work: ``lp`` rows x ``other`` = steps x block columns. An upper
+    bound -- skipped steps do none; XLA cannot see inside the kernel."""
+    return pl.CostEstimate(flops=int(2 * passes * b * nh * lp * other * st.hd),
+                           transcendentals=int(b * nh * lp * other), bytes_accessed=int(nbytes))
 
 
 def _fwd_call(st: _Static, q3, k3, v3, tcol, trow, meta):
     b, lp, _ = q3.shape
     g, hd, nkv, bq, bkv = st.g, st.hd, st.nkv, st.bq, st.bkv
     kv_blk = lambda bb, h, i, t, m: (bb, m[bb, i, t] >> 2, h)  # noqa: E731
-    grid = (b, nkv, lp // bq, lp // bkv)
+    grid = (b, nkv, lp // bq, meta.shape[-1])
     nbytes = sum(x.size * x.dtype.itemsize for x in (q3, k3, v3)) * 2
     return pl.pallas_call(
         functools.partial(_fwd_kernel, st=st),
@@ -344,7 +369,7 @@ def _fwd_call(st: _Static, q3, k3, v3, tcol, trow, meta):
         out_shape=[jax.ShapeDtypeStruct(q3.shape, q3.dtype),
                    jax.ShapeDtypeStruct((b, nkv, g, lp), jnp.float32)],
         compiler_params=_params(st), interpret=st.interpret, name="bagel_flash_fwd",
-        cost_estimate=_cost(st, b, lp, g * nkv, 2, nbytes),
+        cost_estimate=_cost(st, b, lp, meta.shape[-1] * bkv, g * nkv, 2, nbytes),
     )(meta, tcol, trow, q3, k3, v3)
 
 
@@ -358,7 +383,7 @@ def _dq_call(st: _Static, q3, k3, v3, do3, lse, di, tcol, trow, meta):
     return pl.pallas_call(
         functools.partial(_dq_kernel, st=st),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=1, grid=(b, nkv, lp // bq, lp // bkv),
+            num_scalar_prefetch=1, grid=(b, nkv, lp // bq, meta.shape[-1]),
             in_specs=[pl.BlockSpec((None, bq, _NF), lambda bb, h, i, t, m: (bb, i, 0)),
                       pl.BlockSpec((None, _NF, bkv), lambda bb, h, i, t, m: (bb, 0, m[bb, i, t] >> 2)),
                       pl.BlockSpec((None, bq, g * hd), q_blk),
@@ -371,7 +396,7 @@ def _dq_call(st: _Static, q3, k3, v3, do3, lse, di, tcol, trow, meta):
             scratch_shapes=[pltpu.VMEM((bq, g * hd), jnp.float32)]),
         out_shape=jax.ShapeDtypeStruct(q3.shape, q3.dtype),
         compiler_params=_params(st), interpret=st.interpret, name="bagel_flash_dq",
-        cost_estimate=_cost(st, b, lp, g * nkv, 3, nbytes),
+        cost_estimate=_cost(st, b, lp, meta.shape[-1] * bkv, g * nkv, 3, nbytes),
     )(meta, tcol, trow, q3, k3, v3, do3, lse, di)
 
 
@@ -385,7 +410,7 @@ def _dkv_call(st: _Static, q3, k3, v3, do3, lse, di, tcol, trow, meta):
     return pl.pallas_call(
         functools.partial(_dkv_kernel, st=st),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=1, grid=(b, nkv, lp // bkv, lp // bq),
+            num_scalar_prefetch=1, grid=(b, nkv, lp // bkv, meta.shape[-1]),
             in_specs=[pl.BlockSpec((None, bkv, _NF), lambda bb, h, j, t, m: (bb, j, 0)),
                       pl.BlockSpec((None, _NF, bq), lambda bb, h, j, t, m: (bb, 0, m[bb, j, t] >> 2)),
                       pl.BlockSpec((None, bq, g * hd), q_blk),
@@ -398,20 +423,38 @@ def _dkv_call(st: _Static, q3, k3, v3, do3, lse, di, tcol, trow, meta):
             scratch_shapes=[pltpu.VMEM((bkv, hd), jnp.float32), pltpu.VMEM((bkv, hd), jnp.float32)]),
         out_shape=[jax.ShapeDtypeStruct(k3.shape, k3.dtype), jax.ShapeDtypeStruct(v3.shape, v3.dtype)],
         compiler_params=_params(st), interpret=st.interpret, name="bagel_flash_dkv",
-        cost_estimate=_cost(st, b, lp, g * nkv, 4, nbytes),
+        cost_estimate=_cost(st, b, lp, meta.shape[-1] * bq, g * nkv, 4, nbytes),
     )(meta, tcol, trow, q3, k3, v3, do3, lse, di)
 
 
 # ------------------------------------------------------------------------------------------------
 # custom VJP
 
+def _bucketed(st: _Static, call, meta, *args):
+    """``call(*args, meta[..., :T])`` with the grid's step axis cut to T: the smallest of ``n /
+    2**i`` (i < st.buckets) holding every q (kv) block's live list -- ``lax.switch`` over the
+    compiled variants, so a skipped block costs no grid step either. One bucket: T = n."""
+    n = meta.shape[-1]
+    sizes = sorted({-(-n // 2 ** i) for i in range(max(st.buckets, 1))})
+    if len(sizes) == 1:
+        return call(*args, meta)
+    live = jnp.max(jnp.sum((meta & 3) > 0, axis=-1))
+    idx = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), live.astype(jnp.int32), side="left")
+    branches = [functools.partial(lambda t, m, *a: call(*a, m[..., :t]), t) for t in sizes]
+    return lax.switch(idx, branches, meta, *args)
+
+
+def _fwd(st, q3, k3, v3, tcol, trow, meta):
+    return _bucketed(st, lambda *a: _fwd_call(st, *a), meta, q3, k3, v3, tcol, trow)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _flash(st, q3, k3, v3, tcol, trow, meta, meta_dkv):
-    return _fwd_call(st, q3, k3, v3, tcol, trow, meta)[0]
+    return _fwd(st, q3, k3, v3, tcol, trow, meta)[0]
 
 
 def _flash_fwd(st, q3, k3, v3, tcol, trow, meta, meta_dkv):
-    o3, lse = _fwd_call(st, q3, k3, v3, tcol, trow, meta)
+    o3, lse = _fwd(st, q3, k3, v3, tcol, trow, meta)
     o3, lse = checkpoint_name(o3, "context"), checkpoint_name(lse, "context")
     return o3, (q3, k3, v3, tcol, trow, meta, meta_dkv, o3, lse)
 
@@ -423,8 +466,8 @@ def _flash_bwd(st, res, do3):
     di = jnp.sum(do3.astype(jnp.float32).reshape(b, lp, -1, st.hd)
                  * o3.astype(jnp.float32).reshape(b, lp, -1, st.hd), axis=-1)        # (B, Lp, nh)
     di = di.transpose(0, 2, 1).reshape(b, st.nkv, st.g, lp)
-    dq = _dq_call(st, q3, k3, v3, do3, lse, di, tcol, trow, meta)
-    dk, dv = _dkv_call(st, q3, k3, v3, do3, lse, di, tcol, trow, meta_dkv)
+    dq = _bucketed(st, lambda *a: _dq_call(st, *a), meta, q3, k3, v3, do3, lse, di, tcol, trow)
+    dk, dv = _bucketed(st, lambda *a: _dkv_call(st, *a), meta_dkv, q3, k3, v3, do3, lse, di, tcol, trow)
     return dq, dk, dv, None, None, None, None
 
 
@@ -460,7 +503,7 @@ def plan(seg: Segments, block_sizes: BlockSizes | None = None, interpret: bool =
     return seg_p, eff, kinds, kinds_dkv
 
 
-def _flash_local(q, k, v, seg, block_sizes, sm_scale, interpret, vmem_limit_bytes):
+def _flash_local(q, k, v, seg, block_sizes, sm_scale, interpret, vmem_limit_bytes, grid_buckets):
     b, length, nh, hd = q.shape
     nkv = k.shape[2]
     if nh % nkv or k.shape != v.shape or k.shape[:2] != (b, length) or k.shape[3] != hd:
@@ -472,7 +515,8 @@ def _flash_local(q, k, v, seg, block_sizes, sm_scale, interpret, vmem_limit_byte
     lp = seg_p.doc.shape[1]
     st = _Static(g=nh // nkv, hd=hd, nkv=nkv, bq=eff.block_q, bkv=eff.block_kv, bq_dkv=eff.block_q_dkv,
                  bkv_dkv=eff.block_kv_dkv, scale=float(sm_scale if sm_scale is not None else 1.0 / math.sqrt(hd)),
-                 interpret=bool(interpret), vmem_limit_bytes=vmem_limit_bytes)
+                 interpret=bool(interpret), vmem_limit_bytes=vmem_limit_bytes,
+                 buckets=int(grid_buckets if grid_buckets is not None else (1 if interpret else 4)))
     pad = lambda x: jnp.pad(x.reshape(b, length, -1), ((0, 0), (0, lp - length), (0, 0)))  # noqa: E731
     tcol = token_table(seg_p)
     o3 = _flash(st, pad(q), pad(k), pad(v.astype(k.dtype)), tcol, tcol.transpose(0, 2, 1),
@@ -506,13 +550,19 @@ def _mesh_specs(mesh, b: int, nkv: int):
 
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, seg: Segments, *,
                     block_sizes: BlockSizes | None = None, sm_scale: float | None = None,
-                    interpret: bool | None = None, vmem_limit_bytes: int | None = None) -> jax.Array:
+                    interpret: bool | None = None, vmem_limit_bytes: int | None = None,
+                    grid_buckets: int | None = None) -> jax.Array:
     """BAGEL's packed attention with the Pallas kernels; same contract as
-    ``attention.dot_product_attention(q, k, v, bagel_mask(seg))``. ``interpret=None``: interpret
-    mode unless compiling for TPU. Under an active mesh with auto axes, runs inside shard_map."""
+    ``attention.dot_product_attention(q, k, v, bagel_mask(seg))``.
+
+    ``interpret=None``: interpret mode unless compiling for TPU. ``grid_buckets``: compile the
+    kernels for this many grid lengths (n, n/2, n/4, ... steps per q / kv block; the smallest that
+    holds the batch's longest live-block list runs); None: 4 on TPU, 1 in interpret mode.
+    Under an active mesh with auto axes, runs inside shard_map."""
     interpret = (not target_is_tpu()) if interpret is None else interpret
     fn = functools.partial(_flash_local, block_sizes=block_sizes, sm_scale=sm_scale,
-                           interpret=interpret, vmem_limit_bytes=vmem_limit_bytes)
+                           interpret=interpret, vmem_limit_bytes=vmem_limit_bytes,
+                           grid_buckets=grid_buckets)
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or not _auto_axes(mesh):      # no mesh, or already inside shard_map
         return fn(q, k, v, seg)
