@@ -47,12 +47,13 @@ def main(argv=None) -> int:
         print("not enough disk: reduce --llm-layers")
         return 1
     from sgt_jax.convert.safetensors_io import parse_size
+    load_before = os.getloadavg()
     res = synthetic.round_trip(cfg, args.workdir, dtype=args.dtype,
                                src_shard_bytes=parse_size(args.shard_size) if args.shard_size else None,
                                export_shard_size=args.shard_size or None, keep=args.keep)
     res.update(command="python bench/convert.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                date=time.strftime("%Y-%m-%d %H:%M:%S"), host=platform.node(), cpus=os.cpu_count(),
-               load_average_after=os.getloadavg())
+               load_average_before=load_before, load_average_after=os.getloadavg())
     runs = []
     if os.path.exists(args.out):
         with open(args.out) as f:
@@ -65,6 +66,8 @@ def main(argv=None) -> int:
     i, e = res["import"], res["export"]
     print(json.dumps({"llm_layers": res["llm_layers"], "GB": round(res["checkpoint_bytes"] / 1e9, 2),
                       "import_GB_s": round(i["gb_per_s"], 3), "export_GB_s": round(e["gb_per_s"], 3),
+                      "import_GB_per_cpu_s": round(i["bytes"] / 1e9 / i["cpu_seconds"], 3),
+                      "export_GB_per_cpu_s": round(e["bytes"] / 1e9 / e["cpu_seconds"], 3),
                       "import_peak_rss_GB": round(i["peak_rss_gb"], 2), "export_peak_rss_GB": round(e["peak_rss_gb"], 2),
                       "target_GB": round(res["rss_target_gb"], 2), "bit_exact": res["bit_exact"]}))
     return 0 if res["bit_exact"] and res["rss_within_target"] else 1

@@ -35,7 +35,7 @@ import numpy as np
 from sgt_jax.convert import model_dir as md
 from sgt_jax.convert.safetensors_io import (PICKLE_EXPLANATION, PICKLE_SUFFIXES, ConversionError,
                                             PlannedTensor, SafetensorsPlanWriter, SafetensorsSource,
-                                            _listing, parse_size, read_header)
+                                            _listing, parse_size)
 from sgt_jax.models import config as config_lib
 from sgt_jax.models import keymap
 
@@ -76,6 +76,12 @@ VIT_CONFIG_FIELDS = tuple(VIT_CONFIG_TEMPLATE)
 def peak_rss_gb() -> float:
     """Peak resident set size of this process so far, in GB (1e9 bytes; ru_maxrss is KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process (all threads) so far."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -381,6 +387,8 @@ def import_bagel(src: str, dst: str, *, latent_patch_size: int = 2, max_latent_s
                  progress: bool = True, log=print) -> dict:
     """Convert a BAGEL release-layout checkpoint into a model dir; returns stats."""
     t0 = time.perf_counter()
+    if os.path.isdir(dst) and os.listdir(dst) and not overwrite:
+        raise ConversionError(f"{dst} exists and is not empty (pass --overwrite)")
     wpath, cfg_dir, notes = find_weights(src, weights)
     source = SafetensorsSource(wpath)
     ae_path = os.path.join(cfg_dir, "ae.safetensors")
@@ -435,7 +443,8 @@ def import_bagel(src: str, dst: str, *, latent_patch_size: int = 2, max_latent_s
     bar.close()
     dt = time.perf_counter() - t0
     stats = {"bytes": total, "seconds": dt, "write_seconds": time.perf_counter() - t1,
-             "gb_per_s": total / 1e9 / dt, "peak_rss_gb": peak_rss_gb(), "tensors": len(table) + (len(vae_table) if ae else 0),
+             "gb_per_s": total / 1e9 / dt, "peak_rss_gb": peak_rss_gb(), "cpu_seconds": cpu_seconds(),
+             "tensors": len(table) + (len(vae_table) if ae else 0),
              "params_dtype": md.read_info(dst)["params_dtype"], "notes": notes}
     return stats
 
@@ -604,5 +613,5 @@ def export_bagel(model_dir: str, dst: str, *, dtype: str | None = None, shard_si
         log(f"note: {n}")
     dt = time.perf_counter() - t0
     return {"bytes": total, "seconds": dt, "gb_per_s": total / 1e9 / dt, "peak_rss_gb": peak_rss_gb(),
-            "files": [os.path.basename(f) for f in files], "tokenizer_files": copied,
+            "cpu_seconds": cpu_seconds(), "files": [os.path.basename(f) for f in files], "tokenizer_files": copied,
             "tensors": len(planned) + len(vae_plan), "notes": notes}

@@ -28,11 +28,8 @@ produced block by block while Orbax writes (no whole stacked parameter is ever i
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import math
-import os
-import shutil
 from typing import Any, Callable, Iterator
 
 import jax
@@ -253,7 +250,7 @@ def save_model_dir(path, cfg, params_pure, vae_pure=None, tokenizer_dir=None, *,
         if not overwrite:
             raise ModelDirError(f"{path} exists and is not empty (pass overwrite=True / --overwrite)")
         if primary:
-            shutil.rmtree(path) if not str(path).startswith("gs://") else path.rmtree()
+            path.rmtree()
     if primary:
         path.mkdir(parents=True, exist_ok=True)
     _check_tree_against_config(cfg, params_pure, vae_pure)
@@ -303,6 +300,9 @@ def read_info(path) -> dict:
                     f"`python -m sgt_jax.convert import --from {path} --to MODEL_DIR`.")
         elif (path / CONFIG_FILE).exists() or (path / CHECKPOINT_DIR).exists():
             hint = " It has a checkpoint but no model_dir.json: the write was interrupted; re-create it."
+        else:
+            hint = (" (A trainer checkpoint is first written as a model dir by the trainer, with "
+                    "save_model_dir; see docs/convert.md.)")
         raise ModelDirError(f"{path} is not a complete sgt-jax model dir (no {INFO_FILE}).{hint}")
     info = json.loads(f.read_text())
     if info.get("format") != FORMAT:

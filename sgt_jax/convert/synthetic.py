@@ -199,11 +199,13 @@ def round_trip(cfg, workdir: str, *, dtype="bf16", src_shard_bytes: int | None =
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stdout}\n{p.stderr}")
         with open(stats) as f:
             s = json.load(f)
-        log(f"  {args[0]}: {s['gb_per_s']:.3f} GB/s, {s['seconds']:.1f} s, peak RSS {s['peak_rss_gb']:.2f} GB")
+        log(f"  {args[0]}: {s['gb_per_s']:.3f} GB/s, {s['seconds']:.1f} s ({s['cpu_seconds']:.0f} CPU-s), "
+            f"peak RSS {s['peak_rss_gb']:.2f} GB")
         return s
 
     imp = cli("import", "--from", src, "--to", mdir)
-    res["import"] = {k: imp[k] for k in ("bytes", "seconds", "gb_per_s", "peak_rss_gb")}
+    keys = ("bytes", "seconds", "gb_per_s", "peak_rss_gb", "cpu_seconds")
+    res["import"] = {k: imp[k] for k in keys}
     res["model_dir_bytes"] = _du(mdir)
     if delete_source:
         for f in os.listdir(src):
@@ -211,7 +213,7 @@ def round_trip(cfg, workdir: str, *, dtype="bf16", src_shard_bytes: int | None =
                 os.remove(os.path.join(src, f))
     args = ["export", "--from", mdir, "--to", out] + (["--shard-size", export_shard_size] if export_shard_size else [])
     exp = cli(*args)
-    res["export"] = {k: exp[k] for k in ("bytes", "seconds", "gb_per_s", "peak_rss_gb")}
+    res["export"] = {k: exp[k] for k in keys}
     t = time.perf_counter()
     weights = ("model.safetensors.index.json" if export_shard_size else "ema.safetensors")
     diffs = verify_export(cfg, os.path.join(out, weights), dtype=dtype)
