@@ -9,6 +9,14 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# Many tests compile the same programs (the tiny train step under several tests, subprocess
+# workers): a persistent compilation cache shared by the test session and its subprocesses
+# saves most of CI's time. Keyed by the HLO, so a code change never hits a stale entry.
+CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                              os.path.join(os.environ.get("TMPDIR", "/tmp"), "sgt_jax_test_xla_cache"))
+jax.config.update("jax_compilation_cache_dir", CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 GOLDEN = Path(os.environ.get("SGT_GOLDEN_DIR",
                              Path(__file__).resolve().parents[2] / "shared/fixtures/bagel_golden/tiny_v1"))

@@ -228,3 +228,58 @@ def test_grad_accumulation_averages_micro_batches():
         if "vit_model" in k and "k_proj" in k and "bias" in k:
             continue   # exactly-zero true gradient, see test_sharded_step_equals_single_device
         np.testing.assert_allclose(out[0][1][k], out[1][1][k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_init_from_imported_model_dir(golden_dir, tmp_path):
+    """train.init_from: the run starts from an imported BAGEL checkpoint (here the golden model)."""
+    from safetensors.numpy import load_file
+
+    from sgt_jax.convert.__main__ import main as convert_main
+    from sgt_jax.convert.model_dir import read_config
+    from sgt_jax.models import keymap
+
+    out = tmp_path / "imported"
+    assert convert_main(["import", "--from", str(golden_dir), "--to", str(out), "--max-latent-size", "8",
+                         "--vit-max-patches-per-side", "8", "--preset", "tiny"]) == 0
+    cfg = tiny_run_config(init_from=str(out), copy_init_moe=True)
+    cfg.model = read_config(str(out))
+    cfg.model.compute_dtype = "float32"
+    mesh = mesh_lib.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+    setup = loop.Setup(cfg, mesh=mesh)
+    state, consts = setup.init(0)
+    model = nnx.merge(setup.graphdef, state.params, consts["frozen"], consts["fixed"])
+    ours = keymap.export_state(model, keymap.bagel_table(cfg.model))
+    golden = load_file(str(golden_dir / "model.safetensors"))
+    for k, v in ours.items():      # copy_init_moe must not overwrite imported gen weights
+        assert np.array_equal(v, golden[k]), k
+    ema = nnx.merge(setup.graphdef, state.ema, consts["frozen"], consts["fixed"])
+    assert np.array_equal(keymap.export_state(ema, keymap.bagel_table(cfg.model))[
+        "language_model.lm_head.weight"], golden["language_model.lm_head.weight"])
+
+
+def test_export_training_checkpoint_to_bagel_layout(golden_dir, tmp_path):
+    """Train from the imported golden model with lr 0, export the EMA through the converter:
+    BAGEL's files must come back bit for bit (model incl. the sin-cos tables, and the VAE)."""
+    from safetensors.numpy import load_file
+
+    from sgt_jax.convert.__main__ import main as convert_main
+    from sgt_jax.convert.model_dir import read_config
+
+    imported = tmp_path / "imported"
+    assert convert_main(["import", "--from", str(golden_dir), "--to", str(imported), "--max-latent-size", "8",
+                         "--vit-max-patches-per-side", "8", "--preset", "tiny", "--no-progress"]) == 0
+    cfg = tiny_run_config(steps=2, init_from=str(imported), lr=0.0, ema_decay=0.5)
+    cfg.model = read_config(str(imported))
+    cfg.model.compute_dtype = "float32"
+    cfg.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    run = tmp_path / "run"
+    loop.train(cfg, str(run), data_iterator=FakeIterator(cfg, rows=8), quiet=True)
+    out = tmp_path / "exported"
+    assert convert_main(["export", "--from", str(run), "--to", str(out), "--ema", "--dtype", "fp32",
+                         "--no-progress"]) == 0
+    for name in ("ema.safetensors", "ae.safetensors"):
+        got = load_file(str(out / name))
+        want = load_file(str(golden_dir / ("model.safetensors" if name == "ema.safetensors" else name)))
+        assert got.keys() == want.keys(), set(got) ^ set(want)
+        for k in want:
+            assert got[k].dtype == want[k].dtype and np.array_equal(got[k], want[k]), k

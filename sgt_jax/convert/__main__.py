@@ -34,11 +34,12 @@ def _parser() -> argparse.ArgumentParser:
     im.add_argument("--vae-shift-factor", type=float, default=None, help="override FLUX's 0.1159")
     im.add_argument("--compress", action="store_true", help="zstd-compress the Orbax chunks")
     ex = sub.add_parser("export", help="sgt-jax model dir -> BAGEL release layout")
-    ex.add_argument("--from", dest="src", required=True, help="model dir")
+    ex.add_argument("--from", dest="src", required=True,
+                    help="model dir, or a training run / checkpoint (RUN, RUN/checkpoints or RUN/checkpoints/<step>)")
     ex.add_argument("--to", dest="dst", required=True, help="directory to write")
     ex.add_argument("--ema", action="store_true",
-                    help="export the EMA weights (meaningful for trainer checkpoints; a model dir holds one set "
-                         "of weights, so it is accepted and ignored)")
+                    help="export the EMA weights of a training checkpoint (default: its raw parameters); a "
+                         "model dir holds one set of weights, so it is accepted and ignored there")
     ex.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
                     help="dtype of the Bagel weights (default: as stored); ae.safetensors keeps its stored dtype")
     ex.add_argument("--shard-size", default=None,
@@ -69,6 +70,13 @@ def main(argv=None) -> int:
                 vae_scale_factor=args.vae_scale_factor, vae_shift_factor=args.vae_shift_factor,
                 compress=args.compress, overwrite=args.overwrite, progress=not args.no_progress)
         else:
+            from sgt_jax.train.export import checkpoint_to_model_dir, is_training_checkpoint
+
+            if is_training_checkpoint(args.src):       # a run: through a model dir next to the output
+                tmp = os.path.join(os.path.abspath(args.dst) + ".model_dir")
+                info = checkpoint_to_model_dir(args.src, tmp, ema=args.ema, overwrite=True)
+                print(f"training checkpoint step {info['step']} ({info['weights']}) -> {tmp}")
+                args.src, args.ema = tmp, False
             stats = export_bagel(args.src, args.dst, dtype=args.dtype, shard_size=args.shard_size,
                                  weights_name=args.weights_name, overwrite=args.overwrite,
                                  progress=not args.no_progress, ema=args.ema)

@@ -131,19 +131,28 @@ class Setup:
         return jax.device_put(state, self.state_shardings), consts
 
     def _load_model_dir(self, path, params, consts):
+        """Parameters from an imported model dir (python -m sgt_jax.convert import), restored
+        straight into the run's shardings (no host ever holds the whole model)."""
         from sgt_jax.convert.model_dir import load_model_dir
 
-        full = nnx.State.merge(params, consts["frozen"])
-        _, pure, vae_pure = load_model_dir(path, shardings=None)
+        full = nnx.merge_state(params, consts["frozen"])
+        full_sh = nnx.merge_state(self.state_shardings.params, self.consts_shardings["frozen"])
+        sh = {"params": nnx.to_pure_dict(full_sh), "vae": nnx.to_pure_dict(self.consts_shardings["vae"])}
+        _, pure, vae_pure = load_model_dir(path, shardings=sh)
+        want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(full))[0]}
+        got = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_flatten_with_path(pure)[0]}
+        bad = sorted(k for k in want.keys() | got.keys() if want.get(k) != got.get(k))
+        if bad:
+            raise ValueError(f"{path}: the imported model does not match cfg.model ({len(bad)} parameters differ, "
+                             f"e.g. {bad[:5]}); use the model config recorded in {path}/model_config.json")
         nnx.replace_by_pure_dict(full, pure)
         vae = consts["vae"]
-        nnx.replace_by_pure_dict(vae, vae_pure)
-        g = self.graphdef
-        model = nnx.merge(g, full, consts["fixed"])
+        if vae_pure is not None:
+            nnx.replace_by_pure_dict(vae, vae_pure)
+        else:
+            log.warning("%s has no VAE: the VAE keeps its random init", path)
+        model = nnx.merge(self.graphdef, full, consts["fixed"])
         _, p, f, _ = nnx.split(model, self.filter, nnx.Param, ...)
-        p = jax.device_put(p, self.state_shardings.params)
-        f = jax.device_put(f, self.consts_shardings["frozen"])
-        vae = jax.device_put(vae, self.consts_shardings["vae"])
         log.info("initialised from %s", path)
         return p, {"frozen": f, "fixed": consts["fixed"], "vae": vae}
 

@@ -1,0 +1,72 @@
+"""A training checkpoint -> a model dir (the format ``python -m sgt_jax.convert export`` turns
+into BAGEL's release layout). The EMA (default) or the raw parameters, merged with the frozen
+ones, plus the VAE, the tokenizer and BAGEL's config files of the model training started from."""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import ml_collections
+from flax import nnx
+
+from sgt_jax.parallel import mesh as mesh_lib
+from sgt_jax.train.checkpoint import Checkpointer
+
+
+def find_checkpoint(path: str) -> tuple[str, int]:
+    """(checkpoints dir, step) for a run dir (latest step), its ``checkpoints/`` or a step dir."""
+    path = os.path.abspath(path)
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        path = os.path.join(path, "checkpoints")
+    base = os.path.basename(path)
+    if base.isdigit() and os.path.isdir(os.path.join(path, "state")):
+        return os.path.dirname(path), int(base)
+    steps = sorted(int(d) for d in os.listdir(path) if d.isdigit()) if os.path.isdir(path) else []
+    if not steps:
+        raise FileNotFoundError(f"{path}: no training checkpoint (expected RUN/checkpoints/<step>/state)")
+    return path, steps[-1]
+
+
+def is_training_checkpoint(path: str) -> bool:
+    try:
+        find_checkpoint(path)
+        return True
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+
+
+def checkpoint_to_model_dir(path: str, out: str, *, ema: bool = True, overwrite: bool = False) -> dict:
+    """Write the model dir of a training checkpoint; returns {"step", "weights", "model_dir"}."""
+    from sgt_jax.convert.model_dir import save_model_dir
+    from sgt_jax.train.loop import Setup
+
+    ckpt_dir, step = find_checkpoint(path)
+    with open(os.path.join(ckpt_dir, str(step), "meta", "metadata")) as f:
+        meta = json.load(f)
+    cfg = ml_collections.ConfigDict(meta["config"])
+    cfg.model.vae.ch_mult = tuple(cfg.model.vae.ch_mult)
+    mesh = mesh_lib.make_mesh(dict(data=1, fsdp=-1, tensor=1))
+    setup = Setup(cfg, mesh=mesh)
+    ck = Checkpointer(ckpt_dir, save_every=1, keep=10**6)
+    state, consts = setup.abstract_state, setup.abstract_consts
+    saved = {"train": state, "frozen": consts["frozen"], "vae": consts["vae"]}
+    sh = {"train": setup.state_shardings, "frozen": setup.consts_shardings["frozen"],
+          "vae": setup.consts_shardings["vae"]}
+    restored, _, _ = ck.restore(step, saved, sh)
+    ck.close()
+    trained = restored["train"].ema if ema else restored["train"].params
+    params = nnx.to_pure_dict(nnx.merge_state(trained, restored["frozen"]))
+    vae = nnx.to_pure_dict(restored["vae"])
+    init_from = cfg.train.get("init_from", "")
+    tok = os.path.join(init_from, "tokenizer") if init_from else ""
+    if not (tok and os.path.isdir(tok)):
+        run_dir = os.path.dirname(ckpt_dir)
+        tok = cfg.data.get("tokenizer_path", "").replace("{workdir}", run_dir)
+    bagel_cfgs = os.path.join(init_from, "bagel_configs") if init_from else ""
+    save_model_dir(out, cfg.model, params, vae, tokenizer_dir=tok if tok and os.path.isdir(tok) else None,
+                   bagel_configs_dir=bagel_cfgs if bagel_cfgs and os.path.isdir(bagel_cfgs) else None,
+                   provenance={"training_checkpoint": os.path.join(ckpt_dir, str(step)),
+                               "weights": "ema" if ema else "params"}, overwrite=overwrite)
+    jax.effects_barrier()
+    return {"step": step, "weights": "ema" if ema else "params", "model_dir": out}
