@@ -41,7 +41,7 @@ import logging
 import os
 import shutil
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import grain
 import numpy as np

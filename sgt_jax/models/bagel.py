@@ -20,7 +20,7 @@ from sgt_jax.batch import VIT, PackedBatch
 from sgt_jax.models import attention as attn_lib
 from sgt_jax.models.config import patch_latent_dim, validate
 from sgt_jax.models.layers import Dense, gelu_tanh, sincos_2d_table, timestep_frequencies
-from sgt_jax.models.qwen2_mot import GEN, Qwen2MoT, Routing, token_cross_entropy
+from sgt_jax.models.qwen2_mot import Qwen2MoT, Routing, token_cross_entropy
 from sgt_jax.models.siglip import SiglipNaViT
 
 

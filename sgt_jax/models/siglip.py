@@ -246,67 +246,28 @@ def torch_key_table(cfg) -> list[tuple[str, tuple[str, ...], str, int | None]]:
     return table
 
 
-def _state_vars(model: SiglipNaViT) -> dict[tuple[str, ...], nnx.Variable]:
-    return {tuple(str(k) for k in path): var
-            for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+def _prefixed_table(model, prefix: str) -> list:
+    from sgt_jax.models.keymap import Entry
+
+    return [Entry(prefix + key, path, kind, layer) for key, path, kind, layer in torch_key_table(model)]
 
 
 def load_torch_state(model: SiglipNaViT, tensors: Mapping[str, Any],
                      prefix: str = BAGEL_VIT_PREFIX) -> None:
-    """Load torch-layout tensors (e.g. BAGEL's ``model.safetensors``) into ``model`` in place.
+    """Load torch-layout tensors (e.g. BAGEL's ``model.safetensors``) into ``model`` in place,
+    through the one key table (keymap.load_state). Keys outside ``prefix`` are ignored (a whole
+    BAGEL state dict may be passed); missing, unexpected and mis-shaped keys raise a ValueError
+    listing them, and nothing is written in that case."""
+    from sgt_jax.models import keymap
 
-    Keys outside ``prefix`` are ignored (a whole BAGEL state dict may be passed). Raises
-    ValueError listing missing, unexpected (under ``prefix`` but unknown) and mis-shaped keys;
-    nothing is written in that case."""
-    table = torch_key_table(model)
-    variables = _state_vars(model)
-    known = {prefix + key for key, *_ in table}
-    unexpected = sorted(k for k in tensors if k.startswith(prefix) and k not in known)
-    missing, misshaped = [], []
-    new_values: dict[tuple[str, ...], np.ndarray] = {}
-    for key, path, kind, layer in table:
-        full_key = prefix + key
-        var = variables[path]
-        target_shape = var.shape if layer is None else var.shape[1:]
-        want = tuple(target_shape[::-1]) if kind == "linear" else tuple(target_shape)
-        if full_key not in tensors:
-            missing.append(full_key)
-            continue
-        arr = np.asarray(tensors[full_key], dtype=np.float32)
-        if arr.shape != want:
-            misshaped.append(f"{full_key}: got {arr.shape}, expected {want}")
-            continue
-        if kind == "linear":
-            arr = arr.T
-        if layer is None:
-            new_values[path] = arr
-        else:
-            buf = new_values.setdefault(path, np.array(var[...], dtype=np.float32))
-            buf[layer] = arr
-    if missing or unexpected or misshaped:
-        parts = []
-        if missing:
-            parts.append(f"missing keys ({len(missing)}): {missing}")
-        if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
-        if misshaped:
-            parts.append(f"mis-shaped keys ({len(misshaped)}): {misshaped}")
-        raise ValueError("load_torch_state (SigLIP-NaViT): " + "; ".join(parts))
-    for path, arr in new_values.items():
-        var = variables[path]
-        var[...] = jnp.asarray(arr, dtype=var[...].dtype)
+    mine = {k: v for k, v in tensors.items() if k.startswith(prefix)}
+    keymap.load_state(model, mine, _prefixed_table(model, prefix), what="SigLIP-NaViT state dict")
 
 
 def export_torch_state(model: SiglipNaViT, prefix: str = BAGEL_VIT_PREFIX) -> dict[str, np.ndarray]:
     """The inverse of ``load_torch_state``: {prefix + torch key: float32 numpy array} in the
     torch layout (Linear weights (out, in), the patch embedding in BAGEL's Linear form)."""
-    variables = _state_vars(model)
-    out: dict[str, np.ndarray] = {}
-    for key, path, kind, layer in torch_key_table(model):
-        arr = np.asarray(variables[path][...], dtype=np.float32)
-        if layer is not None:
-            arr = arr[layer]
-        if kind == "linear":
-            arr = arr.T
-        out[prefix + key] = np.ascontiguousarray(arr)
-    return out
+    from sgt_jax.models import keymap
+
+    return keymap.export_state(model, _prefixed_table(model, prefix))
+

@@ -451,45 +451,25 @@ def expected_torch_shapes(model: AutoEncoder) -> dict[str, tuple[int, ...]]:
             for key, path, kind in torch_key_table(model.config)}
 
 
+def _table(model: AutoEncoder) -> list:
+    from sgt_jax.models.keymap import Entry
+
+    return [Entry(key, path, kind) for key, path, kind in torch_key_table(model.config)]
+
+
 def load_torch_state(model: AutoEncoder, tensors: dict[str, np.ndarray]) -> None:
-    """Assign a FLUX AE state dict (torch layout, any float dtype) to ``model`` (fp32 params).
-    Checks everything first: raises ValueError naming every missing key, unexpected key and
-    shape mismatch; on success assigns all parameters (nothing is assigned on error).
-    ``model`` may be abstract (``nnx.eval_shape(lambda: AutoEncoder(...))``): every parameter
-    is assigned, so the random init of a real-size AE can be skipped."""
-    table = torch_key_table(model.config)
-    known = {k for k, _, _ in table}
-    missing = [k for k, _, _ in table if k not in tensors]
-    unexpected = sorted(k for k in tensors if k not in known)
-    mismatched = []
-    for key, want in expected_torch_shapes(model).items():
-        if key not in tensors:
-            continue
-        got = tuple(np.shape(tensors[key]))
-        if got != want:
-            mismatched.append(f"{key}: got {got}, expected {want}")
-    if missing or unexpected or mismatched:
-        parts = ["AutoEncoder state dict does not match the model config"]
-        if missing:
-            parts.append(f"missing keys ({len(missing)}): " + ", ".join(missing))
-        if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): " + ", ".join(unexpected))
-        if mismatched:
-            parts.append(f"shape mismatches ({len(mismatched)}, torch layout): " + "; ".join(mismatched))
-        raise ValueError("\n  ".join(parts))
-    for key, path, kind in table:
-        arr = np.asarray(tensors[key]).astype(np.float32)
-        if kind == "conv":
-            arr = arr.transpose(2, 3, 1, 0)
-        _variable(model, path).set_value(jnp.asarray(arr))
+    """Assign a FLUX AE state dict (torch layout, any float dtype) to ``model`` (fp32 params)
+    through the one key table (keymap.load_state): every missing key, unexpected key and shape
+    mismatch is listed in a ValueError before anything is assigned. ``model`` may be abstract
+    (``nnx.eval_shape``): every parameter is assigned, so the random init can be skipped."""
+    from sgt_jax.models import keymap
+
+    keymap.load_state(model, tensors, _table(model), what="AutoEncoder state dict")
 
 
 def export_torch_state(model: AutoEncoder) -> dict[str, np.ndarray]:
     """The inverse of load_torch_state: FLUX key -> fp32 numpy array in torch layout."""
-    out: dict[str, np.ndarray] = {}
-    for key, path, kind in torch_key_table(model.config):
-        arr = np.asarray(jax.device_get(_variable(model, path).get_value()))
-        if kind == "conv":
-            arr = arr.transpose(3, 2, 0, 1)
-        out[key] = np.ascontiguousarray(arr)
-    return out
+    from sgt_jax.models import keymap
+
+    return keymap.export_state(model, _table(model))
+
