@@ -38,6 +38,7 @@ import importlib.metadata
 import importlib.util
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -374,9 +375,68 @@ def _setup(cfg, mesh):
     return Setup(cfg, mesh=mesh)
 
 
+def _vae_cache_path(key: dict) -> str:
+    import hashlib
+    import os
+
+    d = os.environ.get("SGT_AOT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "sgt_jax_aot"))
+    os.makedirs(d, exist_ok=True)
+    h = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return os.path.join(d, f"vae_{h}.json")
+
+
+def vae_encode_phase(setup, cfg, compiler_options=None, log=print) -> dict:
+    """Memory and costs per chip of the step's first phase compiled alone: the frozen VAE
+    encoding the whole batch (``train.step.encode_images``) with the batch's sharding. The TPU
+    compile of 1024 px convolutions takes minutes on a small machine, so the result is cached
+    (``SGT_AOT_CACHE``, default ~/.cache/sgt_jax_aot) by topology, mesh and shapes."""
+    import jax
+
+    from sgt_jax.train.step import encode_images
+
+    bsh = setup.batch_sharding
+    batch = abstract_batch(cfg, bsh)
+    vae = _with_shardings(setup.abstract_consts["vae"], setup.consts_shardings["vae"])
+    key = {"devices": [str(d) for d in setup.mesh.devices.flat][:2], "n": setup.mesh.devices.size,
+           "kind": setup.mesh.devices.flat[0].device_kind, "mesh": dict(setup.mesh.shape),
+           "images": [batch.vae_images.shape, str(batch.vae_images.dtype)], "vae": cfg.model.vae.to_dict(),
+           "dtype": cfg.model.compute_dtype, "opts": compiler_options or {}, "libtpu": _version("libtpu")}
+    path = _vae_cache_path(key)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        pass
+
+    def enc(v, im):
+        return encode_images(setup.vae_graphdef, v, im, jax.random.key(0))
+
+    t0 = time.perf_counter()
+    try:
+        with jax.set_mesh(setup.mesh):
+            c = jax.jit(enc, out_shardings=bsh).lower(vae, batch.vae_images).compile(
+                compiler_options=compiler_options or None)
+        out = {"memory": _memory(c), "costs": _costs(c)}
+    except Exception as e:
+        oom = parse_oom(str(e))
+        if oom is None:
+            raise
+        out = {"memory": None, "costs": None, "oom": oom}
+    out["compile_s"] = time.perf_counter() - t0
+    log(f"  VAE encode alone: compiled in {out['compile_s']:.0f} s")
+    with open(path, "w") as f:
+        json.dump(out, f)
+    return out
+
+
 def cost_probe(cfg, topo: Topology, devices, compiler_options=None, log=print) -> dict:
-    """FLOPs / bytes / optimal_seconds of one full step, from unrolled probes at 1-2 layers
-    (see the module doc). Returns the extrapolated per-chip numbers and the probe data."""
+    """FLOPs / bytes / optimal_seconds per chip of one full step (see the module doc):
+
+    * the model: unrolled probes of the real step at 1-2 decoder / ViT layers, one micro-batch,
+      unchunked CE and 32 px VAE images (the LLM's cost does not depend on the latent grid; the
+      VAE at full size is counted separately), extrapolated linearly to the real depth and
+      multiplied by the micro-batches;
+    * the VAE encode of the whole batch at full size (``vae_encode_phase``)."""
     llm_n, vit_n = int(cfg.model.llm.num_layers), int(cfg.model.vit.num_layers)
     accum = int(cfg.train.grad_accum)
     rows = int(cfg.data.rows_per_batch)
@@ -393,29 +453,38 @@ def cost_probe(cfg, topo: Topology, devices, compiler_options=None, log=print) -
         c.model.llm.ce_chunk_size = 0
         c.train.grad_accum = 1
         c.data.rows_per_batch = rows // accum
+        c.data.vae_image_size = 2 * int(c.data.vae_downsample)
         mesh = make_topology_mesh(c.mesh.to_dict(), topo, devices)
         setup = _setup(c, mesh)
         compiled, _, secs, _ = _compile(setup, c, compiler_options)
         probes[f"llm{nl}_vit{nv}"] = _costs(compiled) | {"compile_s": secs}
+        if (nl, nv) == (1, 1):   # the probes' own (small) VAE encode, subtracted below
+            small_vae = vae_encode_phase(setup, c, compiler_options, log=log).get("costs") or {}
         log(f"  cost probe llm_layers={nl} vit_layers={nv}: {probes[f'llm{nl}_vit{nv}']['flops']:.4g} FLOPs "
             f"({secs:.1f} s)")
+    vae = vae_encode_phase(_setup(cfg, make_topology_mesh(cfg.mesh.to_dict(), topo, devices)), cfg,
+                           compiler_options, log=log)
     base = probes["llm1_vit1"]
     keys = ("flops", "bytes_accessed", "transcendentals", "optimal_seconds")
     per_llm = {k: (probes["llm2_vit1"][k] - base[k]) if llm_n > 1 and base[k] is not None else 0.0 for k in keys}
     per_vit = {k: (probes["llm1_vit2"][k] - base[k]) if vit_n > 1 and base[k] is not None else 0.0 for k in keys}
     total = {}
+    vc = vae.get("costs") or {}
     for k in keys:
         if base[k] is None:
             total[k] = None
             continue
-        total[k] = accum * (base[k] + (llm_n - 1) * per_llm[k] + (vit_n - 1) * per_vit[k])
-    return {"per_chip": total, "per_llm_layer": per_llm, "per_vit_layer": per_vit, "probes": probes,
-            "method": (f"unrolled probes at (llm, vit) layers {points}, linear in depth to ({llm_n}, {vit_n}); "
-                       f"x{accum} micro-batches" + (" (the optimizer update is counted per micro-batch)"
-                                                    if accum > 1 else ""))}
+        model = base[k] + (llm_n - 1) * per_llm[k] + (vit_n - 1) * per_vit[k] - (small_vae.get(k) or 0.0)
+        total[k] = accum * model + (vc.get(k) or 0.0)
+    return {"per_chip": total, "per_llm_layer": per_llm, "per_vit_layer": per_vit, "vae_encode": vc,
+            "probes": probes,
+            "method": (f"unrolled probes at (llm, vit) layers {points} with 32 px VAE images, linear in depth to "
+                       f"({llm_n}, {vit_n}), x{accum} micro-batch(es)"
+                       + (" (the optimizer update counted per micro-batch)" if accum > 1 else "")
+                       + ", minus the probes' own VAE encode, + the full-size VAE encode compiled alone")}
 
 
-def component_memory(setup, cfg, compiler_options=None) -> dict:
+def component_memory(setup, cfg, compiler_options=None, log=print) -> dict:
     """Per-chip memory of the step's two big phases compiled on their own, to attribute the total:
     ``vae_encode`` (the whole batch is encoded before the micro-batch loop) and ``model_fwd_bwd``
     (BAGEL forward + backward of one micro-batch, latents given)."""
@@ -424,25 +493,15 @@ def component_memory(setup, cfg, compiler_options=None) -> dict:
     from flax import nnx
 
     from sgt_jax.models.config import vae_downsample
-    from sgt_jax.train.step import encode_images, reduce_losses
+    from sgt_jax.train.step import reduce_losses
 
     rep = jax.sharding.NamedSharding(setup.mesh, jax.sharding.PartitionSpec())
     bsh = setup.batch_sharding
     consts = _with_shardings(setup.abstract_consts, setup.consts_shardings)
     params = _with_shardings(setup.abstract_state.params, setup.state_shardings.params)
     out = {}
-
-    def enc(v, im):
-        return encode_images(setup.vae_graphdef, v, im, jax.random.key(0))
-
-    batch = abstract_batch(cfg, bsh)
-    try:
-        with jax.set_mesh(setup.mesh):
-            c = jax.jit(enc, out_shardings=bsh).lower(consts["vae"], batch.vae_images).compile(
-                compiler_options=compiler_options or None)
-        out["vae_encode"] = _memory(c)
-    except Exception as e:
-        out["vae_encode"] = {"oom": parse_oom(str(e)) or {"message": str(e).splitlines()[0][:300]}}
+    v = vae_encode_phase(setup, cfg, compiler_options, log=log)
+    out["vae_encode"] = v["memory"] if v.get("memory") else {"oom": v.get("oom")}
 
     micro = _cfg_copy(cfg)
     micro.data.rows_per_batch = int(cfg.data.rows_per_batch) // int(cfg.train.grad_accum)
@@ -554,7 +613,7 @@ def analyse(cfg, topology: str | Topology, *, costs: bool = True, components: bo
     report["components_per_chip"] = None
     if components or (components is None and (not report["fits"] or mem["fraction_of_hbm"] > 0.8)):
         log("[aot] compiling the VAE encode and the model fwd+bwd alone to attribute the memory ...")
-        report["components_per_chip"] = component_memory(setup, cfg, compiler_options)
+        report["components_per_chip"] = component_memory(setup, cfg, compiler_options, log=log)
     # FLOPs: the trainer's model count on a fully packed nominal batch, and the compiler's
     model_flops = metrics_lib.step_flops(m, nominal_batch(cfg, doc_tokens=doc_tokens))
     real_tokens = rows * int(d.tokens_per_row)
@@ -563,7 +622,7 @@ def analyse(cfg, topology: str | Topology, *, costs: bool = True, components: bo
                                       f"documents of {doc_tokens} tokens, every ViT slot used",
                        "tokens_per_step": real_tokens}
     report["costs"] = None
-    if costs:
+    if costs == "always" or (costs and report["fits"]):
         try:
             report["costs"] = cost_probe(cfg, topo, devices, compiler_options, log=log)
         except Exception as e:   # a probe that does not fit still leaves the memory report
@@ -774,6 +833,31 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
+def table(paths) -> str:
+    """A markdown table (one row per JSON report) for docs/tpu_plan.md."""
+    head = ("| run | topology | mesh d/f/t | rows/chip (micro) | remat llm/vit | args GiB | temp GiB | total GiB | "
+            "HBM | fits | compiler step s | MFU | knob |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for p in paths:
+        with open(p) as f:
+            r = json.load(f)
+        c, t, m = r["config"], r["topology"], r.get("memory_per_chip")
+        mesh = "/".join(str(c["mesh"][a]) for a in ("data", "fsdp", "tensor"))
+        if m:
+            mem = f"{m['argument_gib']:.1f} | {m['temp_gib']:.1f} | {m['total_gib']:.1f}"
+        else:
+            o = r["oom"] or {}
+            mem = f"- | needs {o.get('required_gib', float('nan')):.1f} | - "
+        e = r.get("estimate") or {}
+        step = f"{e['step_time_s']:.2f}" if e else "-"
+        mfu = f"{100 * e['mfu']:.1f}%" if e else "-"
+        name = os.path.splitext(os.path.basename(p))[0]
+        lines.append(f"| {name} | {t['name']} | {mesh} | {c['rows_per_chip']:g} ({c['rows_per_chip_per_micro_batch']:g}) | "
+                     f"{c['llm_remat_policy']}/{c['vit_remat_policy']} | {mem} | {t['hbm_per_chip_gib']:.0f} | "
+                     f"{'yes' if r['fits'] else 'no'} | {step} | {mfu} | {r.get('knob') or ''} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     from absl import app, flags
     from ml_collections import config_flags
@@ -782,16 +866,23 @@ def main(argv=None) -> int:
     flags.DEFINE_string("topology", None, "v5p-64, v6e-64, v5e-16, v4-32, 2xv5p-64, ...")
     flags.DEFINE_string("out", None, "write the report as JSON here")
     flags.DEFINE_string("serialize", None, "write the compiled executable here (local path or gs://)")
-    flags.DEFINE_bool("costs", True, "run the FLOP / step-time probes (3 small extra compiles)")
+    flags.DEFINE_enum("costs", "yes", ["yes", "no", "always"],
+                      "the FLOP / step-time probes (3 small compiles + the VAE alone): yes = when the step fits")
     flags.DEFINE_enum("components", "auto", ["auto", "yes", "no"],
                       "compile the VAE encode and the model fwd+bwd alone (auto: when HBM is short)")
     flags.DEFINE_integer("doc_tokens", 3000, "document length of the nominal batch for the model FLOP count")
     flags.DEFINE_multi_string("xla", [], "compiler option key=value (e.g. xla_tpu_enable_...=true)")
-    flags.mark_flags_as_required(["config", "topology"])
+    flags.DEFINE_multi_string("table", [], "print a markdown table of these JSON reports and exit")
 
     def run(args):
         del args
         F = flags.FLAGS
+        if F.table:
+            print(table(F.table))
+            return 0
+        if F.config is None or F.topology is None:
+            print("--config and --topology are required", file=sys.stderr)
+            return 2
         opts = {}
         for kv in F.xla:
             k, _, v = kv.lstrip("-").partition("=")
@@ -801,7 +892,7 @@ def main(argv=None) -> int:
             print(f"[aot] {why}", file=sys.stderr)
             return 2
         comps = {"auto": None, "yes": True, "no": False}[F.components]
-        r = analyse(F.config, F.topology, costs=F.costs, components=comps, doc_tokens=F.doc_tokens, compiler_options=opts,
+        r = analyse(F.config, F.topology, costs={"yes": True, "no": False, "always": "always"}[F.costs], components=comps, doc_tokens=F.doc_tokens, compiler_options=opts,
                     serialize=F.serialize, log=lambda s: print(s, flush=True))
         r["command"] = "python -m sgt_jax.aot " + " ".join(sys.argv[1:])
         print(format_report(r), flush=True)
@@ -816,8 +907,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    import os
-
     os.environ.setdefault("JAX_PLATFORMS", "cpu")   # compile for the topology; never grab a local TPU
     # quiet libtpu's "could not determine TPU accelerator type" warnings on a machine without a TPU
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")

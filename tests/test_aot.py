@@ -1,0 +1,162 @@
+"""sgt_jax.aot: topology names, OOM parsing, the abstract batch, and (with libtpu installed) the
+tiny preset's real train step compiled for small TPU topologies on this CPU machine."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+from sgt_jax import aot
+
+HAVE_TPU_COMPILER, WHY = aot.libtpu_available()
+needs_libtpu = pytest.mark.skipif(not HAVE_TPU_COMPILER, reason=f"no TPU compiler: {WHY}")
+
+
+def tiny_cfg(**data):
+    from configs.tiny import get_config
+
+    cfg = get_config()
+    cfg.data.update(data)
+    return cfg
+
+
+@pytest.mark.parametrize("name,chips,shape,hosts,wrap,acc", [
+    ("v5p-8", 4, (2, 2, 1), 1, (False,) * 3, "v5p-8"),
+    ("v5p-16", 8, (2, 2, 2), 2, (False,) * 3, "v5p-16"),
+    ("v5p-64", 32, (2, 4, 4), 8, (False,) * 3, "v5p-64"),
+    ("v5p-128", 64, (4, 4, 4), 16, (True,) * 3, "v5p-128"),
+    ("v5p-1280", 640, (4, 8, 20), 160, (True,) * 3, "v5p-1280"),
+    ("v4-32", 16, (2, 2, 4), 4, (False,) * 3, "v4-32"),
+    ("v4-512", 256, (4, 8, 8), 64, (True,) * 3, "v4-512"),
+    ("v5e-8", 8, (2, 4), 1, (False,) * 3, "v5litepod-8"),
+    ("v5litepod-16", 16, (4, 4), 4, (False,) * 3, "v5litepod-16"),
+    ("v6e-64", 64, (8, 8), 16, (False,) * 3, "v6e-64"),
+    ("v6e-256", 256, (16, 16), 64, (True, True, False), "v6e-256"),
+])
+def test_parse_topology(name, chips, shape, hosts, wrap, acc):
+    t = aot.parse_topology(name)
+    assert (t.chips, t.shape, t.hosts_per_slice, t.wrap, t.accelerator_type) == (chips, shape, hosts, wrap, acc)
+    assert t.topology_name.endswith("x".join(map(str, shape)))
+
+
+def test_parse_multislice_and_errors():
+    t = aot.parse_topology("2xv5p-64")
+    assert (t.num_slices, t.chips, t.chips_per_slice, t.to_dict()["hosts"]) == (2, 64, 32, 16)
+    assert t.topology_name == "v5:2x4x4" and t.hbm_gib == 95 and t.peak_tflops == 459
+    for bad in ("v9-8", "v5p-7", "v6e-12", "tpu", "v5p-40"):
+        with pytest.raises(aot.AotError):
+            aot.parse_topology(bad)
+
+
+def test_parse_oom_messages():
+    m = aot.parse_oom("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+                      "temporaries (169.42G) exceeds available HBM (95.74G).")
+    assert m["required_gib"] == pytest.approx(169.42) and m["available_gib"] == pytest.approx(95.74)
+    m = aot.parse_oom("XLA:TPU compile permanent error. Ran out of memory in memory space hbm. Used 120.5G of "
+                      "31.25G hbm. Exceeded hbm capacity by 89.3G.")
+    assert m["required_gib"] == pytest.approx(120.5) and m["available_gib"] == pytest.approx(31.25)
+    assert aot.parse_oom("INVALID_ARGUMENT: shapes do not match") is None
+
+
+def test_abstract_batch_matches_the_packer():
+    from sgt_jax.data.packer import RowSpec, assemble
+
+    cfg = tiny_cfg()
+    real = assemble([[] for _ in range(cfg.data.rows_per_batch)], RowSpec.from_config(cfg.data))
+    abstract = aot.abstract_batch(cfg)
+    for f in real.__dataclass_fields__:
+        a, r = getattr(abstract, f), getattr(real, f)
+        if r is None:
+            assert a is None, f
+            continue
+        assert a.shape == r.shape and np.dtype(a.dtype) == r.dtype, f
+
+
+def test_resolve_mesh_multislice():
+    t = aot.parse_topology("2xv5p-16")
+    assert aot.resolve_mesh_spec({"data": 1, "fsdp": -1, "tensor": 1}, t) == {"data": 2, "fsdp": 8, "tensor": 1}
+    assert aot.resolve_mesh_spec({"data": 4, "fsdp": -1, "tensor": 2}, t) == {"data": 4, "fsdp": 2, "tensor": 2}
+    with pytest.raises(aot.AotError, match="multiple of the 2 slices"):
+        aot.resolve_mesh_spec({"data": 3, "fsdp": -1, "tensor": 1}, aot.parse_topology("2xv5e-4"))
+
+
+# ---- with the TPU compiler -------------------------------------------------------------------
+
+
+@needs_libtpu
+def test_topology_devices_and_meshes():
+    d = aot.topology_devices(aot.parse_topology("v5p-16"))
+    assert len(d) == 8 and len({x.process_index for x in d}) == 2 and d[0].platform == "tpu"
+    d = aot.topology_devices(aot.parse_topology("v5e-4"))
+    assert len(d) == 4 and "lite" in d[0].device_kind.lower()
+    t = aot.parse_topology("2xv5e-4")
+    d = aot.topology_devices(t)
+    mesh = aot.make_topology_mesh({"data": 1, "fsdp": -1, "tensor": 1}, t, d)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    # the data axis spans the slices: each data row of the mesh is one slice
+    for row in np.asarray(mesh.devices)[:, :, 0]:
+        assert len({x.slice_index for x in row}) == 1
+
+
+@needs_libtpu
+def test_tiny_step_report_on_two_hosts(tmp_path):
+    """The tiny preset's real train step compiled for v5p-16 (2 hosts, 8 chips): every field."""
+    cfg = tiny_cfg(rows_per_batch=8)
+    out = tmp_path / "step.bin"
+    r = aot.analyse(cfg, "v5p-16", costs=False, components=False, serialize=str(out), log=lambda s: None)
+    json.dumps(r, default=str)
+    assert r["fits"] and r["oom"] is None and r["advice"] == [] and r["knob"] is None
+    t = r["topology"]
+    assert (t["chips"], t["hosts"], t["hbm_per_chip_gib"], t["device_kind"]) == (8, 2, 95, "TPU v5")
+    assert r["config"]["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1} and r["config"]["rows_per_chip"] == 1
+    m = r["memory_per_chip"]
+    for k in ("argument_gib", "output_gib", "alias_gib", "temp_gib", "generated_code_gib", "total_gib",
+              "fraction_of_hbm"):
+        assert m[k] >= 0, k
+    assert m["total_gib"] == pytest.approx(m["argument_gib"] + m["output_gib"] + m["temp_gib"] - m["alias_gib"]
+                                           + m["generated_code_gib"])
+    # the donated state aliases its outputs; the arguments are the sharded state + consts + batch
+    st = r["state_per_chip_gib"]
+    assert m["alias_gib"] > 0.9 * (st["params"] + st["opt_state"] + st["ema"])
+    assert m["argument_gib"] >= 0.99 * sum(st.values())    # small arrays are padded to TPU tiles
+    assert r["flops"]["model_flops_per_step"] > 0
+    assert r["flops"]["model_flops_per_chip"] == pytest.approx(r["flops"]["model_flops_per_step"] / 8)
+    assert r["compiled_costs_as_is"]["flops"] > 0 and r["compiled_costs_as_is"]["optimal_seconds"] > 0
+    assert r["serialized"]["bytes"] > 1000 and out.stat().st_size == r["serialized"]["bytes"]
+    text = aot.format_report(r)
+    assert "memory per chip" in text and "v5p-16" in text
+
+
+@needs_libtpu
+def test_hbm_exhaustion_names_the_knob():
+    """Rows of 24k tokens on a v5e (16 GiB): the dense attention's L x L scores do not fit."""
+    cfg = tiny_cfg(rows_per_batch=4, tokens_per_row=24576, gen_tokens_per_row=96, max_tokens_per_sample=384)
+    cfg.model.llm.num_heads = 8
+    cfg.model.llm.num_kv_heads = 8
+    r = aot.analyse(cfg, "v5e-4", costs=False, components=False, log=lambda s: None)
+    assert not r["fits"] and r["memory_per_chip"] is None
+    assert r["oom"]["required_gib"] > r["oom"]["available_gib"] > 15
+    assert "attention" in r["knob"] and "tokens_per_row" in r["knob"]
+    assert any(a["knob"] == "data.tokens_per_row" for a in r["advice"])
+    assert "DOES NOT FIT" in aot.format_report(r)
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_cost_probes_extrapolate_exactly():
+    """FLOPs of the scanned step from 1-2 layer probes == the fully unrolled step's own count."""
+    cfg = tiny_cfg()
+    cfg.model.llm.num_layers = 3
+    cfg.model.vit.num_layers = 3
+    topo = aot.parse_topology("v5e-4")
+    devs = aot.topology_devices(topo)
+    probe = aot.cost_probe(cfg, topo, devs, log=lambda s: None)
+    full = aot._cfg_copy(cfg)
+    full.model.llm.scan_layers = full.model.vit.scan_layers = False
+    full.model.llm.ce_chunk_size = 0
+    setup = aot._setup(full, aot.make_topology_mesh(full.mesh.to_dict(), topo, devs))
+    compiled = aot._compile(setup, full)[0]
+    want = aot._costs(compiled)
+    assert probe["per_chip"]["flops"] == pytest.approx(want["flops"], rel=1e-2)
+    assert probe["per_llm_layer"]["flops"] > 0 and probe["per_vit_layer"]["flops"] > 0
+    assert math.isfinite(probe["per_chip"]["optimal_seconds"])
