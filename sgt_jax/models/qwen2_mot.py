@@ -128,6 +128,11 @@ class DecoderLayer(nnx.Module):
         self.und = ExpertWeights(cfg, rngs=rngs, dtype=dtype)
         self.gen = ExpertWeights(cfg, rngs=rngs, dtype=dtype) if self.mot else None
         self.attention_impl = cfg.llm.attention_impl
+        self.attention_blocks = None
+        if self.attention_impl != "dense":
+            from sgt_jax.models.flash_attention import BlockSizes
+
+            self.attention_blocks = BlockSizes.from_config(cfg.llm)
         self.freeze_und = bool(cfg.llm.freeze_und)
 
     def _experts(self, length: int, num_gen: int):
@@ -143,7 +148,8 @@ class DecoderLayer(nnx.Module):
         qkv = [tuple(sg(e, t) for t in w.qkv(sg(e, x[:, a:b]), cos[:, a:b], sin[:, a:b]))
                for e, w, a, b in parts]
         q, k, v = (cat(list(t)) for t in zip(*qkv))
-        o = checkpoint_name(attn_lib.attention(q, k, v, seg, self.attention_impl), "context")
+        o = checkpoint_name(attn_lib.attention(q, k, v, seg, self.attention_impl, self.attention_blocks),
+                            "context")
         o = o.reshape(x.shape[:2] + (-1,))
         x = x + cat([sg(e, checkpoint_name(w.o_proj(o[:, a:b]), "out_proj")) for e, w, a, b in parts])
         return x + cat([sg(e, w.mlp(x[:, a:b])) for e, w, a, b in parts])
