@@ -4,6 +4,10 @@ memory / cost of dense XLA attention vs the kernel for TPU targets.
     python bench/attention_blocks.py [--rows 4] [--seed 0]                 # skip fractions
     python bench/attention_blocks.py --errors                              # + kernel vs dense errors
     python bench/attention_blocks.py --aot [--aot-lengths 16384 32768]     # + AOT (needs libtpu)
+    python bench/attention_blocks.py --keep-skip --aot-layer               # + AOT of a 7B MoT layer
+
+(with libtpu installed: ALLOW_MULTIPLE_LIBTPU_LOAD=1 if another process holds /tmp/libtpu_lockfile,
+TPU_SKIP_MDS_QUERY=1 to silence the metadata-server probe)
 
 Writes bench/results/attention_blocks.json (sections present only when run).
 
@@ -298,7 +302,7 @@ def compile_attention(chip: str, impl: str, seq_len: int, batch: int = 1, blocks
         except Exception as e:  # noqa: BLE001 -- report OOM and friends as data
             msg = str(e)
             return dict(chip=chip, impl=impl, seq_len=seq_len, device_kind=devs[0].device_kind,
-                        error=msg.splitlines()[0][:500], oom="RESOURCE_EXHAUSTED" in msg or "hbm" in msg.lower())
+                        error=msg.splitlines()[0][:500], oom="RESOURCE_EXHAUSTED" in msg, **_oom_fields(msg))
     ma, ca = compiled.memory_analysis(), compiled.cost_analysis()
     ca = ca[0] if isinstance(ca, (list, tuple)) else ca
     r = dict(chip=chip, impl=impl, seq_len=seq_len, batch=batch, device_kind=devs[0].device_kind,
@@ -312,6 +316,72 @@ def compile_attention(chip: str, impl: str, seq_len: int, batch: int = 1, blocks
     r["total_bytes"] = r["argument_bytes"] + r["output_bytes"] + r["temp_bytes"] - r["alias_bytes"]
     if impl == "flash":
         r["block_sizes"] = list(bs.__dict__.values())
+    return r
+
+
+def _oom_fields(msg: str) -> dict:
+    import re
+
+    m = re.search(r"required for HLO temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)", msg)
+    return dict(oom_required_gib=float(m.group(1)), oom_available_gib=float(m.group(2))) if m else {}
+
+
+def compile_layer(chip: str, impl: str, seq_len: int, batch: int = 1, blocks=None) -> dict:
+    """fwd + bwd (grads of params and input) of one BAGEL-7B MoT decoder layer (bf16 compute,
+    fp32 params, gen tokens = 10240/16384 of the row) with ``llm.attention_impl = impl``."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from jax.experimental.topologies import get_topology_desc
+    from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+    from sgt_jax.models import attention as A
+    from sgt_jax.models import config as C
+    from sgt_jax.models.layers import rope_cos_sin
+    from sgt_jax.models.qwen2_mot import DecoderLayer
+
+    cfg = C.bagel_7b()
+    cfg.llm.attention_impl = impl
+    if blocks is not None:
+        cfg.llm.update({f"attention_block_{k}": v for k, v in zip(("q", "kv", "q_dkv", "kv_dkv"), blocks)})
+    devs = get_topology_desc(platform="tpu", num_slices=1, wrap=(False, False, False),
+                             **TOPOLOGIES[chip]).devices
+    mesh = Mesh(np.asarray(devs[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"),
+                axis_types=(AxisType.Auto,) * 3)
+    rep_ = NamedSharding(mesh, P())
+    num_gen = int(round(seq_len * 10240 / 16384))
+    h, hd = cfg.llm.hidden_size, C.head_dim(cfg)
+    t0 = time.time()
+    layer = nnx.eval_shape(lambda: DecoderLayer(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16))
+    graphdef, state = nnx.split(layer)
+    state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep_), state)
+    with jax.set_mesh(mesh):
+        sd = lambda s, dt: jax.ShapeDtypeStruct(s, dt, sharding=rep_)  # noqa: E731
+        x = sd((batch, seq_len, h), jnp.bfloat16)
+        pos = sd((batch, seq_len), jnp.int32)
+        seg = A.Segments(*[sd((batch, seq_len), jnp.int32)] * 4)
+
+        def loss(state, x, pos, seg):
+            cos, sin = rope_cos_sin(pos, hd, cfg.llm.rope_theta, jnp.bfloat16)
+            y = nnx.merge(graphdef, state)(x, cos, sin, seg, num_gen)
+            return jnp.sum(y.astype(jnp.float32) ** 2)
+
+        try:
+            compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(state, x, pos, seg).compile()
+        except Exception as e:  # noqa: BLE001
+            msg = str(e)
+            return dict(chip=chip, impl=impl, seq_len=seq_len, what="decoder_layer", device_kind=devs[0].device_kind,
+                        error=msg.splitlines()[0][:500], oom="RESOURCE_EXHAUSTED" in msg, **_oom_fields(msg))
+    ma, ca = compiled.memory_analysis(), compiled.cost_analysis()
+    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+    r = dict(chip=chip, impl=impl, seq_len=seq_len, batch=batch, what="decoder_layer",
+             device_kind=devs[0].device_kind, compile_seconds=round(time.time() - t0, 1),
+             argument_bytes=ma.argument_size_in_bytes, output_bytes=ma.output_size_in_bytes,
+             temp_bytes=ma.temp_size_in_bytes, alias_bytes=ma.alias_size_in_bytes,
+             code_bytes=ma.generated_code_size_in_bytes, flops=float(ca.get("flops", 0.0)),
+             bytes_accessed=float(ca.get("bytes accessed", 0.0)),
+             optimal_seconds=float(ca.get("optimal_seconds", 0.0)))
+    r["total_bytes"] = r["argument_bytes"] + r["output_bytes"] + r["temp_bytes"] - r["alias_bytes"]
     return r
 
 
@@ -339,6 +409,9 @@ def main(argv=None) -> int:
     ap.add_argument("--errors", action="store_true", help="also measure kernel vs dense errors (interpret)")
     ap.add_argument("--aot", action="store_true", help="also AOT-compile dense vs flash (needs libtpu)")
     ap.add_argument("--aot-lengths", type=int, nargs="+", default=[16384, 32768])
+    ap.add_argument("--aot-layer", action="store_true",
+                    help="also AOT-compile one 7B MoT decoder layer (fwd+bwd) with dense vs flash")
+    ap.add_argument("--keep-skip", action="store_true", help="keep the skip section already in --out (rerun only AOT)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                   "results", "attention_blocks.json"))
     args = ap.parse_args(argv)
@@ -350,8 +423,9 @@ def main(argv=None) -> int:
         with open(args.out) as f:
             res = json.load(f)
     res["env"] = dict(jax=jax.__version__, python=platform.python_version(), machine=platform.machine())
-    res["skip"] = dict(rows_per_length=args.rows, seed=args.seed, stream="seg, seg, vqa (2:1)",
-                       lengths=skip_fractions(args.rows, args.lengths, args.seed, exact=not args.no_exact))
+    if not (args.keep_skip and "skip" in res):
+        res["skip"] = dict(rows_per_length=args.rows, seed=args.seed, stream="seg, seg, vqa (2:1)",
+                           lengths=skip_fractions(args.rows, args.lengths, args.seed, exact=not args.no_exact))
     if args.errors:
         res["errors"] = kernel_errors(args.seed)
     if args.aot:
@@ -363,6 +437,16 @@ def main(argv=None) -> int:
             res["aot"] = dict(libtpu=__import__("importlib.metadata").metadata.version("libtpu"),
                               shape=SHAPE_7B, topologies=TOPOLOGIES,
                               results=aot_table(args.aot_lengths, res["skip"]["lengths"]))
+    if args.aot_layer:
+        layer = []
+        for chip in TOPOLOGIES:
+            for length in args.aot_lengths:
+                for impl in ("dense", "flash"):
+                    r = compile_layer(chip, impl, length)
+                    print(json.dumps(r))
+                    layer.append(r)
+        res["aot_layer"] = dict(config="bagel_7b MoT decoder layer, bf16 compute, fp32 params, B=1",
+                                results=layer)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
