@@ -24,6 +24,7 @@ TP_V6E="--config.mesh.tensor=4 --config.train.grad_accum=4"          # fsdp 16 x
 ROWS8K="--config.data.rows_per_batch=128 --config.data.tokens_per_row=8192 --config.data.gen_tokens_per_row=5120 --config.data.vit_patches_per_row=3072 --config.data.vae_images_per_row=3 --config.data.max_tokens_per_sample=8192"
 
 RUNS=(
+  "v5p128_fsdp_full|v5p-128|--config.train.grad_accum=1"
   "v5p64_fsdp_full|v5p-64|$FSDP_V5P"
   "v5p64_fsdp_qkv|v5p-64|$FSDP_V5P --config.model.llm.remat_policy=save_qkv_proj"
   "v5p64_fsdp_minimal|v5p-64|$FSDP_V5P --config.model.llm.remat_policy=minimal"
@@ -31,8 +32,10 @@ RUNS=(
   "v5p64_tp4_qkv|v5p-64|$TP_V5P --config.model.llm.remat_policy=save_qkv_proj"
   "v6e64_fsdp_full|v6e-64|$FSDP_V6E"
   "v6e64_tp4_full|v6e-64|$TP_V6E"
+  "v5p64_fsdp_full_flash|v5p-64|$FSDP_V5P --config.model.llm.attention_impl=flash"
+  "v6e64_fsdp_full_flash|v6e-64|$FSDP_V6E --config.model.llm.attention_impl=flash"
+  "v5p32_fsdp_full_8k|v5p-32|$ROWS8K --config.train.grad_accum=8"
   "v5p64_fsdp_full_8k|v5p-64|$ROWS8K --config.train.grad_accum=4"
-  "v5p64_tp4_full_8k|v5p-64|$ROWS8K --config.mesh.tensor=4 --config.train.grad_accum=16"
   "v6e64_fsdp_full_8k|v6e-64|$ROWS8K --config.train.grad_accum=2"
 )
 
