@@ -24,6 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.data.sources.seg = "sgt_pairs:gs://BUCKET/SAM-SGT"          # the released SAM-SGT pairs
     cfg.data.sources.vqa = "llava:gs://BUCKET/llava-ov/sft.jsonl::gs://BUCKET/llava-ov/images"
     cfg.data.tokenizer_path = "gs://BUCKET/bagel-7b-mot-orbax/tokenizer"   # from the imported model dir
+    cfg.data.grain.num_workers = 4             # SA-1B decode+render+resize: ~0.4 CPU-s per row (docs/data_throughput.md)
     cfg.data.mix.mode = "samples"
     cfg.data.mix.ratios = ml_collections.ConfigDict({"seg": 2, "vqa": 1})
     cfg.train = default_train_config()
