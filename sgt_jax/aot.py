@@ -934,6 +934,8 @@ def main(argv=None) -> int:
     flags.DEFINE_multi_string("xla", [], "compiler option key=value (e.g. xla_tpu_enable_...=true)")
     flags.DEFINE_multi_string("table", [], "print a markdown table of these JSON reports and exit")
     flags.DEFINE_multi_string("reestimate", [], "recompute the estimate of these JSON reports in place and exit")
+    flags.DEFINE_string("add_costs", None, "run only the cost probes for --config/--topology and add them to "
+                        "this existing JSON report (of the same config) in place")
 
     def run(args):
         del args
@@ -960,6 +962,16 @@ def main(argv=None) -> int:
         if not ok:
             print(f"[aot] {why}", file=sys.stderr)
             return 2
+        if F.add_costs:
+            with open(F.add_costs) as fh:
+                r = json.load(fh)
+            topo = parse_topology(F.topology)
+            r["costs"] = cost_probe(F.config, topo, topology_devices(topo), opts, log=lambda s: print(s, flush=True))
+            r = reestimate(r)
+            with open(F.add_costs, "w") as fh:
+                json.dump(r, fh, indent=1, default=str)
+            print(format_report(r))
+            return 0
         comps = {"auto": None, "yes": True, "no": False}[F.components]
         r = analyse(F.config, F.topology, costs={"yes": True, "no": False, "always": "always"}[F.costs], components=comps, doc_tokens=F.doc_tokens, compiler_options=opts,
                     serialize=F.serialize, log=lambda s: print(s, flush=True))
