@@ -895,7 +895,8 @@ def format_report(r: dict) -> str:
 
 def table(paths) -> str:
     """A markdown table (one row per JSON report) for docs/tpu_plan.md."""
-    head = ("| run | topology | mesh d/f/t | rows/chip (micro) | remat llm/vit | args GiB | temp GiB | total GiB | "
+    head = ("| run | topology | mesh d/f/t | rows x tokens | rows/chip (micro) | remat llm/vit | attention | args GiB | "
+            "temp GiB | total GiB | "
             "HBM | fits | compiler step s | MFU | knob |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for p in paths:
@@ -912,8 +913,9 @@ def table(paths) -> str:
         step = f"{e['step_time_s']:.2f}" if e else "-"
         mfu = f"{100 * e['mfu']:.1f}%" if e else "-"
         name = os.path.splitext(os.path.basename(p))[0]
-        lines.append(f"| {name} | {t['name']} | {mesh} | {c['rows_per_chip']:g} ({c['rows_per_chip_per_micro_batch']:g}) | "
-                     f"{c['llm_remat_policy']}/{c['vit_remat_policy']} | {mem} | {t['hbm_per_chip_gib']:.0f} | "
+        lines.append(f"| {name} | {t['name']} | {mesh} | {c['rows_per_batch']} x {c['tokens_per_row']} | "
+                     f"{c['rows_per_chip']:g} ({c['rows_per_chip_per_micro_batch']:g}) | "
+                     f"{c['llm_remat_policy']}/{c['vit_remat_policy']} | {c['attention_impl']} | {mem} | {t['hbm_per_chip_gib']:.0f} | "
                      f"{'yes' if r['fits'] else 'no'} | {step} | {mfu} | {r.get('knob') or ''} |")
     return "\n".join(lines)
 
