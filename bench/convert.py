@@ -1,7 +1,7 @@
 """Conversion throughput and peak RSS: BAGEL-7B-shaped random checkpoint -> import -> export.
 
     python bench/convert.py [--llm-layers 12] [--vit-layers 26] [--dtype bf16] [--shard-size 5GB]
-                            [--workdir /work/convert_bench] [--keep]
+                            [--workdir $TMPDIR/sgt_convert_bench] [--keep]
 
 Real BAGEL-7B-MoT widths (hidden 3584, vocab 152064, intermediate 18944, ViT 1152/4304, FLUX AE),
 configurable depth (28 / 26 is the full 14.6B model: ~29 GB in bf16; the source, the model dir
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 import platform
 import shutil
 import sys
@@ -33,7 +34,7 @@ def main(argv=None) -> int:
     ap.add_argument("--vit-layers", type=int, default=26)
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--shard-size", default="5GB", help="source and export shard size ('' = single file)")
-    ap.add_argument("--workdir", default="/work/convert_bench")
+    ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "sgt_convert_bench"))
     ap.add_argument("--keep", action="store_true", help="keep the files")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench/results/convert.json"))
     args = ap.parse_args(argv)

@@ -2,7 +2,7 @@
 ~29 GB bf16, sharded with an index json) -> import -> export, verified bit for bit, with the peak
 RSS of each phase.
 
-    python scripts/convert_full_size.py [--workdir /work/convert_full] [--dtype bf16] [--keep]
+    python scripts/convert_full_size.py [--workdir $TMPDIR/sgt_convert_full] [--dtype bf16] [--keep]
 
 Needs ~60 GB of free disk (source, then model dir + export; the source weights are deleted after
 the import) and ~15-30 min on 2 cores. Same code path as bench/convert.py (synthetic.round_trip);
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 import shutil
 import sys
 
@@ -23,7 +24,7 @@ from sgt_jax.convert import synthetic  # noqa: E402
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workdir", default="/work/convert_full")
+    ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "sgt_convert_full"))
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args(argv)
