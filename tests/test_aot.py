@@ -167,7 +167,7 @@ def test_cost_probes_extrapolate_exactly():
 
 def test_loop_sentinels_and_probe_combination():
     """optimal_seconds is -1 per while loop + the rest; the combination is affine in depth."""
-    assert aot.loop_free_seconds(-1.9005, 2) == pytest.approx(0.0995)
+    assert aot.loop_free_seconds(-1.9005, 57) == pytest.approx(0.0995)   # k = 2 whatever the loop count
     assert aot.loop_free_seconds(-1.9005) == pytest.approx(0.0995)     # loops unknown: ceil(-raw)
     assert aot.loop_free_seconds(0.25, 0) == 0.25 and aot.loop_free_seconds(None) is None
     probes = {"llm1_vit1": {"flops": 10.0, "bytes_accessed": 1.0, "transcendentals": 0.0, "optimal_seconds_raw": -1.9},
