@@ -102,7 +102,7 @@ def main():
     for r in results.values():
         r["median_s"] = float(np.median(r["times"]))
     report = {
-        "config": vars(a) | {"num_gen_per_row": num_gen},
+        "config": {k: v for k, v in vars(a).items() if k != "out"} | {"num_gen_per_row": num_gen},
         "dense": results["dense"], "mot": results["mot"],
         "time_ratio_mot_over_dense": results["mot"]["median_s"] / results["dense"]["median_s"],
         "flop_ratio_mot_over_dense": results["mot"]["flops"] / results["dense"]["flops"],
