@@ -417,6 +417,18 @@ def test_vae_config_from_shapes_and_tokens(tmp_path):
     assert bagel_io.special_tokens_from_tokenizer(str(tmp_path)) == {"bos_token_id": 7, "end_of_image": 9}
 
 
+def test_tokenizer_notes_name_what_bagels_slow_tokenizer_cannot_read(tmp_path):
+    assert bagel_io.tokenizer_notes(str(tmp_path)) == []               # no tokenizer files: nothing
+    (tmp_path / "tokenizer.json").write_text("{}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"extra_special_tokens": ["<|im_start|>"]}))
+    notes = bagel_io.tokenizer_notes(str(tmp_path))
+    assert len(notes) == 2 and "lack vocab.json and merges.txt" in notes[0] and "extra_special_tokens" in notes[1]
+    (tmp_path / "vocab.json").write_text("{}")
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"extra_special_tokens": {}}))
+    assert bagel_io.tokenizer_notes(str(tmp_path)) == []
+
+
 # ----------------------------------------------------------------------------------------------
 # BAGEL-7B widths, reduced depth
 

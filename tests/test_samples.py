@@ -286,3 +286,26 @@ def test_tiny_tokenizer_loads_like_qwen2(tok, tmp_path):
     assert 261 < Tokenizer(d).vocab_size <= 300        # a small corpus may give fewer merges
     with pytest.raises(FileNotFoundError, match="build_tiny_tokenizer"):
         Tokenizer(str(tmp_path / "missing")).encode("x")
+
+
+def test_tiny_tokenizer_has_the_slow_qwen2_files(tok, tmp_path):
+    """BAGEL's loaders read the tokenizer with its slow Qwen2Tokenizer under transformers 4.49:
+    vocab.json + merges.txt (the BPE of tokenizer.json) and tokenizer_config.json in the classic
+    layout (added_tokens_decoder; no list-valued extra_special_tokens, which 4.x cannot read).
+    scripts/check_bagel_loader.py runs BAGEL's own loader on such files (docs/convert.md)."""
+    import json
+    from pathlib import Path
+
+    from sgt_jax.convert.bagel_io import tokenizer_notes
+
+    d = Path(tok.path)
+    tj = json.loads((d / "tokenizer.json").read_text())
+    assert json.loads((d / "vocab.json").read_text()) == tj["model"]["vocab"]
+    merges = (d / "merges.txt").read_text().splitlines()
+    assert merges[0].startswith("#version") and len(merges) - 1 == len(tj["model"]["merges"])
+    tcfg = json.loads((d / "tokenizer_config.json").read_text())
+    assert not isinstance(tcfg.get("extra_special_tokens"), list)
+    assert tcfg["additional_special_tokens"] == list(SPECIAL_TOKENS)
+    dec = {v["content"]: int(k) for k, v in tcfg["added_tokens_decoder"].items() if v["special"]}
+    assert [dec[t] for t in SPECIAL_TOKENS] == list(tok.special.as_dict().values())
+    assert tokenizer_notes(str(d)) == []

@@ -211,6 +211,29 @@ def special_tokens_from_tokenizer(d: str) -> dict[str, int]:
     return {name: vocab[tok] for name, tok in SPECIAL_TOKENS.items() if tok in vocab}
 
 
+def tokenizer_notes(d: str) -> list[str]:
+    """Notes on tokenizer files in ``d`` that BAGEL's loader (its slow ``Qwen2Tokenizer``,
+    transformers 4.49) cannot read; nothing when ``d`` has no tokenizer files."""
+    names = set(os.listdir(d)) if os.path.isdir(d) else set()
+    if not names & {"tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"}:
+        return []
+    notes = []
+    lacking = [f for f in ("vocab.json", "merges.txt") if f not in names]
+    if lacking:
+        notes.append(f"the tokenizer files lack {' and '.join(lacking)}: BAGEL's Qwen2Tokenizer.from_pretrained "
+                     "(the slow tokenizer its app / eval scripts use) needs both (tokenizer.json alone only "
+                     "serves a fast tokenizer)")
+    try:
+        with open(os.path.join(d, "tokenizer_config.json")) as f:
+            extra = json.load(f).get("extra_special_tokens")
+    except (OSError, ValueError, AttributeError):
+        extra = None
+    if isinstance(extra, list):
+        notes.append("tokenizer_config.json has 'extra_special_tokens' as a list (transformers 5 format): "
+                     "transformers 4.x (BAGEL pins 4.49) expects a dict there and fails to load it")
+    return notes
+
+
 def _config_for_source(cfg_dir: str, keys: set, ae_shapes: dict | None, *, preset: str, settings: dict,
                        vae_scale_factor=None, vae_shift_factor=None) -> tuple[ml_collections.ConfigDict, list]:
     notes = []
@@ -232,12 +255,16 @@ def _config_for_source(cfg_dir: str, keys: set, ae_shapes: dict | None, *, prese
     cfg.llm.qk_norm = any(".self_attn.q_norm" in k for k in keys)
     cfg.bagel.visual_gen = "vae2llm.weight" in keys
     cfg.bagel.visual_und = "connector.fc1.weight" in keys
-    for k, v in special_tokens_from_tokenizer(cfg_dir).items():
+    from_tok = special_tokens_from_tokenizer(cfg_dir)
+    for k, v in from_tok.items():
         cfg.llm[k] = v
     bad_tok = {k: cfg.llm[k] for k in SPECIAL_TOKENS if not 0 <= cfg.llm[k] < cfg.llm.vocab_size}
     if bad_tok:
-        notes.append(f"special token ids {bad_tok} (preset {preset}, no tokenizer files) are outside the "
-                     f"vocabulary ({cfg.llm.vocab_size}); fix model_config.json or import with the tokenizer")
+        origin = ("read from the tokenizer files" if set(bad_tok) <= set(from_tok)
+                  else f"preset {preset}, no tokenizer files")
+        notes.append(f"special token ids {bad_tok} ({origin}) are outside the vocabulary "
+                     f"({cfg.llm.vocab_size}); fix model_config.json or import with the matching tokenizer")
+    notes += tokenizer_notes(cfg_dir)
     if ae_shapes is not None:
         cfg.vae = vae_config_from_ae(ae_shapes, cfg.vae)
     if vae_scale_factor is not None:
@@ -607,6 +634,7 @@ def export_bagel(model_dir: str, dst: str, *, dtype: str | None = None, shard_si
         for name in sorted(os.listdir(tdir)):
             shutil.copy2(os.path.join(tdir, name), os.path.join(dst, name))
             copied.append(name)
+        notes += tokenizer_notes(tdir)
     else:
         notes.append("the model dir carries no tokenizer files; copy them from the BAGEL release")
     for n in notes:

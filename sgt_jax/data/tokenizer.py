@@ -147,10 +147,26 @@ def build_tiny_tokenizer(out_dir: str, texts: Iterable[str] | None = None, vocab
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=ENDOFTEXT, pad_token=ENDOFTEXT,
                                  unk_token=None, additional_special_tokens=list(SPECIAL_TOKENS))
     hf.save_pretrained(out_dir)
-    # make it look like a Qwen2 checkpoint's tokenizer
+    # Make it look like a Qwen2 checkpoint's tokenizer, readable by the slow Qwen2Tokenizer too
+    # (BAGEL's loaders use it, with transformers 4.49): vocab.json + merges.txt beside
+    # tokenizer.json, and tokenizer_config.json in the classic layout (added_tokens_decoder,
+    # additional_special_tokens). transformers 5 writes `extra_special_tokens` as a list, which 4.x
+    # reads as a name -> token dict and fails on.
+    tok.model.save(out_dir)
     cfg_path = os.path.join(out_dir, "tokenizer_config.json")
     with open(cfg_path) as f:
         tcfg = json.load(f)
+    if isinstance(tcfg.get("extra_special_tokens"), list):
+        tcfg.pop("extra_special_tokens")
+    tcfg.pop("backend", None)
+    tcfg["additional_special_tokens"] = list(SPECIAL_TOKENS)
+    tcfg["added_tokens_decoder"] = {
+        str(tok.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                                  "single_word": False, "special": True} for t in specials}
+    tcfg.setdefault("bos_token", None)
+    tcfg.setdefault("clean_up_tokenization_spaces", False)
+    tcfg.setdefault("errors", "replace")
+    tcfg.setdefault("split_special_tokens", False)
     tcfg["tokenizer_class"] = "Qwen2Tokenizer"
     with open(cfg_path, "w") as f:
         json.dump(tcfg, f, indent=2)
