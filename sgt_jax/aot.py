@@ -203,32 +203,19 @@ def resolve_mesh_spec(spec: dict, topo: Topology) -> dict:
     ``data`` spans them (default data=1 becomes the slice count)."""
     from sgt_jax.parallel.mesh import MESH_AXES, mesh_shape
 
-    spec = {a: int(spec.get(a, 1)) for a in MESH_AXES}
-    k = topo.num_slices
-    if k > 1:
-        if spec["data"] == 1:
-            spec["data"] = k
-        if spec["data"] != -1 and spec["data"] % k:
-            raise AotError(f"mesh.data={spec['data']} must be a multiple of the {k} slices "
-                           "(the data axis spans the slices over DCN)")
-    return dict(zip(MESH_AXES, mesh_shape(spec, topo.chips)))
+    try:
+        return dict(zip(MESH_AXES, mesh_shape(spec, topo.chips, topo.num_slices)))
+    except ValueError as e:
+        raise AotError(str(e)) from None
 
 
 def make_topology_mesh(spec: dict, topo: Topology, devices):
-    """A Mesh (data, fsdp, tensor) over the topology's devices; hybrid ICI x DCN on several slices."""
-    import numpy as np
-    from jax.experimental import mesh_utils
-    from jax.sharding import AxisType, Mesh
+    """The trainer's mesh (``parallel.mesh.make_mesh``: hybrid ICI x DCN on several slices) over
+    the topology's devices."""
+    from sgt_jax.parallel.mesh import make_mesh
 
-    from sgt_jax.parallel.mesh import MESH_AXES, make_mesh
-
-    sizes = resolve_mesh_spec(spec, topo)
-    if topo.num_slices == 1:
-        return make_mesh(sizes, devices=devices)
-    k = topo.num_slices
-    ici = (sizes["data"] // k, sizes["fsdp"], sizes["tensor"])
-    dev = mesh_utils.create_hybrid_device_mesh(ici, (k, 1, 1), devices)
-    return Mesh(np.asarray(dev), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    resolve_mesh_spec(spec, topo)    # the topology's own errors first
+    return make_mesh(spec, devices=devices)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -390,8 +377,9 @@ def _compile(setup, cfg, compiler_options=None):
 
 
 def _setup(cfg, mesh):
-    from sgt_jax.train.loop import Setup
+    from sgt_jax.train.loop import Setup, check_micro_batches
 
+    check_micro_batches(cfg, mesh)
     return Setup(cfg, mesh=mesh)
 
 
@@ -406,21 +394,24 @@ def _vae_cache_path(key: dict) -> str:
 
 
 def vae_encode_phase(setup, cfg, compiler_options=None, log=print) -> dict:
-    """Memory and costs per chip of the step's first phase compiled alone: the frozen VAE
-    encoding the whole batch (``train.step.encode_images``) with the batch's sharding. The TPU
-    compile of 1024 px convolutions takes minutes on a small machine, so the result is cached
-    (``SGT_AOT_CACHE``, default ~/.cache/sgt_jax_aot) by topology, mesh and shapes."""
+    """Memory and costs per chip of the frozen VAE encoding one micro-batch
+    (``train.step.encode_images``, in the VAE's compute dtype) compiled alone with the batch's
+    sharding; the step runs it once per micro-batch. The TPU compile of 1024 px convolutions
+    takes minutes on a small machine, so the result is cached (``SGT_AOT_CACHE``, default
+    ~/.cache/sgt_jax_aot) by topology, mesh, shapes and dtype."""
     import jax
 
     from sgt_jax.train.step import encode_images
 
     bsh = setup.batch_sharding
-    batch = abstract_batch(cfg, bsh)
+    micro = _cfg_copy(cfg)
+    micro.data.rows_per_batch = int(cfg.data.rows_per_batch) // int(cfg.train.grad_accum)
+    batch = abstract_batch(micro, bsh)
     vae = _with_shardings(setup.abstract_consts["vae"], setup.consts_shardings["vae"])
     key = {"devices": [str(d) for d in setup.mesh.devices.flat][:2], "n": setup.mesh.devices.size,
            "kind": setup.mesh.devices.flat[0].device_kind, "mesh": dict(setup.mesh.shape),
            "images": [batch.vae_images.shape, str(batch.vae_images.dtype)], "vae": cfg.model.vae.to_dict(),
-           "dtype": cfg.model.compute_dtype, "opts": compiler_options or {}, "libtpu": _version("libtpu")}
+           "dtype": cfg.model.compute_dtype, "encode": "per micro-batch, compute dtype", "opts": compiler_options or {}, "libtpu": _version("libtpu")}
     path = _vae_cache_path(key)
     try:
         with open(path) as f:
@@ -443,6 +434,7 @@ def vae_encode_phase(setup, cfg, compiler_options=None, log=print) -> dict:
             raise
         out = {"memory": None, "costs": None, "oom": oom}
     out["compile_s"] = time.perf_counter() - t0
+    out["rows"] = int(micro.data.rows_per_batch)
     log(f"  VAE encode alone: compiled in {out['compile_s']:.0f} s")
     with open(path, "w") as f:
         json.dump(out, f)
@@ -456,7 +448,7 @@ def cost_probe(cfg, topo: Topology, devices, compiler_options=None, log=print) -
       unchunked CE and 32 px VAE images (the LLM's cost does not depend on the latent grid; the
       VAE at full size is counted separately), extrapolated linearly to the real depth and
       multiplied by the micro-batches;
-    * the VAE encode of the whole batch at full size (``vae_encode_phase``)."""
+    * the VAE encode of one micro-batch at full size (``vae_encode_phase``), times the micro-batches."""
     llm_n, vit_n = int(cfg.model.llm.num_layers), int(cfg.model.vit.num_layers)
     accum = int(cfg.train.grad_accum)
     rows = int(cfg.data.rows_per_batch)
@@ -484,16 +476,20 @@ def cost_probe(cfg, topo: Topology, devices, compiler_options=None, log=print) -
             f"({secs:.1f} s)")
     vae = vae_encode_phase(_setup(cfg, make_topology_mesh(cfg.mesh.to_dict(), topo, devices)), cfg,
                            compiler_options, log=log)
-    out = combine_probes(probes, small_vae, vae.get("costs") or {}, llm_n, vit_n, accum)
+    out = combine_probes(probes, small_vae, vae.get("costs") or {}, llm_n, vit_n, accum, vae_per_micro_batch=True)
     out["method"] = (f"unrolled probes at (llm, vit) layers {points} with 32 px VAE images, linear in depth to "
                      f"({llm_n}, {vit_n}), x{accum} micro-batch(es)"
                      + (" (the optimizer update counted per micro-batch)" if accum > 1 else "")
-                     + ", minus the probes' own VAE encode, + the full-size VAE encode compiled alone")
+                     + ", minus the probes' own VAE encode, + the full-size VAE encode of a micro-batch compiled alone"
+                     + (f" x{accum}" if accum > 1 else ""))
     return out
 
 
-def combine_probes(probes: dict, small_vae: dict, vae: dict, llm_n: int, vit_n: int, accum: int) -> dict:
-    """Per-chip totals of one step from the probe costs (see ``cost_probe``)."""
+def combine_probes(probes: dict, small_vae: dict, vae: dict, llm_n: int, vit_n: int, accum: int,
+                   vae_per_micro_batch: bool = False) -> dict:
+    """Per-chip totals of one step from the probe costs (see ``cost_probe``). ``vae``: the
+    full-size encode of one micro-batch (``vae_per_micro_batch``, the step since the encode moved
+    into the micro-batch loop) or of the whole batch (reports written before)."""
     keys = ("flops", "bytes_accessed", "transcendentals", "optimal_seconds")
     for p in probes.values():     # reports written before loop_free_seconds existed
         if "optimal_seconds_raw" in p or p.get("optimal_seconds") is not None:
@@ -509,11 +505,12 @@ def combine_probes(probes: dict, small_vae: dict, vae: dict, llm_n: int, vit_n: 
             total[k] = None
             continue
         model = base[k] + (llm_n - 1) * per_llm[k] + (vit_n - 1) * per_vit[k] - (small_vae.get(k) or 0.0)
-        total[k] = accum * model + (vae.get(k) or 0.0)
+        total[k] = accum * model + (accum if vae_per_micro_batch else 1) * (vae.get(k) or 0.0)
     loops = [p.get("while_loops") for p in probes.values()]
     raw = [p.get("optimal_seconds_raw") for p in probes.values()]
     has_loops = any(n for n in loops if n) or any(r is not None and r < 0 for r in raw)
     return {"per_chip": total, "per_llm_layer": per_llm, "per_vit_layer": per_vit, "vae_encode": vae,
+            "vae_encode_per_micro_batch": vae_per_micro_batch,
             "small_vae_encode": small_vae, "probes": probes,
             "probe_while_loops": loops,
             "note": ("the probes hold while loops (the SPMD partitioner's collective / windowed-einsum loops "
@@ -545,7 +542,8 @@ def reestimate(report: dict) -> dict:
     if c and "probes" in c:
         cfg = report["config"]
         new = combine_probes(c["probes"], c.get("small_vae_encode") or {}, c.get("vae_encode") or {},
-                             cfg["llm_layers"], cfg["vit_layers"], cfg["grad_accum"])
+                             cfg["llm_layers"], cfg["vit_layers"], cfg["grad_accum"],
+                             vae_per_micro_batch=bool(c.get("vae_encode_per_micro_batch")))
         c.update({k: v for k, v in new.items() if k != "small_vae_encode" or v})
         f = report["flops"]
         f["compiler_flops_per_chip"] = c["per_chip"]["flops"]
@@ -556,7 +554,7 @@ def reestimate(report: dict) -> dict:
 
 def component_memory(setup, cfg, compiler_options=None, log=print) -> dict:
     """Per-chip memory of the step's two big phases compiled on their own, to attribute the total:
-    ``vae_encode`` (the whole batch is encoded before the micro-batch loop) and ``model_fwd_bwd``
+    ``vae_encode`` (one micro-batch, encoded inside the micro-batch loop) and ``model_fwd_bwd``
     (BAGEL forward + backward of one micro-batch, latents given)."""
     import jax
     import jax.numpy as jnp

@@ -96,6 +96,15 @@ def test_topology_devices_and_meshes():
     # the data axis spans the slices: each data row of the mesh is one slice
     for row in np.asarray(mesh.devices)[:, :, 0]:
         assert len({x.slice_index for x in row}) == 1
+    # the trainer builds the same hybrid mesh from the devices alone (multislice on real pods)
+    from sgt_jax.parallel import mesh as mesh_lib
+
+    m = mesh_lib.make_mesh({"data": -1, "fsdp": 2, "tensor": 2}, devices=d)
+    assert dict(m.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    for i, sub in enumerate(np.asarray(m.devices)):
+        assert {x.slice_index for x in sub.flat} == {np.asarray(m.devices)[i, 0, 0].slice_index}
+    with pytest.raises(ValueError, match="multiple of the 2 slices"):
+        mesh_lib.make_mesh({"data": 3, "fsdp": -1, "tensor": 1}, devices=d)
 
 
 @needs_libtpu
@@ -178,6 +187,9 @@ def test_loop_sentinels_and_probe_combination():
     assert out["per_chip"]["flops"] == pytest.approx(4 * (10 + 27 * 3 + 25 * 1 - 1) + 5)
     assert out["per_chip"]["optimal_seconds"] == pytest.approx(4 * (0.1 + 27 * 0.1 + 25 * 0.05 - 0.01) + 0.5)
     assert "lower bound" in out["note"]
+    per_micro = aot.combine_probes(probes, {"flops": 1.0}, {"flops": 5.0}, llm_n=28, vit_n=26, accum=4,
+                                   vae_per_micro_batch=True)    # the VAE encode runs once per micro-batch
+    assert per_micro["per_chip"]["flops"] == pytest.approx(4 * (10 + 27 * 3 + 25 * 1 - 1 + 5))
     report = {"costs": out, "config": {"llm_layers": 28, "vit_layers": 26, "grad_accum": 4},
               "topology": {"chips": 32, "peak_tflops_per_chip": 459.0},
               "flops": {"model_flops_per_step": 1e15, "model_flops_per_chip": 1e15 / 32, "tokens_per_step": 1 << 20}}

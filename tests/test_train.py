@@ -8,6 +8,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -227,6 +228,57 @@ def test_grad_accumulation_averages_micro_batches():
         if "vit_model" in k and "k_proj" in k and "bias" in k:
             continue   # exactly-zero true gradient, see test_sharded_step_equals_single_device
         np.testing.assert_allclose(out[0][1][k], out[1][1][k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def _collectives(hlo: str) -> dict:
+    import re
+
+    ops = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+    return {op: len(re.findall(r"= \S+ " + op + r"(-start)?\(", hlo)) for op in ops}
+
+
+@pytest.mark.slow
+def test_micro_batches_stay_on_their_devices():
+    """grad_accum splits the rows strided (row j*A + i -> micro-batch i), so with rows sharded in
+    contiguous blocks over fsdp every device keeps its own rows in every micro-batch: the
+    accumulating step has no collective the one-batch step lacks (the contiguous split moved
+    rows between devices: 100 all-gathers instead of 83 here, and XLA's 'involuntary full
+    rematerialization' of batch tensors)."""
+    mesh = mesh_lib.make_mesh(dict(data=1, fsdp=4, tensor=1), devices=jax.devices()[:4])
+    counts = {}
+    for accum in (1, 2):
+        cfg = tiny_run_config(grad_accum=accum, warmup_steps=0)
+        setup = loop.Setup(cfg, mesh=mesh)
+        b, _ = next(FakeIterator(cfg, rows=8, vary=True))
+        compiled = setup.step_fn.lower(setup.abstract_state, setup.abstract_consts, setup.global_batch(b)).compile()
+        counts[accum] = _collectives(compiled.as_text())
+    assert counts[2]["all-to-all"] == counts[2]["collective-permute"] == 0, counts
+    assert counts[2]["all-gather"] <= counts[1]["all-gather"], counts
+
+
+def test_vae_encodes_in_the_compute_dtype():
+    from sgt_jax.train.step import encode_images
+
+    for name in ("float32", "bfloat16"):
+        cfg = tiny_run_config()
+        cfg.model.compute_dtype = name
+        setup = loop.Setup(cfg, mesh=mesh_lib.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1]))
+        vae = nnx.merge(setup.vae_graphdef, setup.abstract_consts["vae"])
+        assert vae.dtype == jnp.dtype(name)
+        images = jax.ShapeDtypeStruct((2, 1, 32, 32, 3), jnp.float32)
+        lat = jax.eval_shape(lambda v, im: encode_images(setup.vae_graphdef, v, im, jax.random.key(0)),
+                             setup.abstract_consts["vae"], images)
+        assert lat.dtype == jnp.float32      # latents are fp32 whatever the encoder ran in
+
+
+def test_micro_batches_must_divide_over_batch_shards():
+    cfg = tiny_run_config(grad_accum=4)
+    cfg.data.rows_per_batch = 8
+    mesh = mesh_lib.make_mesh(dict(data=1, fsdp=4, tensor=1), devices=jax.devices()[:4])
+    with pytest.raises(ValueError, match="rows_per_batch=8 must be a multiple of"):
+        loop.check_micro_batches(cfg, mesh)
+    cfg.train.grad_accum = 2
+    loop.check_micro_batches(cfg, mesh)
 
 
 def test_init_from_imported_model_dir(golden_dir, tmp_path):

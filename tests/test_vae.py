@@ -180,6 +180,20 @@ def test_bf16_decode_close_to_fp32(golden, out32):
     assert ae16.encoder.conv_in.kernel.get_value().dtype == jnp.float32  # fp32 masters
 
 
+@needs_golden
+def test_bf16_encode_close_to_golden(golden):
+    """The trainer encodes in the compute dtype (BAGEL: bf16 autocast); bf16 moments stay close
+    to the fp32 golden ones."""
+    ae, b = golden
+    ae16 = build(tiny().vae, ae, dtype=jnp.bfloat16)
+    mom = ae16.encode_moments(nhwc(b["padded_images"]))
+    want = b["vae_moments"].transpose(0, 2, 3, 1)
+    assert mom.dtype == jnp.bfloat16
+    err = maxdiff(mom, want)
+    print(f"bf16 moments max|diff| {err:.3e} (max|moments| {float(np.max(np.abs(want))):.3f})")
+    assert err <= 5e-2 * float(np.max(np.abs(want)))
+
+
 def test_encode_argument_errors():
     model = nnx.eval_shape(lambda: V.AutoEncoder(tiny(), rngs=nnx.Rngs(0)))
     x = jnp.zeros((1, 16, 16, 3))

@@ -4,6 +4,11 @@ Mesh axes: ``data`` (pure data parallel: replicas), ``fsdp`` (parameters, gradie
 state sharded; the batch too), ``tensor`` (heads / mlp / vocab split inside a layer). Sizes come
 from the config; -1 takes the remaining devices. Model code only names logical axes (layers.py);
 ``RULES`` below is the only place they meet the mesh.
+
+Several TPU slices (multislice, devices carry ``slice_index``): ``data`` spans the slices over
+DCN (only the gradient all-reduce crosses it; ``fsdp`` / ``tensor`` stay inside a slice, on ICI),
+so ``data`` must be a multiple of the slice count and its default 1 becomes the slice count. The
+mesh is then built with ``mesh_utils.create_hybrid_device_mesh`` (ICI x DCN).
 """
 from __future__ import annotations
 
@@ -35,9 +40,21 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 log = logging.getLogger(__name__)
 
 
-def mesh_shape(spec: dict, num_devices: int) -> tuple[int, ...]:
-    """Resolve {'data': d, 'fsdp': f, 'tensor': t} with at most one -1 against the device count."""
+def num_slices(devices) -> int:
+    """TPU slices among ``devices`` (1 for CPU / a single slice)."""
+    return len({getattr(d, "slice_index", 0) for d in devices})
+
+
+def mesh_shape(spec: dict, num_devices: int, slices: int = 1) -> tuple[int, ...]:
+    """Resolve {'data': d, 'fsdp': f, 'tensor': t} with at most one -1 against the device count
+    (and, on several slices, make ``data`` span them; see the module doc)."""
     sizes = [int(spec.get(a, 1)) for a in MESH_AXES]
+    if slices > 1:
+        if sizes[0] == 1:
+            sizes[0] = slices
+        if sizes[0] != -1 and sizes[0] % slices:
+            raise ValueError(f"mesh.data={sizes[0]} must be a multiple of the {slices} slices "
+                             "(the data axis spans the slices over DCN)")
     if sizes.count(-1) > 1:
         raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1")
     known = int(np.prod([s for s in sizes if s != -1]))
@@ -49,19 +66,29 @@ def mesh_shape(spec: dict, num_devices: int) -> tuple[int, ...]:
     if int(np.prod(sizes)) != num_devices:
         raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
                          f"{num_devices} are present; set one axis to -1 to take the rest")
+    if sizes[0] % slices:
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: data must be a multiple of the {slices} slices "
+                         "(the data axis spans the slices over DCN)")
     return tuple(sizes)
 
 
 def make_mesh(spec: dict, devices=None) -> Mesh:
+    """The (data, fsdp, tensor) mesh over ``devices`` (default: all); hybrid ICI x DCN when the
+    devices span several slices."""
     devices = jax.devices() if devices is None else devices
-    shape = mesh_shape(spec, len(devices))
+    k = num_slices(devices)
+    shape = mesh_shape(spec, len(devices), k)
     from jax.experimental import mesh_utils
 
-    try:
-        dev = mesh_utils.create_device_mesh(shape, devices=devices)
-    except Exception:   # CPU / odd topologies: plain order
-        dev = np.asarray(devices).reshape(shape)
-    return Mesh(dev, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    if k > 1:
+        ici = (shape[0] // k,) + shape[1:]
+        dev = mesh_utils.create_hybrid_device_mesh(ici, (k, 1, 1), devices)
+    else:
+        try:
+            dev = mesh_utils.create_device_mesh(shape, devices=devices)
+        except Exception:   # CPU / odd topologies: plain order
+            dev = np.asarray(devices).reshape(shape)
+    return Mesh(np.asarray(dev), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 def _mesh_axes_for(name, rules):

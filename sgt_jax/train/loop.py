@@ -71,6 +71,24 @@ def check_consistency(cfg) -> None:
             raise ValueError(f"config mismatch: {a}={va} but {b}={vb}; set them equal")
 
 
+def check_micro_batches(cfg, mesh) -> None:
+    """Every micro-batch must hold the same number of rows on every batch shard (see step.py:
+    strided micro-batches), else XLA reshuffles rows between devices inside the step."""
+    if cfg.data.get("rows_per_batch") is None:     # a caller-supplied iterator (tests)
+        return
+    rows, accum = int(cfg.data.rows_per_batch), int(cfg.train.grad_accum)
+    shards = int(mesh.shape["data"]) * int(mesh.shape["fsdp"])
+    if accum < 1 or rows % (shards * accum):
+        raise ValueError(f"data.rows_per_batch={rows} must be a multiple of (mesh data x fsdp = {shards}) x "
+                         f"train.grad_accum={accum}: each micro-batch needs the same whole number of rows on "
+                         f"every batch shard")
+
+
+def vae_dtype(cfg):
+    """The frozen VAE encodes in the model's compute dtype (BAGEL: under bf16 autocast)."""
+    return jnp.dtype(cfg.model.compute_dtype)
+
+
 class Setup:
     """Everything static about a run: mesh, graphdefs, shardings, the optimizer, the step."""
 
@@ -83,7 +101,7 @@ class Setup:
         self.filter = trainable_filter(cfg.train, cfg.model)
         abstract = nnx.eval_shape(lambda: Bagel(cfg.model, rngs=nnx.Rngs(0)))
         self.graphdef, a_params, a_frozen, a_fixed = nnx.split(abstract, self.filter, nnx.Param, ...)
-        vae_abs = nnx.eval_shape(lambda: AutoEncoder(cfg.model, rngs=nnx.Rngs(0)))
+        vae_abs = nnx.eval_shape(lambda: AutoEncoder(cfg.model, rngs=nnx.Rngs(0), dtype=vae_dtype(cfg)))
         self.vae_graphdef, a_vae = nnx.split(vae_abs, nnx.Param)
         a_opt = jax.eval_shape(self.tx.init, a_params)
         sh = lambda tree: mesh_lib.state_shardings(tree, self.mesh)
@@ -115,7 +133,7 @@ class Setup:
             if t.copy_init_moe:
                 copy_init_moe(nnx.state(model))
             _, params, frozen, fixed = nnx.split(model, self.filter, nnx.Param, ...)
-            vae = nnx.state(AutoEncoder(cfg.model, rngs=nnx.Rngs(seed + 1)), nnx.Param)
+            vae = nnx.state(AutoEncoder(cfg.model, rngs=nnx.Rngs(seed + 1), dtype=vae_dtype(cfg)), nnx.Param)
             return params, {"frozen": frozen, "fixed": fixed, "vae": vae}
 
         out_sh = (self.state_shardings.params, self.consts_shardings)
@@ -177,6 +195,7 @@ def train(cfg, workdir: str, *, data_iterator=None, stop_after: int | None = Non
     t = cfg.train
     os.makedirs(workdir, exist_ok=True) if "://" not in workdir else None
     setup = Setup(cfg)
+    check_micro_batches(cfg, setup.mesh)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=t.save_every, keep=t.keep,
                         async_save=t.async_checkpointing)
     if data_iterator is None:

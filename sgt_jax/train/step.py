@@ -4,10 +4,16 @@
     consts  = {"frozen": frozen Bagel params, "fixed": sin-cos tables, "vae": VAE params}
     batch   = PackedBatch with ``vae_images`` (pixels); the step VAE-encodes them (frozen, keyed)
 
-Randomness: key = fold_in(key(seed), step) -> VAE sampling key, flow-noise key. Loss: BAGEL's
-global token means (CE over CE tokens, MSE channel-mean then over noised latent tokens); with
-gradient accumulation each micro-batch is normalised by its own token totals and the micro
-losses are averaged, as BAGEL does.
+Randomness: key = fold_in(key(seed), step) -> VAE sampling key, flow-noise key; every draw is
+per global row (``row_normal``), so the numbers do not depend on sharding or micro-batching.
+Loss: BAGEL's global token means (CE over CE tokens, MSE channel-mean then over noised latent
+tokens).
+
+Gradient accumulation (``train.grad_accum`` = A): micro-batch i takes rows i, A+i, 2A+i, ...
+(strided), so with rows sharded in contiguous blocks over the batch axes every device keeps its
+share of every micro-batch (no reshuffle); each micro-batch is VAE-encoded inside the loop (the
+frozen encoder's activations then live for one micro-batch only), normalised by its own token
+totals, and the micro losses are averaged, as BAGEL does.
 """
 from __future__ import annotations
 
@@ -56,14 +62,16 @@ def token_counts(batch: B.PackedBatch) -> dict:
             "tokens_mse": jnp.sum(batch.mse_mask)}
 
 
-def encode_images(vae_graphdef, vae_params, images: jax.Array, key: jax.Array) -> jax.Array:
-    """(B, N, H, W, 3) pixels -> (B, N, h, w, C) sampled, scaled latents; no gradient. The
-    sampling noise of row r comes from fold_in(key, r)."""
+def encode_images(vae_graphdef, vae_params, images: jax.Array, key: jax.Array,
+                  row_ids: jax.Array | None = None) -> jax.Array:
+    """(B, N, H, W, 3) pixels -> (B, N, h, w, C) sampled, scaled fp32 latents; no gradient. The
+    encoder runs in the VAE graphdef's dtype (the model's compute dtype, as BAGEL encodes under
+    bf16 autocast); the sampling noise of row r comes from fold_in(key, row_ids[r])."""
     vae = nnx.merge(vae_graphdef, vae_params)
     b, n = images.shape[:2]
     flat = images.reshape((b * n,) + images.shape[2:])
     moments = vae.encode_moments(flat)
-    eps = row_normal(key, (b, n) + moments.shape[1:-1] + (moments.shape[-1] // 2,))
+    eps = row_normal(key, (b, n) + moments.shape[1:-1] + (moments.shape[-1] // 2,), row_ids)
     lat = latent_from_moments(moments, eps.reshape((b * n,) + eps.shape[2:]),
                               vae.config.scale_factor, vae.config.shift_factor)
     return jax.lax.stop_gradient(lat.reshape((b, n) + lat.shape[1:]))
@@ -81,26 +89,30 @@ def make_train_step(*, graphdef, vae_graphdef, tx: optax.GradientTransformation,
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
+    def micro_loss(params, consts, mb, k_vae, k_noise, row_ids):
+        latents = encode_images(vae_graphdef, consts["vae"], mb.vae_images, k_vae, row_ids)
+        return grad_fn(params, consts, mb.replace(latents=latents, vae_images=None), k_noise, row_ids)
+
     def sgt_train_step(state: TrainState, consts: dict, batch: B.PackedBatch):
         key = jax.random.fold_in(jax.random.key(t.seed), state.step)
         k_vae, k_noise = jax.random.split(key)
-        latents = encode_images(vae_graphdef, consts["vae"], batch.vae_images, k_vae)
-        batch = batch.replace(latents=latents, vae_images=None)
         accum = int(t.grad_accum)
+        rows = batch.kind.shape[0]
         if accum == 1:
-            (loss, parts), grads = grad_fn(state.params, consts, batch, k_noise, jnp.arange(batch.kind.shape[0]))
+            (loss, parts), grads = micro_loss(state.params, consts, batch, k_vae, k_noise, jnp.arange(rows))
         else:
-            rows = batch.kind.shape[0]
             if rows % accum:
                 raise ValueError(f"rows per batch {rows} not divisible by train.grad_accum {accum}")
-            micro = jax.tree.map(lambda x: x.reshape((accum, rows // accum) + x.shape[1:]), batch)
+            # row j*A + i -> micro-batch i, position j (strided: see the module doc)
+            micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape((rows // accum, accum) + x.shape[1:]), 0, 1),
+                                 batch)
             zeros = jax.tree.map(jnp.zeros_like, state.params)
 
             def body(carry, xs):
                 g_acc, l_acc, ce_acc, mse_acc = carry
                 mb, i = xs
-                rows_i = i * (rows // accum) + jnp.arange(rows // accum)     # global row ids
-                (l, p), g = grad_fn(state.params, consts, mb, k_noise, rows_i)
+                rows_i = jnp.arange(rows // accum) * accum + i     # global row ids
+                (l, p), g = micro_loss(state.params, consts, mb, k_vae, k_noise, rows_i)
                 g_acc = jax.tree.map(lambda a, b: a + b / accum, g_acc, g)
                 return (g_acc, l_acc + l / accum, ce_acc + p["ce"] / accum, mse_acc + p["mse"] / accum), None
 
