@@ -23,10 +23,8 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 from safetensors.numpy import load_file, save_file
 
-from sgt_jax.convert import ConversionError, export_bagel, import_bagel
+from sgt_jax.convert import ConversionError, bagel_io, export_bagel, fileio, import_bagel
 from sgt_jax.convert import __main__ as cli
-from sgt_jax.convert import bagel_io
-from sgt_jax.convert import fileio
 from sgt_jax.convert import model_dir as md
 from sgt_jax.convert import safetensors_io as sio
 from sgt_jax.train import export as train_export
@@ -50,6 +48,11 @@ def quiet(*a, **k):
 def files_of(d) -> dict[str, bytes]:
     """{name: bytes} of the files directly in a local dir or under a URL."""
     return {n: fileio.read_bytes(fileio.join(d, n)) for n in fileio.listdir(d) if fileio.isfile(fileio.join(d, n))}
+
+
+def export_and_read(model_dir, out: Path) -> bytes:
+    export_bagel(str(model_dir), str(out), progress=False, log=quiet)
+    return (out / "ema.safetensors").read_bytes()
 
 
 def upload(local: Path, url: str):
@@ -177,6 +180,20 @@ def test_fileio_primitives_local_and_remote(tmp_path, mem, ranged_reads):
     assert not fileio.exists(mem + "/c/a.bin")
 
 
+def test_safetensors_writer_to_a_url_is_byte_identical(tmp_path, mem):
+    """Shards (one holding only an empty tensor) + index, written locally and to a URL."""
+    t = {"small": np.ones((2, 2), np.float16), "big": np.arange(50, dtype=np.float32),
+         "empty": np.zeros((0, 3), np.float32)}              # greedy split: [small] [big] [empty]
+    for d in (str(tmp_path), mem + "/st"):
+        sio.write_tensors(d, "model", t, max_shard_bytes=100)
+        sio.write_tensors(d, "one", t)
+    got = files_of(mem + "/st")
+    assert got == files_of(tmp_path) and len([n for n in got if n.startswith("model-")]) == 3
+    src = sio.SafetensorsSource(mem + "/st/model.safetensors.index.json")
+    assert {k: src.read(k).tobytes() for k in t} == {k: v.tobytes() for k, v in t.items()}
+    assert load_file(str(tmp_path / "one.safetensors"))["small"].tobytes() == t["small"].tobytes()
+
+
 def test_import_from_remote_source_is_bit_exact(local_src, local_md, mem, ranged_reads, tmp_path):
     src = mem + "/bagel"
     upload(local_src, src)
@@ -214,11 +231,6 @@ def test_export_to_remote_destination_is_bit_exact(local_md, mem, tmp_path):
     export_bagel(str(local_md), dst, overwrite=True, progress=False, log=quiet)       # one file now
     assert "model.safetensors.index.json" not in fileio.listdir(dst)
     assert files_of(dst)["ema.safetensors"] == export_and_read(local_md, tmp_path / "one")
-
-
-def export_and_read(model_dir, out: Path) -> bytes:
-    export_bagel(str(model_dir), str(out), progress=False, log=quiet)
-    return (out / "ema.safetensors").read_bytes()
 
 
 def test_gs_urls_through_the_cli(local_src, local_md, fake_gs, tmp_path, capsys):

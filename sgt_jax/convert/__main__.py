@@ -87,7 +87,8 @@ def main(argv=None) -> int:
     print(f"{args.cmd}: {stats['bytes'] / 1e9:.3f} GB in {stats['seconds']:.1f} s = {stats['gb_per_s']:.3f} GB/s, "
           f"peak RSS {stats['peak_rss_gb']:.2f} GB -> {args.dst}")
     if args.stats:
-        fileio.write_text(args.stats, json.dumps({"cmd": args.cmd, "src": args.src, "dst": args.dst, **stats}, indent=1))
+        fileio.write_text(args.stats, json.dumps({"cmd": args.cmd, "src": args.src, "dst": args.dst, **stats},
+                                                 indent=1))
     return 0
 
 

@@ -16,12 +16,14 @@ order (header written first from the known shapes), writes the two regenerated s
 ``vit_config.json`` (every field BAGEL's loaders read; the ViT's ``num_hidden_layers`` is the
 used depth + 1 because BAGEL drops the last layer) and the tokenizer files.
 
+SRC, DST and MODEL_DIR may be ``gs://`` URLs: every file operation outside the Orbax checkpoint
+goes through ``sgt_jax.convert.fileio`` (ranged reads and streamed writes of bounded size).
+
 Names and layouts come only from ``sgt_jax.models.keymap`` (``bagel_table``, ``vae_entries``,
 ``group_entries``, ``FIXED_KEYS``).
 """
 from __future__ import annotations
 
-import json
 import math
 import resource
 import time

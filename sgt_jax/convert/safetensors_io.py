@@ -13,8 +13,8 @@ release file would report up to 29 GB resident. The header parser is checked aga
 Writing: ``SafetensorsPlanWriter`` writes a planned list of tensors (names, dtypes, shapes known
 up front) into one file or HF-style shards (``{stem}-00001-of-0000N.safetensors`` +
 ``{stem}.safetensors.index.json``), header first, then the data as it is produced, block by
-block, in plan order, to a local path or streamed to a URL (``fileio.open_write``). The header carries ``{"__metadata__": {"format": "pt"}}`` as
-``safetensors.torch`` writes it (accelerate/transformers refuse files without it).
+block, in plan order, to a local path or streamed to a URL (``fileio.open_write``). The header
+carries ``{"__metadata__": {"format": "pt"}}`` as ``safetensors.torch`` writes it (accelerate/transformers refuse files without it).
 
 Pickle-based checkpoints (``.bin``, ``.pt``, ``.pth``, ``.ckpt``, ``.pkl``) are refused by name:
 loading them runs ``pickle``, i.e. arbitrary code.
