@@ -57,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from sgt_jax.convert import fileio
     from sgt_jax.convert.bagel_io import export_bagel, import_bagel
     from sgt_jax.convert.model_dir import ModelDirError
     from sgt_jax.convert.safetensors_io import ConversionError
@@ -73,21 +74,21 @@ def main(argv=None) -> int:
             from sgt_jax.train.export import checkpoint_to_model_dir, is_training_checkpoint
 
             if is_training_checkpoint(args.src):       # a run: through a model dir next to the output
-                tmp = os.path.join(os.path.abspath(args.dst) + ".model_dir")
+                tmp = fileio.abspath(args.dst) + ".model_dir"
                 info = checkpoint_to_model_dir(args.src, tmp, ema=args.ema, overwrite=True)
                 print(f"training checkpoint step {info['step']} ({info['weights']}) -> {tmp}")
                 args.src, args.ema = tmp, False
             stats = export_bagel(args.src, args.dst, dtype=args.dtype, shard_size=args.shard_size,
                                  weights_name=args.weights_name, overwrite=args.overwrite,
                                  progress=not args.no_progress, ema=args.ema)
-    except (ConversionError, ModelDirError) as e:
+    except (ConversionError, ModelDirError, fileio.BackendMissingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{args.cmd}: {stats['bytes'] / 1e9:.3f} GB in {stats['seconds']:.1f} s = {stats['gb_per_s']:.3f} GB/s, "
           f"peak RSS {stats['peak_rss_gb']:.2f} GB -> {args.dst}")
     if args.stats:
-        with open(args.stats, "w") as f:
-            json.dump({"cmd": args.cmd, "src": args.src, "dst": args.dst, **stats}, f, indent=1)
+        fileio.write_text(args.stats, json.dumps({"cmd": args.cmd, "src": args.src, "dst": args.dst, **stats},
+                                                 indent=1))
     return 0
 
 

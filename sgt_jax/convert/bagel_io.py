@@ -16,22 +16,23 @@ order (header written first from the known shapes), writes the two regenerated s
 ``vit_config.json`` (every field BAGEL's loaders read; the ViT's ``num_hidden_layers`` is the
 used depth + 1 because BAGEL drops the last layer) and the tokenizer files.
 
+SRC, DST and MODEL_DIR may be ``gs://`` URLs: every file operation outside the Orbax checkpoint
+goes through ``sgt_jax.convert.fileio`` (ranged reads and streamed writes of bounded size).
+
 Names and layouts come only from ``sgt_jax.models.keymap`` (``bagel_table``, ``vae_entries``,
 ``group_entries``, ``FIXED_KEYS``).
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import resource
-import shutil
 import time
 from typing import Iterator
 
 import ml_collections
 import numpy as np
 
+from sgt_jax.convert import fileio
 from sgt_jax.convert import model_dir as md
 from sgt_jax.convert.safetensors_io import (PICKLE_EXPLANATION, PICKLE_SUFFIXES, ConversionError,
                                             PlannedTensor, SafetensorsPlanWriter, SafetensorsSource,
@@ -125,31 +126,31 @@ def find_weights(src: str, weights: str | None = None) -> tuple[str, str, list[s
     """(weights path, directory of the config files, notes). ``weights``: None (auto), "ema",
     "model", or a path to a .safetensors file / index json."""
     notes = []
-    if os.path.isfile(src):
+    if fileio.isfile(src):
         if src.endswith(PICKLE_SUFFIXES):
             raise ConversionError(f"{src}: {PICKLE_EXPLANATION}")
-        return src, os.path.dirname(os.path.abspath(src)), notes
-    if not os.path.isdir(src):
+        return src, fileio.dirname(src), notes
+    if not fileio.isdir(src):
         raise ConversionError(f"{src}: no such file or directory")
+    listing = fileio.listdir(src)
     if weights and weights not in ("ema", "model"):
-        p = weights if os.path.isabs(weights) or os.path.exists(weights) else os.path.join(src, weights)
+        p = weights if fileio.isabs(weights) or fileio.exists(weights) else fileio.join(src, weights)
         if p.endswith(PICKLE_SUFFIXES):
             raise ConversionError(f"{p}: {PICKLE_EXPLANATION}")
-        if not os.path.exists(p):
+        if not fileio.exists(p):
             raise ConversionError(f"--weights {weights}: {p} not found")
         return p, src, notes
-    cands = [c for c in WEIGHT_CANDIDATES if os.path.exists(os.path.join(src, c))]
+    cands = [c for c in WEIGHT_CANDIDATES if c in listing]
     if weights:
         cands = [c for c in cands if c.startswith(weights + ".")]
     if not cands:
-        pickles = sorted(f for f in os.listdir(src) if f.endswith(PICKLE_SUFFIXES)
-                         or f.endswith(".bin.index.json"))
+        pickles = sorted(f for f in listing if f.endswith(PICKLE_SUFFIXES) or f.endswith(".bin.index.json"))
         if pickles:
             raise ConversionError(f"{src}: no safetensors weights, only pickle-based files {pickles}: "
                                   f"{PICKLE_EXPLANATION}")
-        other = sorted(f for f in os.listdir(src) if f.endswith(".safetensors.index.json") and not f.startswith("ae."))
+        other = sorted(f for f in listing if f.endswith(".safetensors.index.json") and not f.startswith("ae."))
         if len(other) == 1 and not weights:
-            return os.path.join(src, other[0]), src, notes
+            return fileio.join(src, other[0]), src, notes
         want = [c for c in WEIGHT_CANDIDATES if not weights or c.startswith(weights + ".")]
         raise ConversionError(f"{src}: no BAGEL weights found; expected one of {want}"
                               + (f" (or pass --weights; index files present: {other})" if other else ""))
@@ -160,10 +161,10 @@ def find_weights(src: str, weights: str | None = None) -> tuple[str, str, list[s
         notes.append(f"both {single} and {index} exist; using {single}")
     if len(stems) > 1:
         notes.append(f"both ema and model weights exist; importing {chosen} (pass --weights model for the other)")
-    pick = sorted(f for f in os.listdir(src) if f.endswith(PICKLE_SUFFIXES))
+    pick = sorted(f for f in listing if f.endswith(PICKLE_SUFFIXES))
     if pick:
         notes.append(f"ignoring pickle-based files (never opened): {pick}")
-    return os.path.join(src, chosen), src, notes
+    return fileio.join(src, chosen), src, notes
 
 
 def vae_config_from_ae(shapes: dict[str, tuple], base) -> ml_collections.ConfigDict:
@@ -193,19 +194,17 @@ def special_tokens_from_tokenizer(d: str) -> dict[str, int]:
     """BAGEL's four special token ids from the tokenizer files in ``d`` (those it has)."""
     vocab = {}
     try:
-        with open(os.path.join(d, "tokenizer.json")) as f:
-            vocab.update({t["content"]: int(t["id"]) for t in json.load(f).get("added_tokens", [])})
+        tok = fileio.read_json(fileio.join(d, "tokenizer.json"))
+        vocab.update({t["content"]: int(t["id"]) for t in tok.get("added_tokens", [])})
     except (OSError, ValueError, KeyError, TypeError):
         pass
     try:
-        with open(os.path.join(d, "tokenizer_config.json")) as f:
-            dec = json.load(f).get("added_tokens_decoder", {})
+        dec = fileio.read_json(fileio.join(d, "tokenizer_config.json")).get("added_tokens_decoder", {})
         vocab.update({t["content"]: int(i) for i, t in dec.items()})
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass
     try:
-        with open(os.path.join(d, "added_tokens.json")) as f:
-            vocab.update({k: int(v) for k, v in json.load(f).items()})
+        vocab.update({k: int(v) for k, v in fileio.read_json(fileio.join(d, "added_tokens.json")).items()})
     except (OSError, ValueError, TypeError, AttributeError):
         pass
     return {name: vocab[tok] for name, tok in SPECIAL_TOKENS.items() if tok in vocab}
@@ -237,11 +236,11 @@ def tokenizer_notes(d: str) -> list[str]:
 def _config_for_source(cfg_dir: str, keys: set, ae_shapes: dict | None, *, preset: str, settings: dict,
                        vae_scale_factor=None, vae_shift_factor=None) -> tuple[ml_collections.ConfigDict, list]:
     notes = []
-    missing = [f for f in ("llm_config.json", "vit_config.json") if not os.path.exists(os.path.join(cfg_dir, f))]
+    missing = [f for f in ("llm_config.json", "vit_config.json") if not fileio.exists(fileio.join(cfg_dir, f))]
     if missing:
         raise ConversionError(f"{cfg_dir}: missing {missing} (BAGEL's loaders read both; the release ships them)")
-    with open(os.path.join(cfg_dir, "vit_config.json")) as f:
-        vj = json.load(f)
+    lj = fileio.read_json(fileio.join(cfg_dir, "llm_config.json"))
+    vj = fileio.read_json(fileio.join(cfg_dir, "vit_config.json"))
     grid = vj.get("image_size", 980) // vj.get("patch_size", 14)
     if grid != settings["vit_max_num_patch_per_side"]:
         raise ConversionError(
@@ -249,7 +248,7 @@ def _config_for_source(cfg_dir: str, keys: set, ae_shapes: dict | None, *, prese
             f"patch_size {vj.get('patch_size')}), but --vit-max-patches-per-side is "
             f"{settings['vit_max_num_patch_per_side']}: pass --vit-max-patches-per-side {grid}")
     base = PRESETS[preset]()
-    cfg = config_lib.from_bagel_dir(cfg_dir, base=base, **settings)
+    cfg = config_lib.from_bagel_configs(lj, vj, base=base, where=cfg_dir, **settings)
     mot = any("_moe_gen" in k for k in keys)
     cfg.llm.layer_module = "mot" if mot else "dense"
     cfg.llm.qk_norm = any(".self_attn.q_norm" in k for k in keys)
@@ -414,15 +413,15 @@ def import_bagel(src: str, dst: str, *, latent_patch_size: int = 2, max_latent_s
                  progress: bool = True, log=print) -> dict:
     """Convert a BAGEL release-layout checkpoint into a model dir; returns stats."""
     t0 = time.perf_counter()
-    if os.path.isdir(dst) and os.listdir(dst) and not overwrite:
+    if fileio.isdir(dst) and fileio.listdir(dst) and not overwrite:
         raise ConversionError(f"{dst} exists and is not empty (pass --overwrite)")
     wpath, cfg_dir, notes = find_weights(src, weights)
     source = SafetensorsSource(wpath)
-    ae_path = os.path.join(cfg_dir, "ae.safetensors")
+    ae_path = fileio.join(cfg_dir, "ae.safetensors")
     ae = None
     if not no_vae:
-        if not os.path.exists(ae_path):
-            bins = [f for f in ("ae.bin", "ae.pt", "ae.pth") if os.path.exists(os.path.join(cfg_dir, f))]
+        if not fileio.exists(ae_path):
+            bins = [f for f in ("ae.bin", "ae.pt", "ae.pth") if fileio.exists(fileio.join(cfg_dir, f))]
             if bins:
                 raise ConversionError(f"{cfg_dir}/{bins[0]}: {PICKLE_EXPLANATION}")
             raise ConversionError(f"{cfg_dir}: no ae.safetensors (the FLUX VAE BAGEL ships with its weights); "
@@ -441,7 +440,7 @@ def import_bagel(src: str, dst: str, *, latent_patch_size: int = 2, max_latent_s
     if converted:
         notes.append(f"{PATCH_KEY} is in Conv2d form {list(source.tensors[PATCH_KEY].shape)}: converted to "
                      "BAGEL's Linear form (permute(0, 2, 3, 1).reshape)")
-    problems = _check_tensors(os.path.basename(wpath), source.tensors, table, pshapes,
+    problems = _check_tensors(fileio.basename(wpath), source.tensors, table, pshapes,
                               optional=keymap.fixed_table_shapes(cfg), converted=converted)
     _check_fixed(source, cfg, problems, notes)
     vae_table = abstract_vae = None
@@ -460,9 +459,9 @@ def import_bagel(src: str, dst: str, *, latent_patch_size: int = 2, max_latent_s
     bar = _progress(total, "import", progress)
     params = _streamed_tree(source, table, abstract, bar, converted)
     vae = _streamed_tree(ae, vae_table, abstract_vae, bar) if ae else None
-    tok = cfg_dir if any(os.path.exists(os.path.join(cfg_dir, f)) for f in md.TOKENIZER_FILES) else None
-    prov = {"tool": "sgt_jax.convert import", "source": os.path.abspath(src), "weights": os.path.basename(wpath),
-            "weights_files": [os.path.basename(f) for f in source.files], "preset": preset,
+    tok = cfg_dir if set(md.TOKENIZER_FILES) & set(fileio.listdir(cfg_dir)) else None
+    prov = {"tool": "sgt_jax.convert import", "source": fileio.abspath(src), "weights": fileio.basename(wpath),
+            "weights_files": [fileio.basename(f) for f in source.files], "preset": preset,
             "settings_from_options": settings, "notes": notes}
     t1 = time.perf_counter()
     md.save_model_dir(dst, cfg, params, vae, tokenizer_dir=tok, bagel_configs_dir=cfg_dir, compress=compress,
@@ -563,8 +562,8 @@ def export_bagel(model_dir: str, dst: str, *, dtype: str | None = None, shard_si
                  ema: bool = False, log=print) -> dict:
     """Write BAGEL's release layout from a model dir; returns stats."""
     t0 = time.perf_counter()
-    if os.path.isdir(model_dir) and not os.path.exists(os.path.join(model_dir, md.INFO_FILE)) and \
-            any(os.path.exists(os.path.join(model_dir, c)) for c in WEIGHT_CANDIDATES):
+    if fileio.isdir(model_dir) and not fileio.exists(fileio.join(model_dir, md.INFO_FILE)) and \
+            set(WEIGHT_CANDIDATES) & set(fileio.listdir(model_dir)):
         raise ConversionError(f"{model_dir} is already in BAGEL's release layout (nothing to export); "
                               "`import` converts it into a model dir")
     reader = md.ModelDirReader(model_dir)
@@ -587,11 +586,11 @@ def export_bagel(model_dir: str, dst: str, *, dtype: str | None = None, shard_si
         problems += md._compare(exp, got, item)
     if problems:
         raise ConversionError(f"{model_dir}: checkpoint does not match its model_config.json:\n  " + "\n  ".join(problems))
-    if os.path.exists(dst) and os.listdir(dst):
+    if fileio.isdir(dst) and fileio.listdir(dst):
         if not overwrite:
             raise ConversionError(f"{dst} exists and is not empty (pass --overwrite)")
-        shutil.rmtree(dst)
-    os.makedirs(dst, exist_ok=True)
+        fileio.rmtree(dst)
+    fileio.makedirs(dst)
 
     plan = _export_plan(reader, table, "params", out_dtype)
     fixed = keymap.fixed_tables(cfg)
@@ -617,22 +616,19 @@ def export_bagel(model_dir: str, dst: str, *, dtype: str | None = None, shard_si
         notes.append("the model dir has no VAE: ae.safetensors not written")
     bar.close()
     templates = {}
-    cdir = os.path.join(model_dir, md.BAGEL_CONFIGS_DIR)
+    cdir = fileio.join(model_dir, md.BAGEL_CONFIGS_DIR)
     for name in ("llm_config.json", "vit_config.json"):
-        if os.path.exists(os.path.join(cdir, name)):
-            with open(os.path.join(cdir, name)) as f:
-                templates[name] = json.load(f)
+        if fileio.exists(fileio.join(cdir, name)):
+            templates[name] = fileio.read_json(fileio.join(cdir, name))
     dtypes = {np.dtype(t.dtype).name for t in planned}
     lj, vj = bagel_config_files(cfg, templates, torch_dtype=dtypes.pop() if len(dtypes) == 1 else None)
     for name, obj in (("llm_config.json", lj), ("vit_config.json", vj)):
-        with open(os.path.join(dst, name), "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-    tdir = os.path.join(model_dir, md.TOKENIZER_DIR)
+        fileio.write_json(fileio.join(dst, name), obj)
+    tdir = fileio.join(model_dir, md.TOKENIZER_DIR)
     copied = []
-    if os.path.isdir(tdir):
-        for name in sorted(os.listdir(tdir)):
-            shutil.copy2(os.path.join(tdir, name), os.path.join(dst, name))
+    if fileio.isdir(tdir):
+        for name in sorted(fileio.listdir(tdir)):
+            fileio.copy(fileio.join(tdir, name), fileio.join(dst, name))
             copied.append(name)
         notes += tokenizer_notes(tdir)
     else:
@@ -641,5 +637,5 @@ def export_bagel(model_dir: str, dst: str, *, dtype: str | None = None, shard_si
         log(f"note: {n}")
     dt = time.perf_counter() - t0
     return {"bytes": total, "seconds": dt, "gb_per_s": total / 1e9 / dt, "peak_rss_gb": peak_rss_gb(),
-            "cpu_seconds": cpu_seconds(), "files": [os.path.basename(f) for f in files], "tokenizer_files": copied,
+            "cpu_seconds": cpu_seconds(), "files": [fileio.basename(f) for f in files], "tokenizer_files": copied,
             "tensors": len(planned) + len(vae_plan), "notes": notes}

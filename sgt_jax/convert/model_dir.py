@@ -25,6 +25,9 @@ import/export touch one layer slice at a time. ``save_model_dir`` writes in-memo
 (numpy or jax arrays, sharded jax arrays on a pod: all processes call it);
 the converter writes through the same function with ``StreamedArray`` leaves whose data is
 produced block by block while Orbax writes (no whole stacked parameter is ever in memory).
+
+DIR may be a local path or a ``gs://`` URL: Orbax / tensorstore open the checkpoint themselves;
+the JSON files, ``tokenizer/`` and ``bagel_configs/`` go through ``sgt_jax.convert.fileio``.
 """
 from __future__ import annotations
 
@@ -46,6 +49,7 @@ from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 from orbax.checkpoint._src.serialization import type_handler_registry as ocp_registry
 from orbax.checkpoint._src.serialization import type_handlers as ocp_type_handlers
 
+from sgt_jax.convert import fileio
 from sgt_jax.models import config as config_lib
 
 FORMAT = "sgt-jax model dir"
@@ -218,8 +222,8 @@ def _dtype_summary(tree) -> str | None:
     return names[0] if len(names) == 1 else "mixed(" + ",".join(names) + ")"
 
 
-def _write_json(path: epath.Path, obj):
-    path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+def _write_json(path: str, obj):
+    fileio.write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 def config_to_json(cfg) -> dict:
@@ -244,39 +248,35 @@ def save_model_dir(path, cfg, params_pure, vae_pure=None, tokenizer_dir=None, *,
     (e.g. the ``bagel_configs/`` of the model dir training started from). ``compress``: zstd in
     the zarr3 chunks (~25% smaller bf16 files, ~2.5x slower to write here)."""
     config_lib.validate(cfg)
-    path = epath.Path(path)
+    path = fileio.abspath(path)
     primary = jax.process_index() == 0
-    if path.exists() and any(path.iterdir()):
+    if fileio.isdir(path) and fileio.listdir(path):
         if not overwrite:
             raise ModelDirError(f"{path} exists and is not empty (pass overwrite=True / --overwrite)")
         if primary:
-            path.rmtree()
+            fileio.rmtree(path)
     if primary:
-        path.mkdir(parents=True, exist_ok=True)
+        fileio.makedirs(path)
     _check_tree_against_config(cfg, params_pure, vae_pure)
     tree = {"params": params_pure}
     if vae_pure is not None:
         tree["vae"] = vae_pure
-    _write_checkpoint(str(path / CHECKPOINT_DIR), tree, compress=compress)
+    _write_checkpoint(fileio.join(path, CHECKPOINT_DIR), tree, compress=compress)
     if not primary:
         return
-    _write_json(path / CONFIG_FILE, config_to_json(cfg))
-    copied = []
-    if tokenizer_dir is not None:
-        src = epath.Path(tokenizer_dir)
-        (path / TOKENIZER_DIR).mkdir(exist_ok=True)
-        for name in TOKENIZER_FILES:
-            if (src / name).exists():
-                (src / name).copy(path / TOKENIZER_DIR / name)
-                copied.append(name)
-    carried = []
-    if bagel_configs_dir is not None:
-        src = epath.Path(bagel_configs_dir)
-        for name in ("llm_config.json", "vit_config.json"):
-            if (src / name).exists():
-                (path / BAGEL_CONFIGS_DIR).mkdir(exist_ok=True)
-                (src / name).copy(path / BAGEL_CONFIGS_DIR / name)
-                carried.append(name)
+    _write_json(fileio.join(path, CONFIG_FILE), config_to_json(cfg))
+
+    def carry(src_dir, names, sub) -> list[str]:
+        present = set(fileio.listdir(src_dir)) if src_dir is not None and fileio.isdir(src_dir) else set()
+        names = [n for n in names if n in present]
+        if names:
+            fileio.makedirs(fileio.join(path, sub))
+        for name in names:
+            fileio.copy(fileio.join(src_dir, name), fileio.join(path, sub, name))
+        return names
+
+    copied = carry(tokenizer_dir, TOKENIZER_FILES, TOKENIZER_DIR)
+    carried = carry(bagel_configs_dir, ("llm_config.json", "vit_config.json"), BAGEL_CONFIGS_DIR)
     info = {
         "format": FORMAT, "version": VERSION, "checkpoint": CHECKPOINT_DIR,
         "items": sorted(tree), "params_dtype": _dtype_summary(params_pure),
@@ -287,24 +287,24 @@ def save_model_dir(path, cfg, params_pure, vae_pure=None, tokenizer_dir=None, *,
         "tokenizer_files": copied, "bagel_configs": carried, "compressed": bool(compress),
         "provenance": provenance or {},
     }
-    _write_json(path / INFO_FILE, info)
+    _write_json(fileio.join(path, INFO_FILE), info)
 
 
 def read_info(path) -> dict:
-    path = epath.Path(path)
-    f = path / INFO_FILE
-    if not f.exists():
+    path = fileio.abspath(path)
+    f = fileio.join(path, INFO_FILE)
+    if not fileio.exists(f):
         hint = ""
-        if (path / "llm_config.json").exists():
+        if fileio.exists(fileio.join(path, "llm_config.json")):
             hint = (" It looks like a BAGEL release dir: convert it first with "
                     f"`python -m sgt_jax.convert import --from {path} --to MODEL_DIR`.")
-        elif (path / CONFIG_FILE).exists() or (path / CHECKPOINT_DIR).exists():
+        elif fileio.exists(fileio.join(path, CONFIG_FILE)) or fileio.exists(fileio.join(path, CHECKPOINT_DIR)):
             hint = " It has a checkpoint but no model_dir.json: the write was interrupted; re-create it."
         else:
             hint = (" (A trainer checkpoint is first written as a model dir by the trainer, with "
                     "save_model_dir; see docs/convert.md.)")
         raise ModelDirError(f"{path} is not a complete sgt-jax model dir (no {INFO_FILE}).{hint}")
-    info = json.loads(f.read_text())
+    info = fileio.read_json(f)
     if info.get("format") != FORMAT:
         raise ModelDirError(f"{f}: format {info.get('format')!r}, expected {FORMAT!r}")
     if int(info.get("version", 0)) > VERSION:
@@ -314,7 +314,7 @@ def read_info(path) -> dict:
 
 def read_config(path) -> ml_collections.ConfigDict:
     read_info(path)
-    return config_from_json(json.loads((epath.Path(path) / CONFIG_FILE).read_text()))
+    return config_from_json(fileio.read_json(fileio.join(path, CONFIG_FILE)))
 
 
 def _check_tree_against_config(cfg, params, vae):
@@ -350,7 +350,7 @@ def _compare(expected: dict, got_shapes: dict, what: str) -> list[str]:
 
 def stored_arrays(path) -> dict[str, tuple[tuple, np.dtype]]:
     """{orbax name: (shape, dtype)} of every array in the model dir's checkpoint."""
-    ck = epath.Path(path) / CHECKPOINT_DIR
+    ck = epath.Path(fileio.join(path, CHECKPOINT_DIR))
     meta = ocp.PyTreeCheckpointer().metadata(ck)
     tree = getattr(meta, "item_metadata", meta)
     tree = getattr(tree, "tree", tree)
@@ -397,7 +397,7 @@ def load_model_dir(path, *, shardings=None, dtype=jnp.float32):
     mesh), or {"params": tree, "vae": tree}. Arrays are restored directly into their shardings
     (each process reads only its shards). ``dtype``: cast on restore (None: as stored).
     Refuses (ModelDirError, listing names) a checkpoint whose arrays do not match the config."""
-    path = epath.Path(path)
+    path = fileio.abspath(path)
     info = read_info(path)
     cfg = read_config(path)
     abstract = {"params": abstract_params(cfg)}
@@ -429,7 +429,8 @@ def load_model_dir(path, *, shardings=None, dtype=jnp.float32):
         _set(item, p, jax.ShapeDtypeStruct(a.shape, d, sharding=flat_sh[p]))
         _set(rargs, p, ocp.ArrayRestoreArgs(sharding=flat_sh[p], dtype=d, global_shape=tuple(a.shape)))
     with ocp.PyTreeCheckpointer() as ck:
-        out = ck.restore(path / CHECKPOINT_DIR, args=ocp.args.PyTreeRestore(item=item, restore_args=rargs))
+        out = ck.restore(epath.Path(fileio.join(path, CHECKPOINT_DIR)),
+                         args=ocp.args.PyTreeRestore(item=item, restore_args=rargs))
     return cfg, out["params"], out.get("vae")
 
 
@@ -447,11 +448,11 @@ class ModelDirReader:
     """Open the arrays of a model dir one by one and read slices (no whole-tree restore)."""
 
     def __init__(self, path):
-        self.path = epath.Path(path)
+        self.path = fileio.abspath(path)
         self.info = read_info(self.path)
         self.cfg = read_config(self.path)
-        self.ckpt = self.path / CHECKPOINT_DIR
-        meta = json.loads((self.ckpt / "_METADATA").read_text())
+        self.ckpt = fileio.join(self.path, CHECKPOINT_DIR)
+        meta = fileio.read_json(fileio.join(self.ckpt, "_METADATA"))
         self.use_zarr3 = bool(meta.get("use_zarr3", False))
         self.use_ocdbt = bool(meta.get("use_ocdbt", True))
         self.context = ts_utils.get_ts_context(use_ocdbt=self.use_ocdbt)
@@ -460,7 +461,7 @@ class ModelDirReader:
     def open(self, name: str) -> ts.TensorStore:
         if name not in self.stored:
             raise ModelDirError(f"{self.ckpt}: no array {name}")
-        spec = ts_utils.ArrayReadSpec(str(self.ckpt), name, self.use_zarr3, use_ocdbt=self.use_ocdbt).json
+        spec = ts_utils.ArrayReadSpec(self.ckpt, name, self.use_zarr3, use_ocdbt=self.use_ocdbt).json
         return ts.open(ts.Spec(spec), open=True, context=self.context).result()
 
     def read(self, name: str) -> np.ndarray:

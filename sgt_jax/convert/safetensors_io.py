@@ -3,8 +3,9 @@
 Reading: ``SafetensorsSource`` resolves a BAGEL weights file (single file, or HF-style shards
 with an index json), validates every header against the file size *before* any data is read
 (a truncated download is refused with the tensors it cuts off), and reads tensors -- or blocks
-of rows of a tensor -- with positioned reads (``os.pread``) into fresh arrays. Positioned reads
-instead of a memory map keep the process's resident memory at the size of the block being
+of rows of a tensor -- with positioned reads (``os.preadv``; for a URL such as ``gs://``, ranged
+GETs of bounded size: ``fileio.read_into``) into fresh arrays. Positioned reads instead of a
+memory map keep the process's resident memory at the size of the block being
 converted: pages of a mapped file count toward RSS while the mapping lives, so mapping a 29 GB
 release file would report up to 29 GB resident. The header parser is checked against
 ``safetensors.safe_open`` in the tests.
@@ -12,8 +13,8 @@ release file would report up to 29 GB resident. The header parser is checked aga
 Writing: ``SafetensorsPlanWriter`` writes a planned list of tensors (names, dtypes, shapes known
 up front) into one file or HF-style shards (``{stem}-00001-of-0000N.safetensors`` +
 ``{stem}.safetensors.index.json``), header first, then the data as it is produced, block by
-block, in plan order. The header carries ``{"__metadata__": {"format": "pt"}}`` as
-``safetensors.torch`` writes it (accelerate/transformers refuse files without it).
+block, in plan order, to a local path or streamed to a URL (``fileio.open_write``). The header
+carries ``{"__metadata__": {"format": "pt"}}`` as ``safetensors.torch`` writes it (accelerate/transformers refuse files without it).
 
 Pickle-based checkpoints (``.bin``, ``.pt``, ``.pth``, ``.ckpt``, ``.pkl``) are refused by name:
 loading them runs ``pickle``, i.e. arbitrary code.
@@ -22,13 +23,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import struct
 from typing import Iterable, NamedTuple
 
 import ml_dtypes
 import numpy as np
+
+from sgt_jax.convert import fileio
 
 HEADER_LIMIT = 100 * 2 ** 20       # safetensors' own limit on the JSON header (100 MB)
 DTYPES = {
@@ -84,20 +86,19 @@ def read_header(path: str) -> tuple[dict[str, TensorInfo], dict]:
     that extend past the end), not safetensors, or internally inconsistent."""
     if path.endswith(PICKLE_SUFFIXES):
         refuse_pickle(path)
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ConversionError(f"{path}: truncated: {size} bytes, shorter than the 8-byte safetensors "
-                                  "header length")
-        (n,) = struct.unpack("<Q", head)
-        if n > HEADER_LIMIT:
-            raise ConversionError(f"{path}: not a safetensors file (declared header length {n} bytes "
-                                  f"> {HEADER_LIMIT}); if it is a zip/pickle torch file: {PICKLE_EXPLANATION}")
-        if 8 + n > size:
-            raise ConversionError(f"{path}: truncated: the header declares {n} bytes but the file has only "
-                                  f"{size} bytes in total (incomplete download/copy?)")
-        raw = f.read(n)
+    size = fileio.getsize(path)
+    head = fileio.read_bytes(path, 0, 8)
+    if len(head) < 8:
+        raise ConversionError(f"{path}: truncated: {size} bytes, shorter than the 8-byte safetensors "
+                              "header length")
+    (n,) = struct.unpack("<Q", head)
+    if n > HEADER_LIMIT:
+        raise ConversionError(f"{path}: not a safetensors file (declared header length {n} bytes "
+                              f"> {HEADER_LIMIT}); if it is a zip/pickle torch file: {PICKLE_EXPLANATION}")
+    if 8 + n > size:
+        raise ConversionError(f"{path}: truncated: the header declares {n} bytes but the file has only "
+                              f"{size} bytes in total (incomplete download/copy?)")
+    raw = fileio.read_bytes(path, 8, n)
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -147,7 +148,7 @@ class SafetensorsSource:
             self._add_file(path)
 
     def _add_file(self, path: str, expect: set | None = None):
-        if not os.path.exists(path):
+        if not fileio.exists(path):
             raise ConversionError(f"{path}: file not found")
         infos, _ = read_header(path)
         dup = sorted(set(infos) & set(self.tensors))
@@ -157,7 +158,7 @@ class SafetensorsSource:
             missing = sorted(expect - set(infos))
             extra = sorted(set(infos) - expect)
             if missing:
-                raise ConversionError(f"{self.path}: the index maps {len(missing)} tensors to {os.path.basename(path)} "
+                raise ConversionError(f"{self.path}: the index maps {len(missing)} tensors to {fileio.basename(path)} "
                                       f"but that file does not contain them: {_listing(missing)}")
             if extra:
                 raise ConversionError(f"{path}: holds {len(extra)} tensors the index does not list: {_listing(extra)}")
@@ -166,23 +167,22 @@ class SafetensorsSource:
 
     def _open_index(self, index_path: str):
         try:
-            with open(index_path) as f:
-                idx = json.load(f)
+            idx = fileio.read_json(index_path)
             wm = idx["weight_map"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
             raise ConversionError(f"{index_path}: not a safetensors index json ({e!r})") from None
         by_file: dict[str, set] = {}
         for k, fn in wm.items():
             by_file.setdefault(fn, set()).add(k)
-        d = os.path.dirname(index_path)
+        d = fileio.dirname(index_path)
         pick = sorted(fn for fn in by_file if fn.endswith(PICKLE_SUFFIXES))
         if pick:
             raise ConversionError(f"{index_path} indexes pickle files {pick}: {PICKLE_EXPLANATION}")
-        missing_files = sorted(fn for fn in by_file if not os.path.exists(os.path.join(d, fn)))
+        missing_files = sorted(fn for fn in by_file if not fileio.exists(fileio.join(d, fn)))
         if missing_files:
             raise ConversionError(f"{index_path}: shard files listed in the index are missing: {_listing(missing_files)}")
         for fn in sorted(by_file):
-            self._add_file(os.path.join(d, fn), expect=by_file[fn])
+            self._add_file(fileio.join(d, fn), expect=by_file[fn])
 
     def __contains__(self, key) -> bool:
         return key in self.tensors
@@ -205,17 +205,8 @@ class SafetensorsSource:
             start, nbytes = t.start + r0 * row, (r1 - r0) * row
             shape = (r1 - r0,) + tuple(shape[1:])
         out = np.empty(shape, t.np_dtype)
-        buf = out.reshape(-1).view(np.uint8)
-        fd = os.open(t.file, os.O_RDONLY)
-        try:
-            done = 0
-            while done < nbytes:
-                n = os.preadv(fd, [buf[done:]], start + done)
-                if n <= 0:
-                    raise ConversionError(f"{t.file}: truncated while reading {key} (file changed on disk?)")
-                done += n
-        finally:
-            os.close(fd)
+        if fileio.read_into(t.file, start, out.reshape(-1).view(np.uint8)) < nbytes:
+            raise ConversionError(f"{t.file}: truncated while reading {key} (file changed on disk?)")
         return out
 
 
@@ -299,16 +290,16 @@ class SafetensorsPlanWriter:
         self._written = 0             # bytes of that tensor written so far
         self._fh = None
         self._shard = -1
-        os.makedirs(directory, exist_ok=True)
+        fileio.makedirs(directory)
 
     @property
     def paths(self) -> list[str]:
-        return [os.path.join(self.directory, n) for n in self.names]
+        return [fileio.join(self.directory, n) for n in self.names]
 
     def _open_shard(self, si: int):
         if self._fh is not None:
             self._fh.close()
-        self._fh = open(os.path.join(self.directory, self.names[si]), "wb")
+        self._fh = fileio.open_write(self.paths[si])
         self._fh.write(_header_bytes(self.shards[si], self.metadata))
         self._shard = si
 
@@ -326,8 +317,8 @@ class SafetensorsPlanWriter:
             raise ValueError(f"write({key}): dtype {block.dtype}, planned {np.dtype(t.dtype)}")
         if tuple(block.shape[1:]) != tuple(t.shape[1:]) and tuple(block.shape) != tuple(t.shape):
             raise ValueError(f"write({key}): block shape {block.shape} does not fit planned {t.shape}")
-        if self._shard != si:
-            self._open_shard(si)
+        while self._shard < si:                 # (a shard holding only empty tensors is opened too)
+            self._open_shard(self._shard + 1)
         data = np.ascontiguousarray(block).reshape(-1).view(np.uint8)
         if self._written + data.nbytes > t.nbytes:
             raise ValueError(f"write({key}): {self._written + data.nbytes} bytes > planned {t.nbytes}")
@@ -343,17 +334,17 @@ class SafetensorsPlanWriter:
         if self._pos != len(self._queue):
             raise ValueError(f"close(): {len(self._queue) - self._pos} planned tensors not written "
                              f"(next: {self._queue[self._pos][1].key})")
-        for si in range(len(self.shards)):      # shards that only hold empty tensors
-            if not os.path.exists(self.paths[si]):
-                self._open_shard(si)
+        while self._shard < len(self.shards) - 1:      # trailing shards that only hold empty tensors
+            self._open_shard(self._shard + 1)
         if self._fh is not None:
             self._fh.close()
             self._fh = None
         if self.sharded:
             total = sum(t.nbytes for s in self.shards for t in s)
             wm = {t.key: self.names[si] for si, s in enumerate(self.shards) for t in s}
-            with open(os.path.join(self.directory, f"{self.stem}.safetensors.index.json"), "w") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(wm.items()))}, f, indent=2)
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(wm.items()))}
+            fileio.write_text(fileio.join(self.directory, f"{self.stem}.safetensors.index.json"),
+                              json.dumps(index, indent=2))
         return self.paths
 
 

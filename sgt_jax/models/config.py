@@ -149,12 +149,20 @@ def from_bagel_dir(path: str, base: ml_collections.ConfigDict | None = None,
     max latent size, ViT grid, timestep shift) are not in the release files: they come from
     ``base`` (default: BAGEL-7B-MoT's) and ``bagel_overrides``.
     """
-    cfg = base if base is not None else bagel_7b()
-    cfg = ml_collections.ConfigDict(cfg.to_dict())
     with open(os.path.join(path, "llm_config.json")) as f:
         lj = json.load(f)
     with open(os.path.join(path, "vit_config.json")) as f:
         vj = json.load(f)
+    return from_bagel_configs(lj, vj, base, where=path, **bagel_overrides)
+
+
+def from_bagel_configs(lj: dict, vj: dict, base: ml_collections.ConfigDict | None = None, *, where: str = ".",
+                       **bagel_overrides) -> ml_collections.ConfigDict:
+    """``from_bagel_dir`` on the parsed ``llm_config.json`` (``lj``) and ``vit_config.json``
+    (``vj``) of the BAGEL dir ``where`` (named in errors; the converter reads them, possibly
+    from a gs:// URL)."""
+    cfg = base if base is not None else bagel_7b()
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
     cfg.llm.update(dict(
         vocab_size=lj["vocab_size"], hidden_size=lj["hidden_size"],
         intermediate_size=lj["intermediate_size"], num_layers=lj["num_hidden_layers"],
@@ -163,7 +171,7 @@ def from_bagel_dir(path: str, base: ml_collections.ConfigDict | None = None,
         rope_theta=float(lj.get("rope_theta", 1e6)), rms_norm_eps=float(lj.get("rms_norm_eps", 1e-6)),
     ))
     if lj.get("tie_word_embeddings", False):
-        raise ValueError(f"{path}/llm_config.json: tie_word_embeddings=true is not a BAGEL layout "
+        raise ValueError(f"{where}/llm_config.json: tie_word_embeddings=true is not a BAGEL layout "
                          "(BAGEL always unties lm_head)")
     cfg.vit.update(dict(
         hidden_size=vj["hidden_size"], intermediate_size=vj["intermediate_size"],

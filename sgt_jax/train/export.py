@@ -1,28 +1,28 @@
 """A training checkpoint -> a model dir (the format ``python -m sgt_jax.convert export`` turns
 into BAGEL's release layout). The EMA (default) or the raw parameters, merged with the frozen
-ones, plus the VAE, the tokenizer and BAGEL's config files of the model training started from."""
+ones, plus the VAE, the tokenizer and BAGEL's config files of the model training started from.
+The run, the model dir it started from and the output may be local paths or gs:// URLs
+(``sgt_jax.convert.fileio``; Orbax reads and writes the checkpoints itself)."""
 from __future__ import annotations
-
-import json
-import os
 
 import jax
 import ml_collections
 from flax import nnx
 
+from sgt_jax.convert import fileio
 from sgt_jax.parallel import mesh as mesh_lib
 from sgt_jax.train.checkpoint import Checkpointer
 
 
 def find_checkpoint(path: str) -> tuple[str, int]:
     """(checkpoints dir, step) for a run dir (latest step), its ``checkpoints/`` or a step dir."""
-    path = os.path.abspath(path)
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        path = os.path.join(path, "checkpoints")
-    base = os.path.basename(path)
-    if base.isdigit() and os.path.isdir(os.path.join(path, "state")):
-        return os.path.dirname(path), int(base)
-    steps = sorted(int(d) for d in os.listdir(path) if d.isdigit()) if os.path.isdir(path) else []
+    path = fileio.abspath(path)
+    if fileio.isdir(fileio.join(path, "checkpoints")):
+        path = fileio.join(path, "checkpoints")
+    base = fileio.basename(path)
+    if base.isdigit() and fileio.isdir(fileio.join(path, "state")):
+        return fileio.dirname(path), int(base)
+    steps = sorted(int(d) for d in fileio.listdir(path) if d.isdigit()) if fileio.isdir(path) else []
     if not steps:
         raise FileNotFoundError(f"{path}: no training checkpoint (expected RUN/checkpoints/<step>/state)")
     return path, steps[-1]
@@ -42,8 +42,7 @@ def checkpoint_to_model_dir(path: str, out: str, *, ema: bool = True, overwrite:
     from sgt_jax.train.loop import Setup
 
     ckpt_dir, step = find_checkpoint(path)
-    with open(os.path.join(ckpt_dir, str(step), "meta", "metadata")) as f:
-        meta = json.load(f)
+    meta = fileio.read_json(fileio.join(ckpt_dir, str(step), "meta", "metadata"))
     cfg = ml_collections.ConfigDict(meta["config"])
     cfg.model.vae.ch_mult = tuple(cfg.model.vae.ch_mult)
     mesh = mesh_lib.make_mesh(dict(data=1, fsdp=-1, tensor=1))
@@ -59,14 +58,14 @@ def checkpoint_to_model_dir(path: str, out: str, *, ema: bool = True, overwrite:
     params = nnx.to_pure_dict(nnx.merge_state(trained, restored["frozen"]))
     vae = nnx.to_pure_dict(restored["vae"])
     init_from = cfg.train.get("init_from", "")
-    tok = os.path.join(init_from, "tokenizer") if init_from else ""
-    if not (tok and os.path.isdir(tok)):
-        run_dir = os.path.dirname(ckpt_dir)
+    tok = fileio.join(init_from, "tokenizer") if init_from else ""
+    if not (tok and fileio.isdir(tok)):
+        run_dir = fileio.dirname(ckpt_dir)
         tok = cfg.data.get("tokenizer_path", "").replace("{workdir}", run_dir)
-    bagel_cfgs = os.path.join(init_from, "bagel_configs") if init_from else ""
-    save_model_dir(out, cfg.model, params, vae, tokenizer_dir=tok if tok and os.path.isdir(tok) else None,
-                   bagel_configs_dir=bagel_cfgs if bagel_cfgs and os.path.isdir(bagel_cfgs) else None,
-                   provenance={"training_checkpoint": os.path.join(ckpt_dir, str(step)),
+    bagel_cfgs = fileio.join(init_from, "bagel_configs") if init_from else ""
+    save_model_dir(out, cfg.model, params, vae, tokenizer_dir=tok if tok and fileio.isdir(tok) else None,
+                   bagel_configs_dir=bagel_cfgs if bagel_cfgs and fileio.isdir(bagel_cfgs) else None,
+                   provenance={"training_checkpoint": fileio.join(ckpt_dir, str(step)),
                                "weights": "ema" if ema else "params"}, overwrite=overwrite)
     jax.effects_barrier()
     return {"step": step, "weights": "ema" if ema else "params", "model_dir": out}
