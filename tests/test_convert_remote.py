@@ -1,4 +1,4 @@
-"""Remote paths (gs://bucket/path and other fsspec URLs) in the converter: sgt_jax/convert/fileio.
+"""Remote paths (gs://bucket/path and other fsspec URLs) in the converter: sgt_jax/fileio.
 
 No network: fsspec's in-memory filesystem (``memory://``) and a fake ``gs://`` protocol mapped
 onto a temp dir stand in for GCS. Evidence: an import from a remote BAGEL dir (sharded
@@ -23,7 +23,8 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 from safetensors.numpy import load_file, save_file
 
-from sgt_jax.convert import ConversionError, bagel_io, export_bagel, fileio, import_bagel
+from sgt_jax import fileio
+from sgt_jax.convert import ConversionError, bagel_io, export_bagel, import_bagel
 from sgt_jax.convert import __main__ as cli
 from sgt_jax.convert import model_dir as md
 from sgt_jax.convert import safetensors_io as sio

@@ -57,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    from sgt_jax.convert import fileio
+    from sgt_jax import fileio
     from sgt_jax.convert.bagel_io import export_bagel, import_bagel
     from sgt_jax.convert.model_dir import ModelDirError
     from sgt_jax.convert.safetensors_io import ConversionError

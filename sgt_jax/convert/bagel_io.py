@@ -17,7 +17,7 @@ order (header written first from the known shapes), writes the two regenerated s
 used depth + 1 because BAGEL drops the last layer) and the tokenizer files.
 
 SRC, DST and MODEL_DIR may be ``gs://`` URLs: every file operation outside the Orbax checkpoint
-goes through ``sgt_jax.convert.fileio`` (ranged reads and streamed writes of bounded size).
+goes through ``sgt_jax.fileio`` (ranged reads and streamed writes of bounded size).
 
 Names and layouts come only from ``sgt_jax.models.keymap`` (``bagel_table``, ``vae_entries``,
 ``group_entries``, ``FIXED_KEYS``).
@@ -32,7 +32,7 @@ from typing import Iterator
 import ml_collections
 import numpy as np
 
-from sgt_jax.convert import fileio
+from sgt_jax import fileio
 from sgt_jax.convert import model_dir as md
 from sgt_jax.convert.safetensors_io import (PICKLE_EXPLANATION, PICKLE_SUFFIXES, ConversionError,
                                             PlannedTensor, SafetensorsPlanWriter, SafetensorsSource,
@@ -213,7 +213,7 @@ def special_tokens_from_tokenizer(d: str) -> dict[str, int]:
 def tokenizer_notes(d: str) -> list[str]:
     """Notes on tokenizer files in ``d`` that BAGEL's loader (its slow ``Qwen2Tokenizer``,
     transformers 4.49) cannot read; nothing when ``d`` has no tokenizer files."""
-    names = set(os.listdir(d)) if os.path.isdir(d) else set()
+    names = set(fileio.listdir(d)) if fileio.isdir(d) else set()
     if not names & {"tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"}:
         return []
     notes = []
@@ -223,8 +223,7 @@ def tokenizer_notes(d: str) -> list[str]:
                      "(the slow tokenizer its app / eval scripts use) needs both (tokenizer.json alone only "
                      "serves a fast tokenizer)")
     try:
-        with open(os.path.join(d, "tokenizer_config.json")) as f:
-            extra = json.load(f).get("extra_special_tokens")
+        extra = fileio.read_json(fileio.join(d, "tokenizer_config.json")).get("extra_special_tokens")
     except (OSError, ValueError, AttributeError):
         extra = None
     if isinstance(extra, list):

@@ -27,7 +27,7 @@ the converter writes through the same function with ``StreamedArray`` leaves who
 produced block by block while Orbax writes (no whole stacked parameter is ever in memory).
 
 DIR may be a local path or a ``gs://`` URL: Orbax / tensorstore open the checkpoint themselves;
-the JSON files, ``tokenizer/`` and ``bagel_configs/`` go through ``sgt_jax.convert.fileio``.
+the JSON files, ``tokenizer/`` and ``bagel_configs/`` go through ``sgt_jax.fileio``.
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 from orbax.checkpoint._src.serialization import type_handler_registry as ocp_registry
 from orbax.checkpoint._src.serialization import type_handlers as ocp_type_handlers
 
-from sgt_jax.convert import fileio
+from sgt_jax import fileio
 from sgt_jax.models import config as config_lib
 
 FORMAT = "sgt-jax model dir"

@@ -30,7 +30,7 @@ from typing import Iterable, NamedTuple
 import ml_dtypes
 import numpy as np
 
-from sgt_jax.convert import fileio
+from sgt_jax import fileio
 
 HEADER_LIMIT = 100 * 2 ** 20       # safetensors' own limit on the JSON header (100 MB)
 DTYPES = {

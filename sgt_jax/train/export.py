@@ -2,14 +2,14 @@
 into BAGEL's release layout). The EMA (default) or the raw parameters, merged with the frozen
 ones, plus the VAE, the tokenizer and BAGEL's config files of the model training started from.
 The run, the model dir it started from and the output may be local paths or gs:// URLs
-(``sgt_jax.convert.fileio``; Orbax reads and writes the checkpoints itself)."""
+(``sgt_jax.fileio``; Orbax reads and writes the checkpoints itself)."""
 from __future__ import annotations
 
 import jax
 import ml_collections
 from flax import nnx
 
-from sgt_jax.convert import fileio
+from sgt_jax import fileio
 from sgt_jax.parallel import mesh as mesh_lib
 from sgt_jax.train.checkpoint import Checkpointer
 

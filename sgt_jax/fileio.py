@@ -1,9 +1,8 @@
 """Local paths and remote URLs (``gs://bucket/path``) behind one small set of file operations.
 
-Everything the converter and the model dir code do to files *outside* the Orbax checkpoint goes
-through here: the safetensors reads and writes, the JSON / tokenizer / config files of a BAGEL
-dir, of a model dir and of a training run. (Orbax and tensorstore open ``gs://`` checkpoints
-themselves.)
+Every file operation of ours outside an Orbax checkpoint goes through here: the converter's
+safetensors reads and writes, the JSON / tokenizer / config files of a BAGEL dir, of a model dir
+and of a training run. (Orbax and tensorstore open ``gs://`` checkpoints themselves.)
 
 * A plain path (no ``scheme://``) is local and handled exactly as before: ``os`` / ``open`` /
   ``shutil``, and positioned reads with ``os.preadv`` (no memory map, so resident memory stays
