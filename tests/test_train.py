@@ -334,3 +334,33 @@ def test_export_training_checkpoint_to_bagel_layout(golden_dir, tmp_path):
         assert got.keys() == want.keys(), set(got) ^ set(want)
         for k in want:
             assert got[k].dtype == want[k].dtype and np.array_equal(got[k], want[k]), k
+
+
+def test_metrics_writer_on_a_url_workdir(tmp_path, monkeypatch):
+    """A gs:// workdir (here fsspec's memory://): rows, TensorBoard events and the PNG reach the
+    URL on sync / close; a second writer (a resumed run) appends to the run's metrics.jsonl."""
+    import fsspec
+
+    from sgt_jax import fileio
+    from sgt_jax.train import metrics as M
+
+    monkeypatch.setattr(M.tempfile, "gettempdir", lambda: str(tmp_path))
+    url = f"memory://run-{os.getpid()}"
+    w = M.MetricsWriter(url, total_steps=4, sync_every_s=3600)
+    assert w.jsonl_path == url + "/metrics.jsonl" and w.local.startswith(str(tmp_path))
+    w.write(1, {"loss": 3.0, "ce": 2.0, "mse": 1.0})
+    assert not fileio.exists(w.jsonl_path)           # staged until a sync
+    w.sync()
+    assert [json.loads(x)["step"] for x in fileio.read_text(w.jsonl_path).splitlines()] == [1]
+    w.write(2, {"loss": 2.5, "ce": 1.5, "mse": 1.0})
+    assert w.close() == url + "/loss_curve.png" and fileio.isfile(w.png_path)
+    assert any(n.startswith("events.out.tfevents") for n in fileio.listdir(w.tb_dir))
+
+    import shutil
+    shutil.rmtree(w.local)                            # a new VM: nothing staged locally
+    w2 = M.MetricsWriter(url, total_steps=4, start_step=2, sync_every_s=0)
+    w2.write(3, {"loss": 2.0, "ce": 1.0, "mse": 1.0})   # sync_every_s=0: uploaded at once
+    rows = [json.loads(x) for x in fileio.read_text(url + "/metrics.jsonl").splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    w2.close()
+    fsspec.filesystem("memory").rm(url.split("://")[1], recursive=True)

@@ -240,6 +240,7 @@ def train(cfg, workdir: str, *, data_iterator=None, stop_after: int | None = Non
                           {"iterator": data_iterator.get_state(), "stats": _jsonable(stats)}, meta, force=force)
         if saved:
             last_saved[0] = s
+            writer.sync()          # a URL workdir: metrics uploaded with every checkpoint
         return saved
 
     compiles_before = compile_count("sgt_train_step")

@@ -1,14 +1,22 @@
 """Metrics of a run: FLOPs and MFU, a JSONL log, TensorBoard event files, a console progress bar
-and a loss-curve PNG at the end."""
+and a loss-curve PNG at the end.
+
+A ``gs://`` (any URL) workdir: object stores cannot append, so the files are written to a local
+staging dir and uploaded whole (``sync``) every ``sync_every_s`` seconds and at the end; a
+resumed run first downloads the run's ``metrics.jsonl`` and keeps appending to it.
+"""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import tempfile
 import time
 
 import numpy as np
 
 from sgt_jax import batch as B
+from sgt_jax import fileio
 
 # bf16 dense peak TFLOP/s per chip (MaxText's table; BAGEL's has GPUs only)
 PEAK_TFLOPS = {"v4": 275.0, "v5e": 197.0, "v5 lite": 197.0, "v5litepod": 197.0, "v5p": 459.0,
@@ -72,37 +80,77 @@ def step_flops(cfg_model, batch) -> float:
     return float(flops)
 
 
-class MetricsWriter:
-    """JSONL + TensorBoard + a tqdm bar; ``close`` writes the loss-curve PNG."""
+def staging_dir(workdir: str) -> str:
+    """The local directory metrics are written to: the workdir itself, or for a URL a directory
+    under $TMPDIR named after it."""
+    if not fileio.is_remote(workdir):
+        return workdir
+    tag = hashlib.sha1(workdir.rstrip("/").encode()).hexdigest()[:12]
+    return os.path.join(tempfile.gettempdir(), "sgt_jax_runs", tag)
 
-    def __init__(self, workdir: str, total_steps: int, start_step: int = 0, enabled: bool = True):
+
+class MetricsWriter:
+    """JSONL + TensorBoard + a tqdm bar; ``close`` writes the loss-curve PNG. ``jsonl_path``,
+    ``png_path`` and ``tb_dir`` name the run's files (URLs for a URL workdir)."""
+
+    FILES = ("metrics.jsonl", "loss_curve.png", "tensorboard")
+
+    def __init__(self, workdir: str, total_steps: int, start_step: int = 0, enabled: bool = True,
+                 sync_every_s: float = 60.0):
         self.workdir = workdir
         self.enabled = enabled
-        self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
-        self.png_path = os.path.join(workdir, "loss_curve.png")
-        self.tb_dir = os.path.join(workdir, "tensorboard")
+        self.remote = fileio.is_remote(workdir)
+        self.local = staging_dir(workdir)
+        self.jsonl_path, self.png_path, self.tb_dir = (fileio.join(workdir, f) for f in self.FILES)
+        self._jsonl, self._png, self._tbl = (os.path.join(self.local, f) for f in self.FILES)
+        self.sync_every_s = sync_every_s
         self._tb = None
         self._bar = None
         if enabled:
-            os.makedirs(workdir, exist_ok=True)
+            os.makedirs(self.local, exist_ok=True)
+            if self.remote:
+                self._fetch()
             from tensorboardX import SummaryWriter
             from tqdm import tqdm
 
-            self._tb = SummaryWriter(self.tb_dir)
+            self._tb = SummaryWriter(self._tbl)
             self._bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, desc="train")
-        self.t0 = time.perf_counter()
+        self.t0 = self._synced = time.perf_counter()
+
+    def _fetch(self):
+        """Resume: the run's metrics.jsonl replaces any stale staging copy (TensorBoard starts a
+        new event file per writer, so the old ones stay where they are)."""
+        if fileio.exists(self.jsonl_path):
+            fileio.copy(self.jsonl_path, self._jsonl)
+        elif os.path.exists(self._jsonl):
+            os.remove(self._jsonl)
+
+    def sync(self):
+        """Upload the staged files (no-op for a local workdir)."""
+        if not (self.enabled and self.remote):
+            return
+        if self._tb is not None:
+            self._tb.flush()
+        for name in os.listdir(self._tbl) if os.path.isdir(self._tbl) else ():
+            fileio.copy(os.path.join(self._tbl, name), fileio.join(self.tb_dir, name))
+        for src, dst in ((self._jsonl, self.jsonl_path), (self._png, self.png_path)):
+            if os.path.exists(src):
+                fileio.copy(src, dst)
+        self._synced = time.perf_counter()
 
     def write(self, step: int, scalars: dict):
         if not self.enabled:
             return
         row = {"step": step, **{k: (float(v) if np.ndim(v) == 0 else v) for k, v in scalars.items()}}
-        with open(self.jsonl_path, "a") as f:
+        with open(self._jsonl, "a") as f:
             f.write(json.dumps(row) + "\n")
         for k, v in row.items():
             if k != "step" and isinstance(v, (int, float)) and np.isfinite(v):
                 self._tb.add_scalar(k, v, step)
         self._bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}", ce=f"{row.get('ce', float('nan')):.3f}",
                               mse=f"{row.get('mse', float('nan')):.4f}", refresh=False)
+        if self.remote and time.perf_counter() - self._synced >= self.sync_every_s:
+            self.sync()
 
     def advance(self, n: int = 1):
         if self._bar is not None:
@@ -113,7 +161,9 @@ class MetricsWriter:
             return None
         self._bar.close()
         self._tb.close()
-        return plot_loss_curve(self.jsonl_path, self.png_path)
+        png = plot_loss_curve(self._jsonl, self._png)
+        self.sync()
+        return png and self.png_path
 
 
 def plot_loss_curve(jsonl_path: str, png_path: str) -> str | None:
