@@ -1,8 +1,6 @@
 """SigLIP-NaViT: BAGEL golden fixture, independent HF reference, scan/remat equivalence, key table."""
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -13,15 +11,13 @@ from flax import nnx
 from sgt_jax.models import siglip
 from sgt_jax.models.config import tiny
 
-GOLDEN = Path(os.environ.get(
-    "SGT_GOLDEN_DIR",
-    Path(__file__).resolve().parents[1].parent / "shared/fixtures/bagel_golden/tiny_v1"))
+from conftest import GOLDEN  # noqa: E402  (the shipped golden fixtures)
 TOL = 1e-5
 
 
 def _need_golden():
     if not (GOLDEN / "model.safetensors").exists():
-        pytest.skip(f"golden fixture not found at {GOLDEN} (set SGT_GOLDEN_DIR)")
+        pytest.fail(f"golden fixture not found at {GOLDEN} (SGT_GOLDEN_DIR)")
 
 
 def _load(name: str) -> dict[str, np.ndarray]:

@@ -6,8 +6,6 @@ PyTorch functional re-statement of the FLUX forward on a (1, 2) config.
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -19,12 +17,7 @@ from flax import nnx
 from sgt_jax.models import vae as V
 from sgt_jax.models.config import tiny
 
-GOLDEN = Path(os.environ.get("SGT_GOLDEN_DIR")
-              or Path(__file__).resolve().parents[1].parent / "shared/fixtures/bagel_golden/tiny_v1")
-
-needs_golden = pytest.mark.skipif(
-    not (GOLDEN / "ae.safetensors").exists() or not (GOLDEN / "batch.safetensors").exists(),
-    reason=f"golden fixture not found at {GOLDEN} (set SGT_GOLDEN_DIR to the tiny_v1 directory)")
+from conftest import GOLDEN  # noqa: E402  (the shipped golden fixtures)
 
 
 def nhwc(a: np.ndarray) -> jax.Array:
@@ -78,7 +71,6 @@ def maxdiff(a, b) -> float:
 # golden fixture
 
 
-@needs_golden
 def test_key_table_covers_fixture_and_state(golden):
     ae, _ = golden
     table = V.torch_key_table(tiny())
@@ -97,7 +89,6 @@ def test_key_table_covers_fixture_and_state(golden):
     assert abstract.encoder.norm_out.scale.out_sharding == ("norm",)
 
 
-@needs_golden
 def test_encode_moments_matches_golden(golden, out32):
     _, b = golden
     mom = out32[0]
@@ -107,7 +98,6 @@ def test_encode_moments_matches_golden(golden, out32):
     assert err <= 1e-5
 
 
-@needs_golden
 def test_encode_with_eps_matches_golden(golden, out32):
     _, b = golden
     lat = out32[1]
@@ -117,7 +107,6 @@ def test_encode_with_eps_matches_golden(golden, out32):
     assert err <= 1e-5
 
 
-@needs_golden
 def test_decode_matches_golden(golden, out32):
     _, b = golden
     dec = out32[2]
@@ -127,7 +116,6 @@ def test_decode_matches_golden(golden, out32):
     assert err <= 1e-5
 
 
-@needs_golden
 def test_export_round_trip_is_bit_exact(golden, ae32):
     ae, _ = golden
     out = V.export_torch_state(ae32)
@@ -138,7 +126,6 @@ def test_export_round_trip_is_bit_exact(golden, ae32):
         assert np.array_equal(out[k], v), k
 
 
-@needs_golden
 def test_load_reports_every_problem(golden):
     ae, _ = golden
     bad = dict(ae)
@@ -159,7 +146,6 @@ def test_load_reports_every_problem(golden):
     assert isinstance(model.encoder.conv_in.kernel.get_value(), jax.ShapeDtypeStruct)
 
 
-@needs_golden
 def test_encode_key_is_deterministic(out32):
     a, a2, c = out32[3]
     assert a.shape == (7, 4, 6, 4)
@@ -167,7 +153,6 @@ def test_encode_key_is_deterministic(out32):
     assert maxdiff(a, c) > 1e-3
 
 
-@needs_golden
 def test_bf16_decode_close_to_fp32(golden, out32):
     ae, b = golden
     ae16 = build(tiny().vae, ae, dtype=jnp.bfloat16)
@@ -180,7 +165,6 @@ def test_bf16_decode_close_to_fp32(golden, out32):
     assert ae16.encoder.conv_in.kernel.get_value().dtype == jnp.float32  # fp32 masters
 
 
-@needs_golden
 def test_bf16_encode_close_to_golden(golden):
     """The trainer encodes in the compute dtype (BAGEL: bf16 autocast); bf16 moments stay close
     to the fp32 golden ones."""
