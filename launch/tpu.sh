@@ -33,6 +33,8 @@
 #   --queued               create through a queued resource       [QUEUED=1]
 #   --worker N --slice S   for logs / ssh (default worker 0 of slice 0)
 #   --set-env K=V          extra environment for the job (repeatable), e.g. LIBTPU_INIT_ARGS=...
+#   --xla-cache URL        JAX's persistent compilation cache, shared by the workers and reused
+#                          by restarts (default WORKDIR/xla_cache; '' turns it off)  [XLA_CACHE]
 #   --coordinator-port P   jax.distributed coordinator port (default 8476: the port the TPU
 #                          firewall rule opens; jax >= 0.8.1 would otherwise use 8482) [COORDINATOR_PORT]
 #   --max-restarts N       babysit: give up after N failed runs on a healthy TPU (default 5)
@@ -75,6 +77,7 @@ while (($#)); do
     --worker) WORKER=$2; shift 2 ;;
     --slice) SLICE=$2; shift 2 ;;
     --set-env) JOB_ENV+=("$2"); shift 2 ;;
+    --xla-cache) XLA_CACHE=$2; shift 2 ;;
     --coordinator-port) COORDINATOR_PORT=$2; shift 2 ;;
     --max-restarts) MAX_RESTARTS=$2; shift 2 ;;
     --poll) POLL=$2; shift 2 ;;
@@ -249,6 +252,7 @@ cmd_run() {
   job=$(join_cmd "$@")
   while read -r node; do
     env=("JAX_COORDINATOR_ADDRESS=$ip:$COORDINATOR_PORT" "SGT_RUN=$RUN_NAME")
+    [[ -z ${XLA_CACHE-$WORKDIR/xla_cache} ]] || env+=("JAX_COMPILATION_CACHE_DIR=${XLA_CACHE-$WORKDIR/xla_cache}")
     if ((SLICES > 1)); then
       env+=("MEGASCALE_COORDINATOR_ADDRESS=$ip" "MEGASCALE_NUM_SLICES=$SLICES" "MEGASCALE_SLICE_ID=$slice"
             "MEGASCALE_PORT=${MEGASCALE_PORT:-8081}")

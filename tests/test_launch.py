@@ -84,6 +84,7 @@ def test_train_on_two_hosts_sets_the_coordinator():
     env = remote[remote.index("env") + 1:remote.index("bash")]
     assert "JAX_COORDINATOR_ADDRESS=WORKER0_IP:8476" in env and "SGT_RUN=r1" in env
     assert "LIBTPU_INIT_ARGS=--xla_foo=1 --xla_bar=2" in env
+    assert "JAX_COMPILATION_CACHE_DIR=gs://bkt/runs/r1/xla_cache" in env   # restarts reuse the compiled step
     assert not any(e.startswith("MEGASCALE") for e in env)
     job = remote[remote.index("--") + 1:]
     assert job[:3] == ["~/sgt-venv/bin/python", "-m", "sgt_jax.train"]
@@ -92,6 +93,15 @@ def test_train_on_two_hosts_sets_the_coordinator():
     assert remote[:2] == ["cd", "~/sgt-jax"] and remote[remote.index("bash") + 1] == "launch/worker.sh"
     assert flag(remote, "--gcs-logs") == "gs://bkt/runs/r1/logs" and flag(remote, "--log-dir") == "~/sgt-logs/r1"
     assert "nohup" in remote and "setsid" in remote      # detached: ssh returns at once
+
+
+def test_xla_cache_can_be_moved_or_turned_off():
+    for value, want in (("gs://bkt/cache", "JAX_COMPILATION_CACHE_DIR=gs://bkt/cache"), ("", None)):
+        cmds, _ = dry(*BASE, "--accelerator", "v5p-8", "--run", "r1", "--xla-cache", value, "train")
+        remote = shlex.split(flag(cmds[-1], "--command"))
+        env = remote[remote.index("env") + 1:remote.index("bash")]
+        got = [e for e in env if e.startswith("JAX_COMPILATION_CACHE_DIR=")]
+        assert got == ([want] if want else []), env
 
 
 def test_run_on_two_single_host_slices_sets_megascale():
