@@ -703,7 +703,9 @@ def analyse(cfg, topology: str | Topology, *, costs: bool = True, components: bo
     report["advice"] = advise(cfg, report)
     report["knob"] = report["advice"][0]["knob"] if report["advice"] else None
     if serialize and compiled is not None:
-        report["serialized"] = save_compiled(compiled, serialize)
+        from sgt_jax.train.loop import step_fingerprint
+
+        report["serialized"] = save_compiled(compiled, serialize, fingerprint=step_fingerprint(cfg))
         log(f"[aot] serialized executable -> {serialize} ({report['serialized']['bytes'] / 1e6:.1f} MB)")
     return report
 
@@ -797,15 +799,16 @@ def advise(cfg, report: dict) -> list[dict]:
 # serialisation
 
 
-def save_compiled(compiled, path: str) -> dict:
-    """Serialise the compiled executable (+ its in/out pytree structure) to ``path``."""
+def save_compiled(compiled, path: str, fingerprint: str | None = None) -> dict:
+    """Serialise the compiled executable (+ its in/out pytree structure, the jax / libtpu versions
+    and the run config's ``train.loop.step_fingerprint``) to ``path``."""
     import pickle
 
     from jax.experimental.serialize_executable import serialize
 
     payload, in_tree, out_tree = serialize(compiled)
     blob = pickle.dumps({"executable": payload, "in_tree": in_tree, "out_tree": out_tree,
-                         "jax": _version("jax"), "libtpu": _version("libtpu")})
+                         "jax": _version("jax"), "libtpu": _version("libtpu"), "fingerprint": fingerprint})
     if "://" in path:
         from etils import epath
 
@@ -816,10 +819,12 @@ def save_compiled(compiled, path: str) -> dict:
     return {"path": path, "bytes": len(blob)}
 
 
-def load_compiled(path: str, devices=None):
+def load_compiled(path: str, devices=None, fingerprint: str | None = None):
     """Load an executable written by ``save_compiled`` onto ``devices`` (default: all devices);
-    call it as ``compiled(state, consts, batch)`` in place of ``Setup.step_fn``. The jax and libtpu
-    versions and the XLA flags must match the ones it was compiled with."""
+    call it as ``compiled(state, consts, batch)`` in place of ``Setup.step_fn`` (the trainer does
+    with ``train.executable``). The jax and libtpu versions and, when given, the run config's
+    ``fingerprint`` must match the ones it was compiled with (the XLA flags too: not checked).
+    Only load files you wrote: the file is a pickle."""
     import pickle
 
     import jax
@@ -836,6 +841,11 @@ def load_compiled(path: str, devices=None):
     if d.get("jax") != _version("jax") or d.get("libtpu") != _version("libtpu"):
         raise AotError(f"{path} was compiled with jax {d.get('jax')} / libtpu {d.get('libtpu')}, this is "
                        f"jax {_version('jax')} / libtpu {_version('libtpu')}: recompile")
+    if fingerprint is not None and d.get("fingerprint") != fingerprint:
+        raise AotError(f"{path} was compiled for another run config (step fingerprint {d.get('fingerprint')}, "
+                       f"this run's is {fingerprint}: the model, train, mesh or batch-shape settings differ "
+                       "and they are baked into the executable); recompile with python -m sgt_jax.aot "
+                       "--serialize, or unset train.executable")
     return deserialize_and_load(d["executable"], d["in_tree"], d["out_tree"],
                                 execution_devices=devices if devices is not None else jax.devices())
 
@@ -973,6 +983,10 @@ def main(argv=None) -> int:
             print(format_report(r))
             return 0
         comps = {"auto": None, "yes": True, "no": False}[F.components]
+        if F.serialize:   # an executable out of the persistent cache may not re-serialise (XLA:CPU does not)
+            import jax
+
+            jax.config.update("jax_enable_compilation_cache", False)
         r = analyse(F.config, F.topology, costs={"yes": True, "no": False, "always": "always"}[F.costs], components=comps, doc_tokens=F.doc_tokens, compiler_options=opts,
                     serialize=F.serialize, log=lambda s: print(s, flush=True))
         r["command"] = "python -m sgt_jax.aot " + " ".join(sys.argv[1:])

@@ -364,3 +364,36 @@ def test_metrics_writer_on_a_url_workdir(tmp_path, monkeypatch):
     assert [r["step"] for r in rows] == [1, 2, 3]
     w2.close()
     fsspec.filesystem("memory").rm(url.split("://")[1], recursive=True)
+
+
+def test_train_loads_an_ahead_of_time_compiled_step(tmp_path):
+    """train.executable: the step serialised by sgt_jax.aot (here compiled for this CPU's devices
+    by the same code path) runs instead of a compile, with the same losses; an executable of
+    another run config is refused at start."""
+    from sgt_jax import aot
+
+    cfg = tiny_run_config(steps=3)
+    cfg.data.rows_per_batch = 8
+    setup = loop.Setup(cfg)
+    it = FakeIterator(cfg, rows=8, vary=True)
+    b, _ = next(it)
+    # an executable that came out of the persistent compilation cache does not re-serialise on
+    # XLA:CPU (its fused functions are missing when loaded): compile this one afresh
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        compiled = setup.step_fn.lower(setup.abstract_state, setup.abstract_consts,
+                                       setup.global_batch(b)).compile()
+    finally:
+        jax.config.update("jax_enable_compilation_cache", True)
+    path = str(tmp_path / "step.bin")
+    aot.save_compiled(compiled, path, fingerprint=loop.step_fingerprint(cfg))
+
+    ref = loop.train(cfg, str(tmp_path / "jit"), data_iterator=FakeIterator(cfg, rows=8, vary=True), quiet=True)
+    cfg.train.executable = path
+    got = loop.train(cfg, str(tmp_path / "aot"), data_iterator=FakeIterator(cfg, rows=8, vary=True), quiet=True)
+    assert got["compiles_in_loop"] == 0 and ref["compiles_in_loop"] == 1
+    assert [h["loss"] for h in got["history"]] == [h["loss"] for h in ref["history"]]
+
+    cfg.train.lr = 2e-3                                  # baked into the executable
+    with pytest.raises(aot.AotError, match="another run config"):
+        loop.train(cfg, str(tmp_path / "bad"), data_iterator=FakeIterator(cfg, rows=8, vary=True), quiet=True)

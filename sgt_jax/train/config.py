@@ -18,6 +18,7 @@ def default_train_config() -> ml_collections.ConfigDict:
         freeze_llm=False, freeze_vit=False,          # freeze_und lives in model.llm (it changes the forward)
         copy_init_moe=True,                          # gen expert := und at random init (BAGEL init_moe)
         init_from="",                                # an imported model dir (python -m sgt_jax.convert import)
+        executable="",                               # a step compiled ahead of time (python -m sgt_jax.aot --serialize)
         nan_max_streak=10,                           # stop after this many consecutive non-finite steps
         save_every=100, keep=3, async_checkpointing=True,
         log_every=10,

@@ -2,6 +2,8 @@
 global batch, log, checkpoint, and stop cleanly on SIGTERM (TPU preemption)."""
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import signal
@@ -82,6 +84,33 @@ def check_micro_batches(cfg, mesh) -> None:
         raise ValueError(f"data.rows_per_batch={rows} must be a multiple of (mesh data x fsdp = {shards}) x "
                          f"train.grad_accum={accum}: each micro-batch needs the same whole number of rows on "
                          f"every batch shard")
+
+
+# train.* keys the loop reads; every other train key is baked into the compiled step
+_LOOP_ONLY = ("save_every", "keep", "async_checkpointing", "log_every", "init_from", "nan_max_streak",
+              "executable", "copy_init_moe")
+_BATCH_SHAPE = ("rows_per_batch", "tokens_per_row", "gen_tokens_per_row", "vit_patches_per_row",
+                "vae_images_per_row", "vae_image_size", "vae_images_dtype")
+
+
+def step_fingerprint(cfg) -> str:
+    """What a compiled train step depends on: the model, the train settings it bakes in (lr
+    schedule, seed, loss weights, accumulation, ...), the mesh and the batch shapes."""
+    t = {k: v for k, v in cfg.train.to_dict().items() if k not in _LOOP_ONLY}
+    d = {k: cfg.data.get(k) for k in _BATCH_SHAPE}
+    blob = json.dumps({"model": cfg.model.to_dict(), "train": t, "mesh": cfg.mesh.to_dict(), "data": d},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def load_step_executable(cfg, setup):
+    """``train.executable``: the step compiled ahead of time (``python -m sgt_jax.aot --serialize``)
+    for this run config, loaded instead of compiling it here."""
+    from sgt_jax.aot import load_compiled
+
+    compiled = load_compiled(cfg.train.executable, fingerprint=step_fingerprint(cfg))
+    log.info("train step loaded from %s (not compiled)", cfg.train.executable)
+    return compiled
 
 
 def vae_dtype(cfg):
@@ -196,6 +225,8 @@ def train(cfg, workdir: str, *, data_iterator=None, stop_after: int | None = Non
     os.makedirs(workdir, exist_ok=True) if "://" not in workdir else None
     setup = Setup(cfg)
     check_micro_batches(cfg, setup.mesh)
+    if t.get("executable"):
+        setup.step_fn = load_step_executable(cfg, setup)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=t.save_every, keep=t.keep,
                         async_save=t.async_checkpointing)
     if data_iterator is None:
