@@ -25,6 +25,8 @@ Spec grammar (``make_source``)::
     PATHS    := PATH ( "," PATH )*     each a directory (walked recursively; ``*.tar`` files found
                                         there are read as shards), an uncompressed ``.tar`` shard,
                                         or a glob of those
+    PATH, FILE, DIR ...                 a local path or a URL (``gs://bucket/x``, any fsspec URL;
+                                        gs:// needs gcsfs), also in ``list=`` and image roots
 
     sa1b:PATHS                       raw SA-1B: sa_*.jpg + sa_*.json (COCO RLE), rendered
     sgt_pairs:PATHS                  pre-rendered pairs: image + colour-mask PNG with the same key
@@ -66,6 +68,15 @@ instances, ``colors=render``); the synthetic scenes themselves depend on ``gen_s
 Tar shards are indexed once (member offsets; with ``workdir`` the index is cached under
 ``WORKDIR/index_cache``) and read by offset -- never extracted. Compressed tars cannot be read
 by offset: decompress them first.
+
+URLs go through ``sgt_jax.fileio`` (local paths take the same code as before): a file or a tar
+member is one ranged read per sample; a remote tar is indexed from its headers (``tarfile`` over
+a read-ahead window of ``TAR_READAHEAD`` bytes per member, never the whole shard; shards in
+parallel) and its index cached in the local cache (``fileio.local_cache_dir('index_cache')``)
+and in ``WORKDIR/index_cache`` (also when that is a URL), keyed by URL, size and generation /
+etag; a remote .jsonl is indexed in one streaming pass. Sources hold paths only (no filesystem
+objects), so each Grain worker process opens its own. A URL workdir's synthetic data is
+generated into the local cache (``_synthetic_dir``).
 """
 from __future__ import annotations
 
