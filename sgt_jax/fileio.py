@@ -245,7 +245,8 @@ def walk_files(path) -> list[str]:
     p = p.rstrip("/")
     rel = []
     for hit in fs.find(p, withdirs=False, detail=False):
-        hit = hit.rstrip("/")
+        if hit.endswith("/"):                   # a "directory" placeholder object
+            continue
         if hit.startswith(p + "/"):
             rel.append(hit[len(p) + 1:])
     # os.walk order: at every level the files (sorted) before the subdirectories (sorted)
