@@ -14,6 +14,19 @@ and of a training run. (Orbax and tensorstore open ``gs://`` checkpoints themsel
   time), so no file is ever held whole in memory. Object stores have no directories:
   ``makedirs`` is a no-op there and a "directory" exists when an object lies under it.
 
+Data readers (``sgt_jax/data``) use the same functions per sample: one ranged read per tar member
+or file, never a whole shard (``open_read`` gives a read-ahead file object for the few streaming
+reads: tar headers, a jsonl's line index). No filesystem object is ever stored or pickled: every
+call resolves the URL with ``fsspec.core.url_to_fs``, whose instance cache is per process (fsspec
+drops it after a fork, and its event loop too), so sources forked or spawned into Grain worker
+processes open their own connections there.
+
+``SGT_FSSPEC_IMPLEMENTATIONS="proto=package.module.Class[,proto=...]"`` registers a filesystem
+class for a protocol in every process that reads it (checked at first use; spawned workers inherit
+the environment): a custom or caching filesystem, or, in the tests, ``gs://`` mapped to a temp dir.
+``local_cache_dir()`` (``$SGT_JAX_CACHE_DIR``, default ``~/.cache/sgt_jax``) holds what a URL
+needs on local disk: tokenizer copies, tar indexes, synthetic data of a remote workdir.
+
 fsspec rather than ``etils.epath``: epath knows only gs/s3/az/hf (no ``memory://`` for offline
 tests), prefers ``tf.io.gfile`` whenever TensorFlow is installed, and has no ranged read; its
 fsspec backend is the same gcsfs underneath, which Orbax's own directory operations on
@@ -21,6 +34,10 @@ fsspec backend is the same gcsfs underneath, which Orbax's own directory operati
 """
 from __future__ import annotations
 
+import glob as globlib
+import hashlib
+import importlib
+import io
 import json
 import os
 import posixpath
@@ -51,10 +68,43 @@ def is_remote(path) -> bool:
     return scheme(path) is not None
 
 
+_ENV_IMPLS = "SGT_FSSPEC_IMPLEMENTATIONS"
+_env_state: dict = {"spec": "", "saved": {}}
+
+
+def _register_env_implementations():
+    """Register the classes named in $SGT_FSSPEC_IMPLEMENTATIONS (again whenever it changes; the
+    registrations of a previous value are undone first)."""
+    spec = os.environ.get(_ENV_IMPLS, "")
+    if spec == _env_state["spec"]:
+        return
+    reg = importlib.import_module("fsspec.registry")
+    for proto, (known, imported, cls) in _env_state["saved"].items():   # undo the previous value
+        if (reg.known_implementations.get(proto) or {}).get("class") == cls:  # (unless replaced)
+            if known is None:
+                reg.known_implementations.pop(proto, None)
+            else:
+                reg.known_implementations[proto] = known
+            if imported is not None and proto not in reg._registry:
+                reg._registry[proto] = imported
+    _env_state.update(spec="", saved={})
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        proto, eq, cls = (x.strip() for x in item.partition("="))
+        if not eq or not proto or not cls:
+            raise ValueError(f"${_ENV_IMPLS}={spec!r}: expected proto=package.module.Class[,...]")
+        _env_state["saved"].setdefault(proto, (reg.known_implementations.get(proto),
+                                               reg._registry.get(proto), cls))
+        reg.known_implementations[proto] = {"class": cls, "err": f"{cls} (from ${_ENV_IMPLS}) "
+                                                                 f"failed to import"}
+        reg._registry.pop(proto, None)          # an already imported class would win otherwise
+    _env_state["spec"] = spec
+
+
 def _fs(path):
     """(fsspec filesystem, the path as it understands it) for a remote URL."""
     import fsspec
 
+    _register_env_implementations()
     try:
         return fsspec.core.url_to_fs(_str(path))
     except ImportError as e:
@@ -143,6 +193,81 @@ def getsize(path) -> int:
     return int(fs.size(p))
 
 
+def signature(path) -> str:
+    """``size|version`` of a file, for cache keys: local mtime_ns; remote the object generation /
+    etag / mtime, whichever the filesystem reports first."""
+    if not is_remote(path):
+        st = os.stat(path)
+        return f"{st.st_size}|{st.st_mtime_ns}"
+    fs, p = _fs(path)
+    info = fs.info(p)
+    for k in ("generation", "etag", "ETag", "md5Hash", "mtime", "LastModified", "last_modified",
+              "updated", "created"):
+        if info.get(k) not in (None, ""):
+            return f"{info.get('size')}|{k}={info[k]}"
+    return f"{info.get('size')}|"
+
+
+def glob(pattern) -> list[str]:
+    """Sorted paths matching a glob pattern (``*``, ``?``, ``[...]``; remote: also ``**``), as
+    local paths or as URLs of the pattern's scheme."""
+    pattern = _str(pattern)
+    if not is_remote(pattern):
+        return sorted(globlib.glob(pattern))
+    fs, p = _fs(pattern)
+    cut = min((pattern.find(c) for c in "*?[" if c in pattern), default=len(pattern))
+    base_url = pattern[:pattern.rfind("/", 0, cut) + 1]          # up to the last '/' before it
+    if base_url.endswith("://"):
+        raise ValueError(f"{pattern}: a glob in the bucket / host name is not supported")
+    base = fs._strip_protocol(base_url).rstrip("/") + "/"
+    out = []
+    for hit in fs.glob(p):
+        hit = hit.rstrip("/")
+        if not hit.startswith(base):
+            raise OSError(f"{pattern}: the filesystem returned {hit!r} outside {base!r}")
+        out.append(base_url + hit[len(base):])
+    return sorted(out)
+
+
+def walk_files(path) -> list[str]:
+    """Relative '/'-separated names of every file under a directory, in ``os.walk`` order
+    (a directory's files sorted, then its subdirectories, sorted, recursively). Local: follows
+    symlinks, as ``os.walk(followlinks=True)``. Remote: one recursive listing (``fs.find``)."""
+    path = _str(path)
+    if not is_remote(path):
+        out = []
+        for root, dirs, files in os.walk(path, followlinks=True):
+            dirs.sort()
+            for fn in sorted(files):
+                out.append(os.path.relpath(os.path.join(root, fn), path).replace(os.sep, "/"))
+        return out
+    fs, p = _fs(path)
+    p = p.rstrip("/")
+    rel = []
+    for hit in fs.find(p, withdirs=False, detail=False):
+        if hit.endswith("/"):                   # a "directory" placeholder object
+            continue
+        if hit.startswith(p + "/"):
+            rel.append(hit[len(p) + 1:])
+    # os.walk order: at every level the files (sorted) before the subdirectories (sorted)
+    return sorted(rel, key=lambda r: [(1, d) for d in r.split("/")[:-1]] + [(0, r.split("/")[-1])])
+
+
+def local_cache_dir(*parts) -> str:
+    """A local directory for copies and indexes of remote data: ``$SGT_JAX_CACHE_DIR`` (default
+    ``~/.cache/sgt_jax``) / parts; created."""
+    base = os.environ.get("SGT_JAX_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                               "sgt_jax")
+    d = os.path.join(base, *parts)
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def url_key(*parts) -> str:
+    """A short stable hex key (for cache file names) of strings such as URL + signature."""
+    return hashlib.sha1("|".join(map(str, parts)).encode()).hexdigest()[:24]
+
+
 # --------------------------------------------------------------------------------------------------
 # reading
 
@@ -186,6 +311,46 @@ def read_bytes(path, offset: int = 0, size: int | None = None) -> bytes:
         return fs.cat_file(p, start=offset or None)
     buf = bytearray(max(size, 0))
     return bytes(buf[:read_into(path, offset, buf)])
+
+
+class _RangedRaw(io.RawIOBase):
+    """A read-only, seekable raw file over ranged reads of a URL (under ``open_read``)."""
+
+    def __init__(self, path, size: int):
+        super().__init__()
+        self.name, self._size, self._pos = _str(path), int(size), 0
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def tell(self):
+        return self._pos
+
+    def seek(self, offset, whence=io.SEEK_SET):
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, b):
+        n = min(len(memoryview(b)), max(0, self._size - self._pos))
+        if n == 0:
+            return 0
+        k = read_into(self.name, self._pos, memoryview(b).cast("B")[:n])
+        self._pos += k
+        return k
+
+
+def open_read(path, buffer_size: int = 1 << 20) -> IO[bytes]:
+    """A binary, seekable file for streaming reads. Remote: every refill of the buffer is one
+    ranged read of ``buffer_size`` bytes from the current position (a read-ahead window: a seek
+    inside the buffer costs nothing), so reading a few hundred bytes at scattered offsets (tar
+    headers) reads about ``buffer_size`` bytes per spot, not the file."""
+    if not is_remote(path):
+        return open(path, "rb", buffering=buffer_size)
+    return io.BufferedReader(_RangedRaw(path, getsize(path)), buffer_size=buffer_size)
 
 
 def read_text(path) -> str:

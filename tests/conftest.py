@@ -29,3 +29,12 @@ def golden_dir() -> Path:
     if not (GOLDEN / "meta.json").exists():
         pytest.fail(f"golden fixtures not found at {GOLDEN} (SGT_GOLDEN_DIR)")
     return GOLDEN
+
+
+@pytest.fixture
+def fake_gcs(tmp_path, monkeypatch):
+    """gs:// (and gcs://) mapped onto tmp_path/gcs, here and in spawned worker processes, and
+    $SGT_JAX_CACHE_DIR in tmp_path (tests/remote_fs.py)."""
+    from remote_fs import use_fake_gcs
+
+    return use_fake_gcs(tmp_path, monkeypatch)

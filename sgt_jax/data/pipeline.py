@@ -40,17 +40,19 @@ import fractions
 import logging
 import os
 import shutil
+import tempfile
 import zlib
 from collections.abc import Mapping
 
 import grain
 import numpy as np
 
+from sgt_jax import fileio
 from sgt_jax.data import config as config_lib
 from sgt_jax.data.packer import BestFitPacker, RowSpec, assemble, batch_stats, fit_reason
 from sgt_jax.data.records import BadRecord
 from sgt_jax.data.samples import Sample, SampleBuilder
-from sgt_jax.data.tokenizer import Tokenizer, build_tiny_tokenizer
+from sgt_jax.data.tokenizer import Tokenizer, build_tiny_tokenizer, local_copy
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +76,28 @@ def integer_ratios(ratios: Mapping[str, float]) -> dict[str, int]:
 
 def ensure_tokenizer(cfg, workdir: str | None) -> Tokenizer:
     """The tokenizer at ``cfg.tokenizer_path`` ({workdir} expanded). If that path is inside the
-    workdir and absent, a tiny BPE tokenizer is built there (atomically)."""
+    workdir and absent, a tiny BPE tokenizer is built there (atomically).
+
+    A URL path (gs://...) is copied to local disk once per process (``tokenizer.local_copy``) and
+    the returned Tokenizer reads the copy (Grain workers then load it from disk, no download). With
+    a URL workdir the tiny tokenizer is built locally (a temp dir), uploaded to
+    ``{workdir}/tokenizer`` for the record unless it is already there, and read from a local copy
+    of what the URL holds; the build is deterministic, so hosts racing to upload write the same
+    files."""
     path = cfg.tokenizer_path.format(workdir=workdir or "")
+    if fileio.is_remote(path):
+        if not fileio.listdir(path):
+            inside = workdir and path.rstrip("/").startswith(fileio.abspath(workdir) + "/")
+            if not inside:
+                raise FileNotFoundError(
+                    f"data.tokenizer_path={path!r} does not exist (no files under it): point it at a "
+                    "Qwen2 tokenizer dir, e.g. gs://BUCKET/MODEL_DIR/tokenizer of an imported model dir "
+                    "(or leave the default '{workdir}/tokenizer' to build a tiny one)")
+            with tempfile.TemporaryDirectory(prefix="sgt_tiny_tokenizer") as tmp:
+                build_tiny_tokenizer(tmp, vocab_size=cfg.tiny_tokenizer_vocab_size)
+                for name in sorted(os.listdir(tmp)):
+                    fileio.copy(os.path.join(tmp, name), fileio.join(path, name))
+        return Tokenizer(local_copy(path))
     if not os.path.isdir(path):
         inside = workdir and os.path.abspath(path).startswith(os.path.abspath(workdir) + os.sep)
         if not inside:

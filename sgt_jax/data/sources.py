@@ -25,6 +25,8 @@ Spec grammar (``make_source``)::
     PATHS    := PATH ( "," PATH )*     each a directory (walked recursively; ``*.tar`` files found
                                         there are read as shards), an uncompressed ``.tar`` shard,
                                         or a glob of those
+    PATH, FILE, DIR ...                 a local path or a URL (``gs://bucket/x``, any fsspec URL;
+                                        gs:// needs gcsfs), also in ``list=`` and image roots
 
     sa1b:PATHS                       raw SA-1B: sa_*.jpg + sa_*.json (COCO RLE), rendered
     sgt_pairs:PATHS                  pre-rendered pairs: image + colour-mask PNG with the same key
@@ -66,11 +68,20 @@ instances, ``colors=render``); the synthetic scenes themselves depend on ``gen_s
 Tar shards are indexed once (member offsets; with ``workdir`` the index is cached under
 ``WORKDIR/index_cache``) and read by offset -- never extracted. Compressed tars cannot be read
 by offset: decompress them first.
+
+URLs go through ``sgt_jax.fileio`` (local paths take the same code as before): a file or a tar
+member is one ranged read per sample; a remote tar is indexed from its headers (``tarfile`` over
+a read-ahead window of ``TAR_READAHEAD`` bytes per member, never the whole shard; shards in
+parallel) and its index cached in the local cache (``fileio.local_cache_dir('index_cache')``)
+and in ``WORKDIR/index_cache`` (also when that is a URL), keyed by URL, size and generation /
+etag; a remote .jsonl is indexed in one streaming pass. Sources hold paths only (no filesystem
+objects), so each Grain worker process opens its own. A URL workdir's synthetic data is
+generated into the local cache (``_synthetic_dir``).
 """
 from __future__ import annotations
 
 import collections
-import glob as globlib
+import concurrent.futures
 import hashlib
 import io
 import json
@@ -86,6 +97,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from sgt_jax import fileio
 from sgt_jax.data import render
 from sgt_jax.data.records import BadRecord
 
@@ -190,28 +202,80 @@ def _image_size(data: bytes) -> tuple[int, int]:
 _Ref = tuple[int, str, int, int]   # (container index, name, offset, size); offset -1 = plain file
 
 
-def _tar_members(path: str, cache_dir: str | None) -> list[tuple[str, int, int]]:
-    """(name, data offset, size) of the regular files of an uncompressed tar; cached by stat."""
-    st = os.stat(path)
-    cache = None
-    if cache_dir:
-        tag = hashlib.sha1(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode())
-        cache = os.path.join(cache_dir, f"tar_{tag.hexdigest()}.json")
+TAR_READAHEAD = 64 * 1024     # bytes per ranged read while indexing a remote tar (see _scan_tar)
+INDEX_THREADS = 16            # remote tar shards indexed concurrently
+
+
+def _tar_cache_dirs(path: str, cache_dir: str | None) -> list[str]:
+    """Where the member index of ``path`` is cached: a local tar in a local ``cache_dir`` (as
+    before; a URL workdir's cache is not used for local files, which differ from host to host:
+    the local user cache instead); a remote tar in the local user cache (looked up first) and in
+    ``cache_dir`` (local or URL: a URL workdir's cache is shared by every host and survives VM
+    re-creation; a hit there refills the local one)."""
+    if not fileio.is_remote(path):
+        if cache_dir and fileio.is_remote(cache_dir):
+            return [fileio.local_cache_dir("index_cache")]
+        return [cache_dir] if cache_dir else []
+    return [fileio.local_cache_dir("index_cache")] + ([cache_dir] if cache_dir else [])
+
+
+def _read_cache(cache: str):
+    try:
+        if fileio.is_remote(cache):
+            if not fileio.exists(cache):
+                return None
+            return [tuple(m) for m in fileio.read_json(cache)]
         if os.path.exists(cache):
-            try:
-                with open(cache) as f:
-                    return [tuple(m) for m in json.load(f)]
-            except (OSError, ValueError):
-                pass
-    with open(path, "rb") as f:
-        magic = f.read(6)
+            with open(cache) as f:
+                return [tuple(m) for m in json.load(f)]
+    except (OSError, ValueError) as e:
+        log.warning("ignoring unreadable tar index cache %s: %s", cache, e)
+    return None
+
+
+def _write_cache(cache_dir: str, cache: str, members) -> None:
+    try:
+        if fileio.is_remote(cache):
+            fileio.write_text(cache, json.dumps(members))      # an object write is atomic
+            return
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = f"{cache}.{os.getpid()}.{threading.get_ident()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(members, f)
+        os.replace(tmp, cache)
+    except Exception as e:  # noqa: BLE001 -- a cache that cannot be written is only slower
+        log.warning("could not write the tar index cache %s: %s", cache, e)
+
+
+def _tar_members(path: str, cache_dir: str | None) -> list[tuple[str, int, int]]:
+    """(name, data offset, size) of the regular files of an uncompressed tar; cached, keyed by
+    path (URL), size and mtime (remote: generation / etag)."""
+    remote = fileio.is_remote(path)
+    dirs = _tar_cache_dirs(path, cache_dir)
+    if not dirs:
+        name = None
+    elif remote:
+        name = f"tar_{fileio.url_key(path, fileio.signature(path))}.json"
+    else:
+        st = os.stat(path)
+        tag = hashlib.sha1(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode())
+        name = f"tar_{tag.hexdigest()}.json"
+    caches = [(d, fileio.join(d, name)) for d in dirs]
+    for j, (_, cache) in enumerate(caches):
+        members = _read_cache(cache)
+        if members is not None:
+            for d, c in caches[:j]:               # fill the faster caches in front of it
+                _write_cache(d, c, members)
+            return members
+    magic = fileio.read_bytes(path, 0, 6)
     if magic[:2] == b"\x1f\x8b" or magic[:3] == b"BZh" or magic == b"\xfd7zXZ\x00" \
             or magic[:4] == b"\x28\xb5\x2f\xfd":
         raise ValueError(f"{path} is a compressed tar: random access needs an uncompressed tar "
                          f"(decompress it, e.g. `gunzip -k` / `zstd -d`)")
     members = []
+    f = fileio.open_read(path, TAR_READAHEAD) if remote else None
     try:
-        with tarfile.open(path, mode="r:") as tf:
+        with tarfile.open(path if f is None else None, mode="r:", fileobj=f) as tf:
             for m in tf:
                 if m.isfile():
                     name = m.name[2:] if m.name.startswith("./") else m.name.lstrip("/")
@@ -221,26 +285,27 @@ def _tar_members(path: str, cache_dir: str | None) -> list[tuple[str, int, int]]
             raise ValueError(f"{path} is not a readable uncompressed tar: {e}") from None
         log.warning("tar shard %s is damaged after %d members (%s); using those", path,
                     len(members), e)
-    if cache:
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = f"{cache}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(members, f)
-        os.replace(tmp, cache)
+    finally:
+        if f is not None:
+            f.close()
+    for d, cache in caches:
+        _write_cache(d, cache, members)
     return members
 
 
 def expand_paths(body: str, what: str = "path") -> list[str]:
-    """Comma-separated paths / globs -> sorted existing paths. Raises ValueError naming the body."""
+    """Comma-separated paths / URLs / globs -> sorted existing paths. Raises ValueError naming the
+    body."""
     out: list[str] = []
     for part in [p.strip() for p in body.split(",") if p.strip()]:
-        part = os.path.expanduser(part)
+        if not fileio.is_remote(part):
+            part = os.path.expanduser(part)
         if any(c in part for c in "*?["):
-            hits = sorted(globlib.glob(part))
+            hits = fileio.glob(part)
             if not hits:
                 raise ValueError(f"{what} glob {part!r} matches nothing")
             out.extend(hits)
-        elif os.path.exists(part):
+        elif fileio.exists(part):
             out.append(part)
         else:
             raise ValueError(f"{what} {part!r} does not exist")
@@ -249,51 +314,83 @@ def expand_paths(body: str, what: str = "path") -> list[str]:
     return out
 
 
+def _is_tar(path: str) -> bool:
+    if path.endswith(".tar"):
+        return True
+    if not fileio.is_remote(path):
+        return tarfile.is_tarfile(path)
+    try:                                     # one header block: checksum and ustar / v7 layout
+        tarfile.TarInfo.frombuf(fileio.read_bytes(path, 0, tarfile.BLOCKSIZE), "utf-8",
+                                "surrogateescape")
+        return True
+    except (tarfile.HeaderError, OSError):
+        return False
+
+
 class FileSet:
-    """The files under a list of folders and uncompressed tar shards, readable by reference.
+    """The files under a list of folders and uncompressed tar shards (local paths or URLs),
+    readable by reference.
 
     Folders are walked recursively; ``*.tar`` files met there (or given directly) are indexed as
-    shards. Names are relative (folder) or member names (tar), with '/' separators.
+    shards (remote shards concurrently, by ranged reads of their headers). Names are relative
+    (folder) or member names (tar), with '/' separators.
     """
 
     def __init__(self, paths: Sequence[str], *, cache_dir: str | None = None):
         self.containers: list[tuple[str, bool]] = []        # (path, is_tar)
         self.entries: list[_Ref] = []
+        plan: list[tuple[str, object]] = []                  # ("dir", (path, names)) | ("tar", path)
         for p in paths:
-            if os.path.isdir(p):
-                ci = self._add(p, False)
-                for root, dirs, files in os.walk(p, followlinks=True):
-                    dirs.sort()
-                    for fn in sorted(files):
-                        full = os.path.join(root, fn)
-                        if fn.endswith(".tar"):
-                            self._add_tar(full, cache_dir)
-                        else:
-                            rel = os.path.relpath(full, p).replace(os.sep, "/")
-                            self.entries.append((ci, rel, -1, -1))
-            elif p.endswith(".tar") or tarfile.is_tarfile(p):
-                self._add_tar(p, cache_dir)
+            if fileio.isdir(p):
+                names = fileio.walk_files(p)
+                plan.append(("dir", (p, [n for n in names if not n.endswith(".tar")])))
+                plan.extend(("tar", fileio.join(p, n)) for n in names if n.endswith(".tar"))
+            elif _is_tar(p):
+                plan.append(("tar", p))
             else:
                 raise ValueError(f"{p!r} is neither a directory nor an uncompressed .tar shard")
+        tars = [x for k, x in plan if k == "tar"]
+        remote = [t for t in tars if fileio.is_remote(t)]
+        members: dict[str, list] = {}
+        if len(remote) > 1:
+            with concurrent.futures.ThreadPoolExecutor(min(INDEX_THREADS, len(remote))) as pool:
+                members.update(zip(remote, pool.map(lambda t: _tar_members(t, cache_dir), remote)))
+        for kind, x in plan:
+            if kind == "dir":
+                d, names = x
+                ci = self._add(d, False)
+                self.entries.extend((ci, n, -1, -1) for n in names)
+            else:
+                ci = self._add(x, True)
+                ms = members[x] if x in members else _tar_members(x, cache_dir)
+                self.entries.extend((ci, n, o, sz) for n, o, sz in ms)
 
     def _add(self, path: str, is_tar: bool) -> int:
-        self.containers.append((os.path.abspath(path), is_tar))
+        self.containers.append((fileio.abspath(path), is_tar))
         return len(self.containers) - 1
 
-    def _add_tar(self, path: str, cache_dir: str | None) -> None:
-        ci = self._add(path, True)
-        self.entries.extend((ci, n, o, s) for n, o, s in _tar_members(path, cache_dir))
-
     def read(self, ref: _Ref) -> bytes:
-        """Bytes of a file; raises FileNotFoundError or OSError (short read of a damaged shard)."""
+        """Bytes of a file (one read; a remote tar member: one ranged read); raises
+        FileNotFoundError or OSError (short read of a damaged shard; any remote failure)."""
         ci, name, offset, size = ref
         path, is_tar = self.containers[ci]
-        if not is_tar:
-            with open(os.path.join(path, name), "rb") as f:
-                return f.read()
-        with open(path, "rb") as f:      # open per read: thread- and fork-safe, ~10 us
-            f.seek(offset)
-            data = f.read(size)
+        if not fileio.is_remote(path):
+            if not is_tar:
+                with open(os.path.join(path, name), "rb") as f:
+                    return f.read()
+            with open(path, "rb") as f:      # open per read: thread- and fork-safe, ~10 us
+                f.seek(offset)
+                data = f.read(size)
+        else:
+            try:
+                data = fileio.read_bytes(fileio.join(path, name)) if not is_tar else \
+                    fileio.read_bytes(path, offset, size)
+            except OSError:
+                raise
+            except Exception as e:  # backends raise their own (HTTP) errors
+                raise OSError(f"{type(e).__name__}: {e}") from e
+            if not is_tar:
+                return data
         if len(data) != size:
             raise OSError(f"short read of {name} in {path}: {len(data)} of {size} bytes "
                           f"(truncated shard?)")
@@ -301,7 +398,7 @@ class FileSet:
 
     def describe(self, ref: _Ref) -> str:
         path, is_tar = self.containers[ref[0]]
-        return f"{path}:{ref[1]}" if is_tar else os.path.join(path, ref[1])
+        return f"{path}:{ref[1]}" if is_tar else fileio.join(path, ref[1])
 
 
 class _KeyedFiles:
@@ -488,8 +585,8 @@ class SgtPairsSource(_Source):
         self.max_pixels, self.max_side = int(max_pixels), max_side
         keep = None
         if list_file:
-            with open(list_file) as f:
-                keep = {os.path.splitext(os.path.basename(ln.strip()))[0] for ln in f if ln.strip()}
+            keep = {os.path.splitext(os.path.basename(ln.strip()))[0]
+                    for ln in fileio.read_text(list_file).splitlines() if ln.strip()}
 
         def drop_dir(parts: list[str], d: str | None) -> list[str] | None:
             if d is None or d not in parts[:-1]:
@@ -555,8 +652,7 @@ class CocoPanopticSource(_Source):
         self.json_path, self.png_dir, self.image_dir = json_path, png_dir, image_dir
         self.seed, self.colors = int(seed), colors
         self.max_pixels, self.max_side = int(max_pixels), max_side
-        with open(json_path) as f:
-            meta = json.load(f)
+        meta = fileio.read_json(json_path)
         if not isinstance(meta, dict) or "annotations" not in meta or "images" not in meta:
             raise ValueError(f"{json_path}: not a COCO panoptic JSON (needs 'images' and "
                              f"'annotations')")
@@ -579,8 +675,8 @@ class CocoPanopticSource(_Source):
             raise self._bad("bad_annotation", key, "annotation without image entry / file_name")
         if n_segments == 0:
             raise self._bad("no_masks", key)
-        img_bytes = _read_path(self, os.path.join(self.image_dir, image_file), key)
-        png_bytes = _read_path(self, os.path.join(self.png_dir, png_file), key)
+        img_bytes = _read_path(self, fileio.join(self.image_dir, image_file), key)
+        png_bytes = _read_path(self, fileio.join(self.png_dir, png_file), key)
         h, w = _image_size_or_bad(self, img_bytes, key)
         ph, pw = _image_size_or_bad(self, png_bytes, key)
         if (ph, pw) != (h, w):
@@ -604,12 +700,18 @@ class CocoPanopticSource(_Source):
 
 def _read_path(src: _Source, path: str, key: str) -> bytes:
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        if not fileio.is_remote(path):
+            with open(path, "rb") as f:
+                return f.read()
+        return fileio.read_bytes(path)
     except FileNotFoundError:
         raise src._bad("missing_file", key, path) from None
+    except IsADirectoryError:
+        raise src._bad("missing_file", key, f"{path} is a directory") from None
     except OSError as e:
         raise src._bad("read_error", key, f"{path}: {e}") from None
+    except Exception as e:  # noqa: BLE001 -- remote backends raise their own (HTTP) errors
+        raise src._bad("read_error", key, f"{path}: {type(e).__name__}: {e}") from None
 
 
 class CocoInstancesSource(_Source):
@@ -633,8 +735,7 @@ class CocoInstancesSource(_Source):
         self.json_path, self.image_dir, self.seed, self.by = json_path, image_dir, int(seed), by
         self.crowd, self.max_pixels, self.max_side = bool(crowd), int(max_pixels), max_side
         self.background = tuple(int(c) for c in background)
-        with open(json_path) as f:
-            meta = json.load(f)
+        meta = fileio.read_json(json_path)
         if not isinstance(meta, dict) or "images" not in meta or "annotations" not in meta:
             raise ValueError(f"{json_path}: not a COCO instances JSON (needs 'images' and "
                              f"'annotations')")
@@ -665,7 +766,7 @@ class CocoInstancesSource(_Source):
         anns = json.loads(anns_json)
         if not anns:
             raise self._bad("no_masks", key)
-        img_bytes = _read_path(self, os.path.join(self.image_dir, file_name or ""), key)
+        img_bytes = _read_path(self, fileio.join(self.image_dir, file_name or ""), key)
         h, w = _image_size_or_bad(self, img_bytes, key)
         if (jh, jw) != (h, w):
             raise self._bad("bad_annotation", key, f"JSON size {jh}x{jw} != image {h}x{w}")
@@ -710,6 +811,7 @@ class CocoInstancesSource(_Source):
 # LLaVA-OneVision SFT
 # ------------------------------------------------------------------------------------------------
 
+JSONL_BUFFER = 8 * 2 ** 20     # bytes per ranged read while indexing a remote .jsonl
 _ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
 
 
@@ -728,14 +830,16 @@ class LlavaSource(_Source):
     def __init__(self, path: str, image_root: str | None = None, *,
                  fix_placeholders: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS):
         self.path = path
-        self.image_root = image_root if image_root is not None else os.path.dirname(path)
+        self.image_root = image_root if image_root is not None else (
+            fileio.dirname(path) if fileio.is_remote(path) else os.path.dirname(path))
         self.fix_placeholders, self.max_pixels = bool(fix_placeholders), int(max_pixels)
         low = path.lower()
         self._rows = None
         self._table = None
         if low.endswith(".jsonl"):
             offsets, lengths, pos = [], [], 0
-            with open(path, "rb") as f:
+            # one streaming pass (remote: sequential ranged reads of JSONL_BUFFER bytes)
+            with fileio.open_read(path, JSONL_BUFFER) as f:
                 for line in f:
                     if line.strip():
                         offsets.append(pos)
@@ -745,8 +849,7 @@ class LlavaSource(_Source):
             self._lengths = np.asarray(lengths, np.int64)
             n = len(offsets)
         elif low.endswith(".json"):
-            with open(path) as f:
-                rows = json.load(f)
+            rows = fileio.read_json(path)
             if not isinstance(rows, list):
                 raise ValueError(f"{path}: a LLaVA .json file must hold a list of records "
                                  f"(got {type(rows).__name__}); use .jsonl for one per line")
@@ -757,11 +860,15 @@ class LlavaSource(_Source):
                 import pyarrow.parquet as pq
             except ImportError:
                 raise ImportError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)")
-            self._table = pq.read_table(path)
+            if fileio.is_remote(path):
+                with fileio.open_read(path, JSONL_BUFFER) as f:
+                    self._table = pq.read_table(f)
+            else:
+                self._table = pq.read_table(path)
             n = self._table.num_rows
         else:
             raise ValueError(f"{path}: LLaVA data must be .jsonl, .json or .parquet")
-        stem = os.path.splitext(os.path.basename(path))[0]
+        stem = os.path.splitext(fileio.basename(path))[0]
         self._keys = [f"{stem}:{j}" for j in range(n)]
 
     def _describe(self) -> str:
@@ -777,12 +884,17 @@ class LlavaSource(_Source):
             row = self._table.slice(i, 1).to_pylist()[0]
         else:
             try:
-                with open(self.path, "rb") as f:
-                    f.seek(int(self._offsets[i]))
-                    line = f.read(int(self._lengths[i]))
+                if fileio.is_remote(self.path):
+                    line = fileio.read_bytes(self.path, int(self._offsets[i]),
+                                             int(self._lengths[i]))
+                else:
+                    with open(self.path, "rb") as f:
+                        f.seek(int(self._offsets[i]))
+                        line = f.read(int(self._lengths[i]))
+            except Exception as e:  # noqa: BLE001 -- OSError, or a remote backend's own
+                raise self._bad("read_error", key, f"{type(e).__name__}: {e}") from None
+            try:
                 row = json.loads(line)
-            except OSError as e:
-                raise self._bad("read_error", key, str(e)) from None
             except ValueError as e:
                 raise self._bad("bad_json", key, str(e)) from None
         if not isinstance(row, dict):
@@ -841,7 +953,7 @@ class LlavaSource(_Source):
         if data is None:
             if not isinstance(im, str) or not im:
                 raise self._bad("bad_annotation", key, f"image entry {im!r} is not a path")
-            data = _read_path(self, os.path.join(self.image_root, im), key)
+            data = _read_path(self, fileio.join(self.image_root, im), key)
         arr, _ = self._decode(data, key, max_pixels=self.max_pixels)
         return arr
 
@@ -1014,21 +1126,49 @@ def parse_spec(spec: str) -> tuple[str, str, dict[str, str]]:
     return kind, body.strip(), opts
 
 
+def _synthetic_dir(out: str, gen: dict, *, given: bool) -> str:
+    """The directory to read synthetic scenes from. A finished set there (its stamp) is used as it
+    is unless generation options were given (then they must match). Otherwise the set is generated
+    there -- or, for a URL, into the local cache (``fileio.local_cache_dir('synthetic', <key of the
+    parameters>)``): generation is deterministic, so every host builds the same set locally, and
+    nothing has to be uploaded or coordinated between hosts."""
+    from sgt_jax.data import synthetic
+
+    stamp = synthetic.read_stamp(out)
+    if stamp is not None and (not given or stamp == synthetic.generation_params(**gen)):
+        return out
+    if not fileio.is_remote(out):
+        synthetic.ensure_generated(out, **gen)
+        return out
+    if stamp is not None:
+        raise ValueError(f"{out} holds synthetic data generated with {stamp}, asked for "
+                         f"{synthetic.generation_params(**gen)}: use another directory")
+    if fileio.listdir(out):
+        raise ValueError(f"{out} is not empty and has no {synthetic.STAMP_FILE}: it is not a "
+                         f"synthetic data directory; choose an empty or new directory")
+    params = synthetic.generation_params(**gen)
+    local = os.path.join(fileio.local_cache_dir("synthetic"),
+                         fileio.url_key(json.dumps(params, sort_keys=True)))
+    log.info("synthetic data for %s: generated locally in %s (a URL is not written to)", out, local)
+    return synthetic.ensure_generated(local, **gen)
+
+
 def make_source(spec: str, *, seed: int, workdir: str | None = None):
     """Build a source from a spec string (grammar in the module docstring)."""
     kind, body, opts = parse_spec(spec)
     usage = f"usage: {_USAGE[kind]!r}"
-    cache_dir = os.path.join(workdir, "index_cache") if workdir else None
+    cache_dir = fileio.join(workdir, "index_cache") if workdir else None
 
     def parts(n_min: int, n_max: int) -> list[str]:
         ps = [p.strip() for p in body.split("::")] if body else []
         if not n_min <= len(ps) <= n_max or not all(ps):
             raise SpecError(f"source spec {spec!r}: {kind} needs {n_min}"
                             f"{'' if n_min == n_max else f'-{n_max}'} '::'-separated paths; {usage}")
+        ps = [p if fileio.is_remote(p) else os.path.expanduser(p) for p in ps]
         for p in ps:
-            if not os.path.exists(os.path.expanduser(p)):
+            if not fileio.exists(p):
                 raise SpecError(f"source spec {spec!r}: path {p!r} does not exist; {usage}")
-        return [os.path.expanduser(p) for p in ps]
+        return ps
 
     try:
         seg = {}
@@ -1071,24 +1211,20 @@ def make_source(spec: str, *, seed: int, workdir: str | None = None):
                                **({"max_pixels": seg["max_pixels"]} if "max_pixels" in seg else {}))
         if kind in ("synthetic_seg", "synthetic_vqa"):
             from sgt_jax.data import synthetic
-            out = os.path.expanduser(body) if body else None
+            out = (body if fileio.is_remote(body) else os.path.expanduser(body)) if body else None
             if out is None:
                 if not workdir:
                     raise SpecError(f"source spec {spec!r}: give a directory or a workdir; {usage}")
-                out = os.path.join(workdir, "synthetic")
+                out = fileio.join(workdir, "synthetic")
             gen = {"num_images": int(opts.get("n", 1000)), "seed": int(opts.get("gen_seed", 0))}
             if "size" in opts:
                 gen["size"] = _parse_range(opts["size"], "size")
             if "shapes" in opts:
                 gen["num_shapes"] = _parse_range(opts["shapes"], "shapes")
-            stamp = synthetic.read_stamp(out)
-            if stamp is not None and not (_SYN_OPTS & set(opts)):
-                pass               # no generation options given: use the finished set as it is
-            else:
-                synthetic.ensure_generated(out, **gen)
+            out = _synthetic_dir(out, gen, given=bool(_SYN_OPTS & set(opts)))
             if kind == "synthetic_seg":
                 return SA1BSource([out], seed=seed, cache_dir=cache_dir, **seg, **bg)
-            return LlavaSource(os.path.join(out, synthetic.VQA_FILE), out, **seg)
+            return LlavaSource(fileio.join(out, synthetic.VQA_FILE), out, **seg)
         if kind == "tfds":
             name, _, split = body.partition(":")
             if not name or not split:

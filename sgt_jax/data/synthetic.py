@@ -33,6 +33,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from sgt_jax import fileio
 from sgt_jax.data import render
 
 VERSION = 1
@@ -224,12 +225,22 @@ def generate(out_dir: str, num_images: int, *, seed: int = 0, size: int | Sequen
 
 
 def read_stamp(out_dir: str) -> dict | None:
-    """The generation parameters of a finished synthetic directory, or None."""
+    """The generation parameters of a finished synthetic directory (a local path or a URL), or
+    None."""
     try:
-        with open(os.path.join(out_dir, STAMP_FILE)) as f:
-            return json.load(f)
+        return fileio.read_json(fileio.join(out_dir, STAMP_FILE))
     except FileNotFoundError:
         return None
+
+
+def generation_params(num_images: int = 1000, *, seed: int = 0,
+                      size: int | Sequence[int] = (64, 128),
+                      num_shapes: int | Sequence[int] = (1, 6)) -> dict:
+    """What ``ensure_generated`` writes into the stamp (and compares with it)."""
+    return {"version": VERSION, "num_images": int(num_images), "seed": int(seed),
+            "size": list(size) if not isinstance(size, int) else [size, size],
+            "num_shapes": (list(num_shapes) if not isinstance(num_shapes, int)
+                           else [num_shapes, num_shapes])}
 
 
 def ensure_generated(out_dir: str, num_images: int = 1000, *, seed: int = 0,
@@ -240,10 +251,7 @@ def ensure_generated(out_dir: str, num_images: int = 1000, *, seed: int = 0,
     Generation goes to a temporary sibling directory renamed into place, so concurrent callers
     (several processes of one host) and interrupted runs never leave a half-written set.
     """
-    params = {"version": VERSION, "num_images": int(num_images), "seed": int(seed),
-              "size": list(size) if not isinstance(size, int) else [size, size],
-              "num_shapes": (list(num_shapes) if not isinstance(num_shapes, int)
-                             else [num_shapes, num_shapes])}
+    params = generation_params(num_images, seed=seed, size=size, num_shapes=num_shapes)
     stamp = os.path.join(out_dir, STAMP_FILE)
 
     def check() -> bool:

@@ -7,14 +7,20 @@ BAGEL (data_utils.add_special_tokens) makes sure ``<|im_start|> <|im_end|> <|vis
 with ``tokenizer.encode(text)`` (Qwen2 adds no BOS/EOS itself) and wrapped by the packer.
 
 ``Tokenizer`` loads lazily and pickles as its path, so Grain worker processes load their own copy.
+A URL path (``gs://...``, any fsspec URL) is copied to local disk first (``local_copy``: once per
+process, into ``fileio.local_cache_dir('tokenizers')``).
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import shutil
 import threading
 from collections.abc import Iterable
+
+from sgt_jax import fileio
 
 SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>")
 ENDOFTEXT = "<|endoftext|>"
@@ -22,6 +28,46 @@ _LOAD_LOCK = threading.Lock()      # transformers' lazy imports are not thread-s
 # Qwen2's pre-tokenizer split (the same regex transformers' Qwen2Tokenizer uses)
 _QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
                 r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+
+_COPIES: dict[str, str] = {}      # URL -> local copy, this process
+_COPY_LOCK = threading.Lock()
+
+
+def local_copy(url: str) -> str:
+    """A local directory holding the files of the tokenizer directory ``url`` (its files, not
+    subdirectories: tokenizer.json, vocab.json, merges.txt, tokenizer_config.json, ... -- a few
+    MB). Downloaded once per process into ``local_cache_dir('tokenizers')/<key of url>/<sha1 of
+    the contents>``: content-addressed, so a changed tokenizer never mixes with an old copy and
+    concurrent processes never overwrite each other's. Raises FileNotFoundError for a URL with no
+    files."""
+    with _COPY_LOCK:
+        if url in _COPIES and os.path.isdir(_COPIES[url]):
+            return _COPIES[url]
+        names = [n for n in fileio.listdir(url) if fileio.isfile(fileio.join(url, n))]
+        if not names:
+            raise FileNotFoundError(
+                f"tokenizer directory {url!r} does not exist or holds no files: point "
+                "data.tokenizer_path at a Qwen2 tokenizer dir (e.g. the tokenizer/ of an imported "
+                "model dir: tokenizer.json / vocab.json + merges.txt, tokenizer_config.json)")
+        base = fileio.local_cache_dir("tokenizers", fileio.url_key(url))
+        tmp = os.path.join(base, f".tmp{os.getpid()}.{threading.get_ident()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        digest = hashlib.sha1()
+        for n in sorted(names):
+            data = fileio.read_bytes(fileio.join(url, n))
+            digest.update(f"{n}|{len(data)}|".encode())
+            digest.update(data)
+            with open(os.path.join(tmp, n), "wb") as f:
+                f.write(data)
+        final = os.path.join(base, digest.hexdigest()[:24])
+        try:
+            os.rename(tmp, final)
+        except OSError:                  # already there (same contents): keep that one
+            shutil.rmtree(tmp, ignore_errors=True)
+        _COPIES[url] = final
+        return final
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,14 +98,15 @@ class Tokenizer:
                 self._load_locked()
 
     def _load_locked(self):
-        if not os.path.isdir(self.path):
+        path = local_copy(self.path) if fileio.is_remote(self.path) else self.path
+        if not os.path.isdir(path):
             raise FileNotFoundError(
                 f"tokenizer directory {self.path!r} does not exist: point data.tokenizer_path at a Qwen2 "
                 "checkpoint dir (tokenizer.json / vocab.json + merges.txt), or build a tiny one with "
                 "sgt_jax.data.tokenizer.build_tiny_tokenizer(dir)")
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         missing = [t for t in SPECIAL_TOKENS if t not in tok.get_vocab()]
         if missing:   # BAGEL's add_special_tokens
             self.num_new_tokens = tok.add_special_tokens({"additional_special_tokens": missing})
