@@ -19,7 +19,6 @@ from pathlib import Path
 import fsspec
 import numpy as np
 import pytest
-from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 from safetensors.numpy import load_file, save_file
 
@@ -69,34 +68,6 @@ def mem():
     fs = fsspec.filesystem("memory")
     if fs.exists(root):
         fs.rm(root, recursive=True)
-
-
-class FakeGCS(LocalFileSystem):
-    """gs://bucket/key -> ROOT/bucket/key on the local disk (what gcsfs would do, offline)."""
-
-    protocol = ("gs", "gcs")
-    root = None
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(auto_mkdir=True)
-
-    @classmethod
-    def _strip_protocol(cls, path):
-        path = os.fspath(path)
-        for p in ("gs://", "gcs://"):
-            if path.startswith(p):
-                path = os.path.join(cls.root, path[len(p):])
-        return super()._strip_protocol(path)
-
-
-@pytest.fixture
-def fake_gs(tmp_path, monkeypatch):
-    root = tmp_path / "gcs"
-    root.mkdir()
-    monkeypatch.setattr(FakeGCS, "root", str(root))
-    monkeypatch.setitem(FSSPEC_REGISTRY._registry, "gs", FakeGCS)
-    monkeypatch.setitem(FSSPEC_REGISTRY._registry, "gcs", FakeGCS)
-    yield root
 
 
 @pytest.fixture
@@ -234,20 +205,20 @@ def test_export_to_remote_destination_is_bit_exact(local_md, mem, tmp_path):
     assert files_of(dst)["ema.safetensors"] == export_and_read(local_md, tmp_path / "one")
 
 
-def test_gs_urls_through_the_cli(local_src, local_md, fake_gs, tmp_path, capsys):
+def test_gs_urls_through_the_cli(local_src, local_md, fake_gcs, tmp_path, capsys):
     """gs://bucket/... strings end to end (a fake gs protocol on a temp dir stands in for gcsfs)."""
     upload(local_src, "gs://bucket/bagel")
-    assert (fake_gs / "bucket" / "bagel" / "ema.safetensors.index.json").exists()
+    assert (fake_gcs / "bucket" / "bagel" / "ema.safetensors.index.json").exists()
     rc = cli.main(["import", "--from", "gs://bucket/bagel", "--to", str(tmp_path / "md"), "--preset", "tiny",
                    "--max-latent-size", "8", "--vit-max-patches-per-side", "8", "--no-progress",
                    "--stats", "gs://bucket/stats/import.json"])
     assert rc == 0, capsys.readouterr().err
-    assert json.loads((fake_gs / "bucket" / "stats" / "import.json").read_text())["src"] == "gs://bucket/bagel"
+    assert json.loads((fake_gcs / "bucket" / "stats" / "import.json").read_text())["src"] == "gs://bucket/bagel"
     rc = cli.main(["export", "--from", str(tmp_path / "md"), "--to", "gs://bucket/out", "--shard-size", "300KB",
                    "--no-progress"])
     assert rc == 0, capsys.readouterr().err
     export_bagel(str(local_md), str(tmp_path / "ref"), shard_size="300KB", progress=False, log=quiet)
-    assert files_of(fake_gs / "bucket" / "out") == files_of(tmp_path / "ref")
+    assert files_of(fake_gcs / "bucket" / "out") == files_of(tmp_path / "ref")
     # a weights file given by URL: configs from its "directory"
     path, cfg_dir, _ = bagel_io.find_weights("gs://bucket/bagel/ema.safetensors.index.json")
     assert (path, cfg_dir) == ("gs://bucket/bagel/ema.safetensors.index.json", "gs://bucket/bagel")
