@@ -319,6 +319,7 @@ class _RangedRaw(io.RawIOBase):
     def __init__(self, path, size: int):
         super().__init__()
         self.name, self._size, self._pos = _str(path), int(size), 0
+        self.reads = self.bytes_read = 0          # ranged reads made, bytes they returned
 
     def readable(self):
         return True
@@ -340,6 +341,8 @@ class _RangedRaw(io.RawIOBase):
             return 0
         k = read_into(self.name, self._pos, memoryview(b).cast("B")[:n])
         self._pos += k
+        self.reads += 1
+        self.bytes_read += k
         return k
 
 

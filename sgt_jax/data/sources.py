@@ -219,37 +219,73 @@ def _tar_cache_dirs(path: str, cache_dir: str | None) -> list[str]:
     return [fileio.local_cache_dir("index_cache")] + ([cache_dir] if cache_dir else [])
 
 
-def _read_cache(cache: str):
+def _cache_get(cache: str) -> bytes | None:
+    """The bytes of a cache file (local or URL), None when absent or unreadable."""
     try:
         if fileio.is_remote(cache):
-            if not fileio.exists(cache):
-                return None
-            return [tuple(m) for m in fileio.read_json(cache)]
+            return fileio.read_bytes(cache) if fileio.exists(cache) else None
         if os.path.exists(cache):
-            with open(cache) as f:
-                return [tuple(m) for m in json.load(f)]
-    except (OSError, ValueError) as e:
-        log.warning("ignoring unreadable tar index cache %s: %s", cache, e)
+            with open(cache, "rb") as f:
+                return f.read()
+    except Exception as e:  # noqa: BLE001 -- a cache that cannot be read is only slower
+        log.warning("ignoring unreadable index cache %s: %s", cache, e)
     return None
 
 
-def _write_cache(cache_dir: str, cache: str, members) -> None:
+def _cache_put(cache_dir: str, cache: str, data: bytes) -> None:
     try:
         if fileio.is_remote(cache):
-            fileio.write_text(cache, json.dumps(members))      # an object write is atomic
+            with fileio.open_write(cache) as f:                # an object write is atomic
+                f.write(data)
             return
         os.makedirs(cache_dir, exist_ok=True)
         tmp = f"{cache}.{os.getpid()}.{threading.get_ident()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(members, f)
+        with open(tmp, "wb") as f:
+            f.write(data)
         os.replace(tmp, cache)
     except Exception as e:  # noqa: BLE001 -- a cache that cannot be written is only slower
-        log.warning("could not write the tar index cache %s: %s", cache, e)
+        log.warning("could not write the index cache %s: %s", cache, e)
 
 
-def _tar_members(path: str, cache_dir: str | None) -> list[tuple[str, int, int]]:
+def _cached(caches: list[tuple[str, str]], decode: Callable[[bytes], object], fill_all: bool):
+    """Look ``caches`` ((dir, file), fastest first) up in order; on a hit, write it into the
+    caches in front of it (``fill_all``: into every cache that lacks it). Returns the decoded
+    value or None."""
+    found, missing = None, []
+    for d, c in caches:
+        data = _cache_get(c)
+        value = None
+        if data is not None:
+            try:
+                value = decode(data)
+            except Exception as e:  # noqa: BLE001
+                log.warning("ignoring unreadable index cache %s: %s", c, e)
+        if value is None:
+            missing.append((d, c))
+            continue
+        if found is None:
+            found, hit = value, data
+        if not fill_all:
+            break
+    if found is not None:
+        for d, c in missing:
+            _cache_put(d, c, hit)
+    return found
+
+
+def _stat_reads(stats: dict | None, f) -> None:
+    raw = getattr(f, "raw", None)
+    if stats is not None and raw is not None:
+        stats["reads"] = stats.get("reads", 0) + getattr(raw, "reads", 0)
+        stats["bytes_read"] = stats.get("bytes_read", 0) + getattr(raw, "bytes_read", 0)
+
+
+def _tar_members(path: str, cache_dir: str | None, *, stats: dict | None = None,
+                 fill_all: bool = False) -> list[tuple[str, int, int]]:
     """(name, data offset, size) of the regular files of an uncompressed tar; cached, keyed by
-    path (URL), size and mtime (remote: generation / etag)."""
+    path (URL), size and mtime (remote: generation / etag). ``stats`` (a dict) receives
+    ``cached`` (bool), ``members``, ``reads`` / ``bytes_read`` (remote reads of the tar);
+    ``fill_all`` writes a hit into every cache that lacks it (``sgt_jax.data.index``)."""
     remote = fileio.is_remote(path)
     dirs = _tar_cache_dirs(path, cache_dir)
     if not dirs:
@@ -261,12 +297,13 @@ def _tar_members(path: str, cache_dir: str | None) -> list[tuple[str, int, int]]
         tag = hashlib.sha1(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode())
         name = f"tar_{tag.hexdigest()}.json"
     caches = [(d, fileio.join(d, name)) for d in dirs]
-    for j, (_, cache) in enumerate(caches):
-        members = _read_cache(cache)
-        if members is not None:
-            for d, c in caches[:j]:               # fill the faster caches in front of it
-                _write_cache(d, c, members)
-            return members
+    members = _cached(caches, lambda b: [tuple(m) for m in json.loads(b)], fill_all)
+    if stats is not None:
+        stats.update(cached=members is not None, reads=0, bytes_read=0)
+    if members is not None:
+        if stats is not None:
+            stats["members"] = len(members)
+        return members
     magic = fileio.read_bytes(path, 0, 6)
     if magic[:2] == b"\x1f\x8b" or magic[:3] == b"BZh" or magic == b"\xfd7zXZ\x00" \
             or magic[:4] == b"\x28\xb5\x2f\xfd":
@@ -287,9 +324,13 @@ def _tar_members(path: str, cache_dir: str | None) -> list[tuple[str, int, int]]
                     len(members), e)
     finally:
         if f is not None:
+            _stat_reads(stats, f)
             f.close()
+    if stats is not None:
+        stats["members"] = len(members)
+    data = json.dumps(members).encode()
     for d, cache in caches:
-        _write_cache(d, cache, members)
+        _cache_put(d, cache, data)
     return members
 
 
@@ -327,6 +368,22 @@ def _is_tar(path: str) -> bool:
         return False
 
 
+def _plan_files(paths: Sequence[str]) -> list[tuple[str, object]]:
+    """``("dir", (path, names))`` / ``("tar", path)`` for a list of folders and tar shards: the
+    folders walked (one listing each), the tars in them and the given tars."""
+    plan: list[tuple[str, object]] = []
+    for p in paths:
+        if fileio.isdir(p):
+            names = fileio.walk_files(p)
+            plan.append(("dir", (p, [n for n in names if not n.endswith(".tar")])))
+            plan.extend(("tar", fileio.join(p, n)) for n in names if n.endswith(".tar"))
+        elif _is_tar(p):
+            plan.append(("tar", p))
+        else:
+            raise ValueError(f"{p!r} is neither a directory nor an uncompressed .tar shard")
+    return plan
+
+
 class FileSet:
     """The files under a list of folders and uncompressed tar shards (local paths or URLs),
     readable by reference.
@@ -339,16 +396,7 @@ class FileSet:
     def __init__(self, paths: Sequence[str], *, cache_dir: str | None = None):
         self.containers: list[tuple[str, bool]] = []        # (path, is_tar)
         self.entries: list[_Ref] = []
-        plan: list[tuple[str, object]] = []                  # ("dir", (path, names)) | ("tar", path)
-        for p in paths:
-            if fileio.isdir(p):
-                names = fileio.walk_files(p)
-                plan.append(("dir", (p, [n for n in names if not n.endswith(".tar")])))
-                plan.extend(("tar", fileio.join(p, n)) for n in names if n.endswith(".tar"))
-            elif _is_tar(p):
-                plan.append(("tar", p))
-            else:
-                raise ValueError(f"{p!r} is neither a directory nor an uncompressed .tar shard")
+        plan = _plan_files(paths)
         tars = [x for k, x in plan if k == "tar"]
         remote = [t for t in tars if fileio.is_remote(t)]
         members: dict[str, list] = {}
@@ -815,6 +863,47 @@ JSONL_BUFFER = 8 * 2 ** 20     # bytes per ranged read while indexing a remote .
 _ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
 
 
+def _jsonl_index(path: str, cache_dir: str | None, *, stats: dict | None = None,
+                 fill_all: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets, lengths) of the non-blank lines of a .jsonl, int64: one streaming pass (remote:
+    sequential ranged reads of JSONL_BUFFER bytes). A remote file's index is cached like a remote
+    tar's (local cache, then ``cache_dir``; key: URL, size, generation); a local file is not
+    (reading it again is fast). ``stats`` / ``fill_all``: as ``_tar_members``."""
+    caches = []
+    if fileio.is_remote(path):
+        name = f"jsonl_{fileio.url_key(path, fileio.signature(path))}.npz"
+        caches = [(d, fileio.join(d, name)) for d in _tar_cache_dirs(path, cache_dir)]
+
+    def decode(b: bytes):
+        with np.load(io.BytesIO(b)) as z:
+            return z["offsets"].astype(np.int64), z["lengths"].astype(np.int64)
+
+    hit = _cached(caches, decode, fill_all) if caches else None
+    if stats is not None:
+        stats.update(cached=hit is not None, reads=0, bytes_read=0)
+    if hit is not None:
+        if stats is not None:
+            stats["members"] = len(hit[0])
+        return hit
+    offsets, lengths, pos = [], [], 0
+    with fileio.open_read(path, JSONL_BUFFER) as f:
+        for line in f:
+            if line.strip():
+                offsets.append(pos)
+                lengths.append(len(line))
+            pos += len(line)
+        _stat_reads(stats, f)
+    out = np.asarray(offsets, np.int64), np.asarray(lengths, np.int64)
+    if stats is not None:
+        stats["members"] = len(offsets)
+    if caches:
+        buf = io.BytesIO()
+        np.savez_compressed(buf, offsets=out[0], lengths=out[1])
+        for d, c in caches:
+            _cache_put(d, c, buf.getvalue())
+    return out
+
+
 class LlavaSource(_Source):
     """LLaVA(-OneVision) SFT records -> vqa records.
 
@@ -828,7 +917,8 @@ class LlavaSource(_Source):
     name = "llava"
 
     def __init__(self, path: str, image_root: str | None = None, *,
-                 fix_placeholders: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS):
+                 fix_placeholders: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 cache_dir: str | None = None):
         self.path = path
         self.image_root = image_root if image_root is not None else (
             fileio.dirname(path) if fileio.is_remote(path) else os.path.dirname(path))
@@ -837,17 +927,8 @@ class LlavaSource(_Source):
         self._rows = None
         self._table = None
         if low.endswith(".jsonl"):
-            offsets, lengths, pos = [], [], 0
-            # one streaming pass (remote: sequential ranged reads of JSONL_BUFFER bytes)
-            with fileio.open_read(path, JSONL_BUFFER) as f:
-                for line in f:
-                    if line.strip():
-                        offsets.append(pos)
-                        lengths.append(len(line))
-                    pos += len(line)
-            self._offsets = np.asarray(offsets, np.int64)
-            self._lengths = np.asarray(lengths, np.int64)
-            n = len(offsets)
+            self._offsets, self._lengths = _jsonl_index(path, cache_dir)
+            n = len(self._offsets)
         elif low.endswith(".json"):
             rows = fileio.read_json(path)
             if not isinstance(rows, list):
@@ -1153,6 +1234,34 @@ def _synthetic_dir(out: str, gen: dict, *, given: bool) -> str:
     return synthetic.ensure_generated(local, **gen)
 
 
+def index_targets(spec: str) -> list[tuple[str, str]]:
+    """The indexes ``make_source(spec)`` builds: ``("tar", path)`` for each tar shard (given, or
+    met in a folder) of ``sa1b`` / ``sgt_pairs``, ``("jsonl", url)`` for a remote ``llava`` .jsonl
+    (the only cached kinds; see ``sgt_jax.data.index``). Paths resolve as in ``make_source``."""
+    kind, body, opts = parse_spec(spec)
+    try:
+        if kind in ("sa1b", "sgt_pairs") and body:
+            return [("tar", x) for k, x in _plan_files(expand_paths(body)) if k == "tar"]
+        if kind == "llava" and body:
+            p = body.split("::")[0].strip()
+            if fileio.is_remote(p) and p.lower().endswith(".jsonl"):
+                return [("jsonl", p)]
+    except (ValueError, OSError) as e:
+        raise SpecError(f"source spec {spec!r}: {e}; usage: {_USAGE[kind]!r}") from e
+    return []
+
+
+def build_index(kind: str, path: str, *, workdir: str | None, fill_all: bool = True) -> dict:
+    """Build (or find cached) the index of one ``index_targets`` entry, as ``make_source`` with
+    this ``workdir`` would; returns its stats: ``cached``, ``members``, ``reads``,
+    ``bytes_read``."""
+    cache_dir = fileio.join(workdir, "index_cache") if workdir else None
+    stats: dict = {}
+    fn = {"tar": _tar_members, "jsonl": _jsonl_index}[kind]
+    fn(path, cache_dir, stats=stats, fill_all=fill_all)
+    return stats
+
+
 def make_source(spec: str, *, seed: int, workdir: str | None = None):
     """Build a source from a spec string (grammar in the module docstring)."""
     kind, body, opts = parse_spec(spec)
@@ -1206,7 +1315,7 @@ def make_source(spec: str, *, seed: int, workdir: str | None = None):
                                        crowd=_parse_bool(opts.get("crowd", "0")), **seg, **bg)
         if kind == "llava":
             ps = parts(1, 2)
-            return LlavaSource(ps[0], ps[1] if len(ps) > 1 else None,
+            return LlavaSource(ps[0], ps[1] if len(ps) > 1 else None, cache_dir=cache_dir,
                                fix_placeholders=_parse_bool(opts.get("fix_placeholders", "0")),
                                **({"max_pixels": seg["max_pixels"]} if "max_pixels" in seg else {}))
         if kind in ("synthetic_seg", "synthetic_vqa"):
