@@ -74,7 +74,8 @@ member is one ranged read per sample; a remote tar is indexed from its headers (
 a read-ahead window of ``TAR_READAHEAD`` bytes per member, never the whole shard; shards in
 parallel) and its index cached in the local cache (``fileio.local_cache_dir('index_cache')``)
 and in ``WORKDIR/index_cache`` (also when that is a URL), keyed by URL, size and generation /
-etag; a remote .jsonl is indexed in one streaming pass. Sources hold paths only (no filesystem
+etag; a remote .jsonl is indexed in one streaming pass (its line index cached the same way).
+``python -m sgt_jax.data.index`` builds all the indexes of a run config once. Sources hold paths only (no filesystem
 objects), so each Grain worker process opens its own. A URL workdir's synthetic data is
 generated into the local cache (``_synthetic_dir``).
 """
