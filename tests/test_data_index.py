@@ -22,9 +22,8 @@ from test_data_remote import data, same_outcomes  # noqa: F401 -- `data` is a fi
 
 from sgt_jax import fileio
 from sgt_jax.data import config as C
-from sgt_jax.data import index
+from sgt_jax.data import index, sources
 from sgt_jax.data import pipeline as PL
-from sgt_jax.data import sources
 
 REPO = Path(__file__).resolve().parents[1]
 SEG = "sa1b:{r}/sa1b/shards/*.tar; sgt_pairs:{r}/pairs/tars"
@@ -65,7 +64,7 @@ def test_index_command_fills_the_workdir_cache_and_the_trainer_uses_it(data, rem
     lines = len(sources._jsonl_index(str(data / "llava" / "data.jsonl"), None)[0])
     assert (s["indexed"], s["already_cached"], s["failed"]) == (5, 0, {})
     assert (s["tar_shards"], s["jsonl_files"], s["members"]) == (4, 1, members + lines)
-    assert s["bytes_read"] > 0 and s["reads"] > 0
+    assert s["bytes_read"] > 0 and s["reads"] > 0 and s["streamed"] == 4     # tiny: one GET each
     cached = sorted(fileio.listdir("gs://bkt/run/index_cache"))
     assert len(cached) == 5 and sum(c.startswith("jsonl_") for c in cached) == 1
     assert s["records"]["seg"] > 0 and s["records"]["vqa"] == lines
@@ -106,11 +105,11 @@ def test_index_cli_prints_the_summary(remote, tmp_path):
            "--workdir", "gs://bkt/run", "--workers", "2",
            "--config.data.sources.seg=" + SEG.format(r="gs://bkt"),
            "--config.data.sources.vqa=" + VQA.format(r="gs://bkt")]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    out = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     s = json.loads(out.stdout)
     assert (s["indexed"], s["already_cached"], s["failed"]) == (5, 0, {}), s
     assert "[5/5] indexed 5, cached 0" in out.stderr
-    out = subprocess.run(cmd + ["--check=false"], env=env, capture_output=True, text=True,
+    out = subprocess.run(cmd + ["--check=false"], check=False, env=env, capture_output=True, text=True,
                          timeout=300, cwd=tmp_path)
     assert out.returncode == 0 and json.loads(out.stdout)["already_cached"] == 5, out.stderr[-3000:]

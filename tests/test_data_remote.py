@@ -252,6 +252,7 @@ def test_remote_tar_index_reads_headers_not_the_shard(tmp_path, mem, reads, monk
     fileio.copy(str(path), url)
     size = path.stat().st_size
     monkeypatch.setattr(sources, "TAR_READAHEAD", 2048)
+    monkeypatch.setattr(sources, "TAR_STREAM_BELOW", 0)      # per-member reads (no streaming)
     reads.clear()
     got = sources._tar_members(url, None)
     assert got == sources._tar_members(str(path), None)
@@ -264,6 +265,48 @@ def test_remote_tar_index_reads_headers_not_the_shard(tmp_path, mem, reads, monk
     for j, (name, blob) in enumerate(members):
         assert fs.read(fs.entries[j]) == blob
     assert [n for _, _, n in reads] == [len(b) for _, b in members]      # one read per member
+
+
+def test_remote_tar_index_streams_small_members(tmp_path, mem, reads, monkeypatch):
+    """Streaming mode (sources.TAR_STREAM_BELOW): a shard that fits one window is one GET; in a
+    larger one, after TAR_PROBE members read one by one, small members are read in big windows
+    (few GETs, about the shard's bytes) and a member larger than a window is skipped, not read;
+    big members keep the per-member reads. Same index as tarfile's local scan every time."""
+    rng = np.random.default_rng(1)
+    sizes = [300] * 40 + [50_000] + [700] * 30                # small, one big, small
+    path = tmp_path / "s.tar"
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
+        for i, n in enumerate(sizes):
+            ti = tarfile.TarInfo(f"m{i:03d}" + ("_" * 120 if i == 7 else "") + ".bin")   # one pax
+            ti.size = n
+            tf.addfile(ti, io.BytesIO(rng.integers(0, 256, n, dtype=np.uint8).tobytes()))
+    url = mem + "/s.tar"
+    fileio.copy(str(path), url)
+    size = path.stat().st_size
+    want = sources._tar_members(str(path), None)
+    monkeypatch.setattr(sources, "TAR_READAHEAD", 1024)
+    monkeypatch.setattr(sources, "TAR_PROBE", 8)
+    monkeypatch.setenv("SGT_JAX_CACHE_DIR", str(tmp_path / "cache"))
+
+    def scan(window, below):
+        monkeypatch.setattr(sources, "TAR_STREAM_WINDOW", window)
+        monkeypatch.setattr(sources, "TAR_STREAM_BELOW", below)
+        shutil.rmtree(tmp_path / "cache", ignore_errors=True)      # no cached index
+        reads.clear()
+        st = {}
+        assert sources._tar_members(url, None, stats=st) == want
+        assert (st["reads"], st["bytes_read"]) == (len(reads) - 1, sum(n for _, _, n in reads[1:]))
+        return st                                  # reads[0]: the compression check (6 bytes)
+
+    st = scan(size, 2048)                         # fits one window: one GET of the shard
+    assert st["streamed"] and st["reads"] == 1 and st["bytes_read"] == size
+    ranged = scan(16_384, 0)                      # streaming off: about one GET per member
+    assert not ranged["streamed"] and ranged["reads"] >= len(sizes) // 2
+    st = scan(16_384, 2048)                       # probe 8 members (mean < 2 KiB), then windows
+    assert st["streamed"] and st["reads"] < ranged["reads"] / 3, (st, ranged)
+    assert st["bytes_read"] < size - 30_000      # the 50 KB member was skipped
+    st = scan(16_384, 200)                         # members above the threshold: per member
+    assert not st["streamed"] and st["reads"] == ranged["reads"]
 
 
 def test_truncated_and_bad_remote_tars(tmp_path, mem):

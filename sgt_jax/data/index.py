@@ -19,7 +19,8 @@ this reads the caches, lists folders, and loads small index files such as a ``.j
 their record counts are reported.
 
 Prints a progress line (stderr) and a JSON summary (stdout): ``indexed`` / ``already_cached``
-(counts), ``members`` (tar members + jsonl lines), ``bytes_read`` / ``reads`` (of the data, for
+(counts), ``streamed`` (tars read in big windows: small members, see
+``sources.TAR_STREAM_BELOW``), ``members`` (tar members + jsonl lines), ``bytes_read`` / ``reads`` (of the data, for
 the indexes built now), ``failed`` (path -> error), ``records`` (per stream, with ``--check``),
 ``seconds``. Exit status 1 if an index failed.
 """
@@ -54,7 +55,8 @@ def run(run_cfg, *, workdir: str, workers: int = 16, check: bool = True, log=Non
     todo = targets(cfg, workdir)
     log(f"sgt-jax data index: {len(todo)} index(es) for {len(cfg.sources)} stream(s) -> "
         f"{sources.fileio.join(workdir, 'index_cache')} ({workers} workers)")
-    tot = {"indexed": 0, "already_cached": 0, "members": 0, "bytes_read": 0, "reads": 0}
+    tot = {"indexed": 0, "already_cached": 0, "streamed": 0, "members": 0, "bytes_read": 0,
+           "reads": 0}
     failed: dict[str, str] = {}
     lock = threading.Lock()
     done = [0]
@@ -81,6 +83,7 @@ def run(run_cfg, *, workdir: str, workers: int = 16, check: bool = True, log=Non
             return
         with lock:
             tot["already_cached" if st["cached"] else "indexed"] += 1
+            tot["streamed"] += bool(st.get("streamed"))
             for k in ("members", "bytes_read", "reads"):
                 tot[k] += st.get(k, 0)
             done[0] += 1

@@ -71,13 +71,14 @@ by offset: decompress them first.
 
 URLs go through ``sgt_jax.fileio`` (local paths take the same code as before): a file or a tar
 member is one ranged read per sample; a remote tar is indexed from its headers (``tarfile`` over
-a read-ahead window of ``TAR_READAHEAD`` bytes per member, never the whole shard; shards in
-parallel) and its index cached in the local cache (``fileio.local_cache_dir('index_cache')``)
-and in ``WORKDIR/index_cache`` (also when that is a URL), keyed by URL, size and generation /
-etag; a remote .jsonl is indexed in one streaming pass (its line index cached the same way).
-``python -m sgt_jax.data.index`` builds all the indexes of a run config once. Sources hold paths only (no filesystem
-objects), so each Grain worker process opens its own. A URL workdir's synthetic data is
-generated into the local cache (``_synthetic_dir``).
+a read-ahead window of ``TAR_READAHEAD`` bytes per member, or in big windows when members are
+small: ``TAR_STREAM_BELOW``; never the whole shard otherwise; shards in parallel) and its index
+cached in the local cache (``fileio.local_cache_dir('index_cache')``) and in
+``WORKDIR/index_cache`` (also when that is a URL), keyed by URL, size and generation / etag; a
+remote .jsonl is indexed in one streaming pass (its line index cached the same way).
+``python -m sgt_jax.data.index`` builds all the indexes of a run config once. Sources hold paths
+only (no filesystem objects), so each Grain worker process opens its own. A URL workdir's
+synthetic data is generated into the local cache (``_synthetic_dir``).
 """
 from __future__ import annotations
 
@@ -203,7 +204,18 @@ def _image_size(data: bytes) -> tuple[int, int]:
 _Ref = tuple[int, str, int, int]   # (container index, name, offset, size); offset -1 = plain file
 
 
-TAR_READAHEAD = 64 * 1024     # bytes per ranged read while indexing a remote tar (see _scan_tar)
+TAR_READAHEAD = 64 * 1024     # bytes per ranged read while indexing a remote tar (_TarScanReader)
+# Streaming mode of that index (_TarScanReader): when a shard's members are small, reads of
+# TAR_STREAM_WINDOW bytes each cover many headers, instead of one read-ahead read per member. Rule:
+# a shard of at most TAR_STREAM_WINDOW bytes is read in one GET; otherwise the first TAR_PROBE
+# entries are read member by member, and if they averaged less than TAR_STREAM_BELOW bytes each
+# the rest is read in TAR_STREAM_WINDOW windows (a member larger than a window is skipped, not
+# read). Cost model: a GET costs ~30 ms of latency ~= 3 MB of one stream's ~100 MB/s, so per
+# member a ranged read costs ~latency and streaming ~member size / bandwidth; 2 MiB is below the
+# ~3 MB break-even. TAR_STREAM_BELOW = 0 turns streaming off.
+TAR_STREAM_BELOW = 2 * 2 ** 20
+TAR_STREAM_WINDOW = 8 * 2 ** 20
+TAR_PROBE = 32
 INDEX_THREADS = 16            # remote tar shards indexed concurrently
 
 
@@ -274,8 +286,54 @@ def _cached(caches: list[tuple[str, str]], decode: Callable[[bytes], object], fi
     return found
 
 
+class _TarScanReader:
+    """A remote tar as ``tarfile`` reads it while scanning headers: a read outside the current
+    window fetches one window (one ranged GET) at that position, ``window`` bytes: TAR_READAHEAD
+    (about one GET per member) or, after ``stream()``, TAR_STREAM_WINDOW (one GET for many small
+    members). Counts its GETs (``reads``) and bytes (``bytes_read``)."""
+
+    def __init__(self, path: str, size: int):
+        self.name, self.size, self.pos = path, int(size), 0
+        self.window = self.size if self.size <= TAR_STREAM_WINDOW and TAR_STREAM_BELOW > 0 \
+            else TAR_READAHEAD
+        self.streaming = self.window == self.size
+        self.buf, self.start = b"", 0
+        self.reads = self.bytes_read = 0
+
+    def stream(self) -> None:
+        self.window, self.streaming = max(self.window, TAR_STREAM_WINDOW), True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def read(self, n: int = -1) -> bytes:
+        end = self.size if n is None or n < 0 else min(self.size, self.pos + n)
+        out = []
+        while self.pos < end:
+            off = self.pos - self.start
+            if not 0 <= off < len(self.buf):
+                want = min(max(self.window, end - self.pos), self.size - self.pos)
+                self.buf, self.start, off = fileio.read_bytes(self.name, self.pos, want), self.pos, 0
+                self.reads += 1
+                self.bytes_read += len(self.buf)
+                if not self.buf:
+                    break
+            chunk = self.buf[off:off + end - self.pos]
+            out.append(chunk)
+            self.pos += len(chunk)
+        return b"".join(out)
+
+    def close(self) -> None:
+        self.buf = b""
+
+
 def _stat_reads(stats: dict | None, f) -> None:
-    raw = getattr(f, "raw", None)
+    raw = f if isinstance(f, _TarScanReader) else getattr(f, "raw", None)
     if stats is not None and raw is not None:
         stats["reads"] = stats.get("reads", 0) + getattr(raw, "reads", 0)
         stats["bytes_read"] = stats.get("bytes_read", 0) + getattr(raw, "bytes_read", 0)
@@ -311,10 +369,13 @@ def _tar_members(path: str, cache_dir: str | None, *, stats: dict | None = None,
         raise ValueError(f"{path} is a compressed tar: random access needs an uncompressed tar "
                          f"(decompress it, e.g. `gunzip -k` / `zstd -d`)")
     members = []
-    f = fileio.open_read(path, TAR_READAHEAD) if remote else None
+    f = _TarScanReader(path, fileio.getsize(path)) if remote else None
     try:
         with tarfile.open(path if f is None else None, mode="r:", fileobj=f) as tf:
-            for m in tf:
+            for j, m in enumerate(tf):
+                if f is not None and j == TAR_PROBE and not f.streaming \
+                        and tf.offset < TAR_STREAM_BELOW * TAR_PROBE:
+                    f.stream()                   # small members: big windows (TAR_STREAM_BELOW)
                 if m.isfile():
                     name = m.name[2:] if m.name.startswith("./") else m.name.lstrip("/")
                     members.append((name, m.offset_data, m.size))
@@ -329,6 +390,7 @@ def _tar_members(path: str, cache_dir: str | None, *, stats: dict | None = None,
             f.close()
     if stats is not None:
         stats["members"] = len(members)
+        stats["streamed"] = bool(f is not None and f.streaming)
     data = json.dumps(members).encode()
     for d, cache in caches:
         _cache_put(d, cache, data)
@@ -1239,7 +1301,7 @@ def index_targets(spec: str) -> list[tuple[str, str]]:
     """The indexes ``make_source(spec)`` builds: ``("tar", path)`` for each tar shard (given, or
     met in a folder) of ``sa1b`` / ``sgt_pairs``, ``("jsonl", url)`` for a remote ``llava`` .jsonl
     (the only cached kinds; see ``sgt_jax.data.index``). Paths resolve as in ``make_source``."""
-    kind, body, opts = parse_spec(spec)
+    kind, body, _ = parse_spec(spec)
     try:
         if kind in ("sa1b", "sgt_pairs") and body:
             return [("tar", x) for k, x in _plan_files(expand_paths(body)) if k == "tar"]
