@@ -1,8 +1,11 @@
 """Test setup: CPU, 8 fake devices for sharding tests, fp32 matmuls at full precision."""
 import os
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# local copies / indexes of remote test data: a fresh dir per session, never ~/.cache
+os.environ.setdefault("SGT_JAX_CACHE_DIR", tempfile.mkdtemp(prefix="sgt_jax_test_cache_"))
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import jax  # noqa: E402
