@@ -493,6 +493,12 @@ def test_url_workdir_synthetic_data_and_tiny_tokenizer(fake_gcs, tmp_path):
     assert sorted(os.listdir(run / "tokenizer")) == sorted(os.listdir(tmp_path / "run" / "tokenizer"))
     for f in os.listdir(run / "tokenizer"):
         assert (run / "tokenizer" / f).read_bytes() == (tmp_path / "run" / "tokenizer" / f).read_bytes()
+    # an interrupted upload (no tokenizer.json, which goes last) is redone, not loaded
+    (run / "tokenizer" / "tokenizer.json").unlink()
+    (run / "tokenizer" / "vocab.json").write_text("{}")
+    tok = PL.ensure_tokenizer(cfg, "gs://bkt/run")
+    assert (run / "tokenizer" / "vocab.json").read_bytes() == (tmp_path / "run" / "tokenizer" / "vocab.json").read_bytes()
+    assert tok.vocab_size == PL.ensure_tokenizer(cfg, str(tmp_path / "run")).vocab_size
     cache = fileio.local_cache_dir("synthetic")
     (gen,) = os.listdir(cache)
     assert synthetic.read_stamp(os.path.join(cache, gen))["num_images"] == 6

@@ -86,8 +86,9 @@ def ensure_tokenizer(cfg, workdir: str | None) -> Tokenizer:
     files."""
     path = cfg.tokenizer_path.format(workdir=workdir or "")
     if fileio.is_remote(path):
-        if not fileio.listdir(path):
-            inside = workdir and path.rstrip("/").startswith(fileio.abspath(workdir) + "/")
+        inside = workdir and path.rstrip("/").startswith(fileio.abspath(workdir) + "/")
+        # the tiny build uploads tokenizer.json last: without it an interrupted upload is redone
+        if not (fileio.exists(fileio.join(path, "tokenizer.json")) if inside else fileio.listdir(path)):
             if not inside:
                 raise FileNotFoundError(
                     f"data.tokenizer_path={path!r} does not exist (no files under it): point it at a "
@@ -95,7 +96,7 @@ def ensure_tokenizer(cfg, workdir: str | None) -> Tokenizer:
                     "(or leave the default '{workdir}/tokenizer' to build a tiny one)")
             with tempfile.TemporaryDirectory(prefix="sgt_tiny_tokenizer") as tmp:
                 build_tiny_tokenizer(tmp, vocab_size=cfg.tiny_tokenizer_vocab_size)
-                for name in sorted(os.listdir(tmp)):
+                for name in sorted(os.listdir(tmp), key=lambda n: (n == "tokenizer.json", n)):
                     fileio.copy(os.path.join(tmp, name), fileio.join(path, name))
         return Tokenizer(local_copy(path))
     if not os.path.isdir(path):
