@@ -374,19 +374,26 @@ def test_train_loads_an_ahead_of_time_compiled_step(tmp_path):
 
     cfg = tiny_run_config(steps=3)
     cfg.data.rows_per_batch = 8
-    setup = loop.Setup(cfg)
-    it = FakeIterator(cfg, rows=8, vary=True)
-    b, _ = next(it)
-    # an executable that came out of the persistent compilation cache does not re-serialise on
-    # XLA:CPU (its fused functions are missing when loaded): compile this one afresh
-    jax.config.update("jax_enable_compilation_cache", False)
-    try:
-        compiled = setup.step_fn.lower(setup.abstract_state, setup.abstract_consts,
-                                       setup.global_batch(b)).compile()
-    finally:
-        jax.config.update("jax_enable_compilation_cache", True)
     path = str(tmp_path / "step.bin")
-    aot.save_compiled(compiled, path, fingerprint=loop.step_fingerprint(cfg))
+    # compiled in a fresh process without the persistent compilation cache: on XLA:CPU an
+    # executable that came out of that cache does not re-serialise (its fused functions are
+    # missing when loaded), and a test session has usually filled it with this very step
+    code = "\n".join([
+        f"import sys; sys.path[:0] = [{HERE!r}, {os.path.dirname(HERE)!r}]",
+        "from fake_data import FakeIterator",
+        "from test_train import tiny_run_config",
+        "from sgt_jax import aot",
+        "from sgt_jax.train import loop",
+        "cfg = tiny_run_config(steps=3)",
+        "cfg.data.rows_per_batch = 8",
+        "setup = loop.Setup(cfg)",
+        "b, _ = next(FakeIterator(cfg, rows=8, vary=True))",
+        "c = setup.step_fn.lower(setup.abstract_state, setup.abstract_consts, setup.global_batch(b)).compile()",
+        f"aot.save_compiled(c, {path!r}, fingerprint=loop.step_fingerprint(cfg))"])
+    env = dict(os.environ, JAX_ENABLE_COMPILATION_CACHE="false")
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
 
     ref = loop.train(cfg, str(tmp_path / "jit"), data_iterator=FakeIterator(cfg, rows=8, vary=True), quiet=True)
     cfg.train.executable = path
