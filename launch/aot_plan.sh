@@ -33,6 +33,7 @@ RUNS=(
   "v6e64_fsdp_full|v6e-64|$FSDP_V6E"
   "v6e64_tp4_full|v6e-64|$TP_V6E"
   "v5p64_fsdp_full_flash|v5p-64|$FSDP_V5P --config.model.llm.attention_impl=flash"
+  "v5p64_fsdp_full_flash_accum1|v5p-64|--config.train.grad_accum=1 --config.model.llm.attention_impl=flash"
   "v6e64_fsdp_full_flash|v6e-64|$FSDP_V6E --config.model.llm.attention_impl=flash"
   "v5p64_fsdp_minimal_flash|v5p-64|$FSDP_V5P --config.model.llm.remat_policy=minimal --config.model.llm.attention_impl=flash"
   "v5p64_fsdp_qkv_flash|v5p-64|$FSDP_V5P --config.model.llm.remat_policy=save_qkv_proj --config.model.llm.attention_impl=flash"
