@@ -34,7 +34,7 @@ What it does, in BAGEL's order (app.py / inferencer setup):
 Prints a JSON summary; exit status 1 on any failure.
 
     /tmp/bagel_venv/bin/python scripts/check_bagel_loader.py --bagel-src /tmp/bagel_src \\
-        --model-dir /tmp/x/export [--golden /work/shared/fixtures/bagel_golden/tiny_v1]
+        --model-dir /tmp/x/export [--golden tests/fixtures/bagel_golden/tiny_v1]
 """
 from __future__ import annotations
 

@@ -799,45 +799,63 @@ def advise(cfg, report: dict) -> list[dict]:
 # serialisation
 
 
-def save_compiled(compiled, path: str, fingerprint: str | None = None) -> dict:
-    """Serialise the compiled executable (+ its in/out pytree structure, the jax / libtpu versions
-    and the run config's ``train.loop.step_fingerprint``) to ``path``."""
-    import pickle
+_EXE_MAGIC = b"SGTJAX-EXECUTABLE-1\n"
 
+
+def save_compiled(compiled, path: str, fingerprint: str | None = None) -> dict:
+    """Write the compiled executable to ``path`` (local or URL): a magic line, a JSON header (jax /
+    libtpu versions, the run config's ``train.loop.step_fingerprint``, payload size) and jax's
+    serialised executable. The in/out pytree structures are not stored: the loader derives them
+    from the arguments of the first call (``LoadedStep``)."""
     from jax.experimental.serialize_executable import serialize
 
-    payload, in_tree, out_tree = serialize(compiled)
-    blob = pickle.dumps({"executable": payload, "in_tree": in_tree, "out_tree": out_tree,
-                         "jax": _version("jax"), "libtpu": _version("libtpu"), "fingerprint": fingerprint})
-    if "://" in path:
-        from etils import epath
+    from sgt_jax import fileio
 
-        epath.Path(path).write_bytes(blob)
-    else:
-        with open(path, "wb") as f:
-            f.write(blob)
-    return {"path": path, "bytes": len(blob)}
+    payload, _, _ = serialize(compiled)
+    header = json.dumps({"jax": _version("jax"), "libtpu": _version("libtpu"), "fingerprint": fingerprint,
+                         "payload_bytes": len(payload)}).encode()
+    with fileio.open_write(path) as f:
+        f.write(_EXE_MAGIC + header + b"\n")
+        f.write(payload)
+    return {"path": path, "bytes": len(_EXE_MAGIC) + len(header) + 1 + len(payload)}
 
 
-def load_compiled(path: str, devices=None, fingerprint: str | None = None):
-    """Load an executable written by ``save_compiled`` onto ``devices`` (default: all devices);
-    call it as ``compiled(state, consts, batch)`` in place of ``Setup.step_fn`` (the trainer does
-    with ``train.executable``). The jax and libtpu versions and, when given, the run config's
-    ``fingerprint`` must match the ones it was compiled with (the XLA flags too: not checked).
-    Only load files you wrote: the file is a pickle."""
-    import pickle
+class LoadedStep:
+    """A step executable loaded from ``save_compiled``'s file, called like ``Setup.step_fn``.
+    ``jit_fn`` (the run's own jitted step) gives the output structure, by ``jax.eval_shape`` on the
+    first call's arguments (tracing only, no compile)."""
 
-    import jax
-    from jax.experimental.serialize_executable import deserialize_and_load
+    def __init__(self, payload: bytes, jit_fn, devices=None):
+        self.payload, self.jit_fn, self.devices, self._compiled = payload, jit_fn, devices, None
 
-    if "://" in path:
-        from etils import epath
+    def __call__(self, *args):
+        if self._compiled is None:
+            import jax
+            from jax.experimental.serialize_executable import deserialize_and_load
 
-        blob = epath.Path(path).read_bytes()
-    else:
-        with open(path, "rb") as f:
-            blob = f.read()
-    d = pickle.loads(blob)
+            in_tree = jax.tree.structure((args, {}))
+            out_tree = jax.tree.structure(jax.eval_shape(self.jit_fn, *args))
+            self._compiled = deserialize_and_load(self.payload, in_tree, out_tree,
+                                                  execution_devices=self.devices or jax.devices())
+        return self._compiled(*args)
+
+
+def load_compiled(path: str, jit_fn, devices=None, fingerprint: str | None = None) -> LoadedStep:
+    """Load an executable written by ``save_compiled``; call it as ``step(state, consts, batch)``
+    in place of ``Setup.step_fn`` (``jit_fn``; the trainer does with ``train.executable``). The jax
+    and libtpu versions and, when given, the run config's ``fingerprint`` must match the ones it
+    was compiled with (the XLA flags too: not checked). jax deserialises the payload with its own
+    unpickler, which can run code: only load files you wrote."""
+    from sgt_jax import fileio
+
+    blob = fileio.read_bytes(path)
+    if not blob.startswith(_EXE_MAGIC):
+        raise AotError(f"{path} is not an executable written by python -m sgt_jax.aot --serialize")
+    end = blob.index(b"\n", len(_EXE_MAGIC))
+    d = json.loads(blob[len(_EXE_MAGIC):end])
+    payload = blob[end + 1:]
+    if len(payload) != d["payload_bytes"]:
+        raise AotError(f"{path}: truncated ({len(payload)} of {d['payload_bytes']} payload bytes)")
     if d.get("jax") != _version("jax") or d.get("libtpu") != _version("libtpu"):
         raise AotError(f"{path} was compiled with jax {d.get('jax')} / libtpu {d.get('libtpu')}, this is "
                        f"jax {_version('jax')} / libtpu {_version('libtpu')}: recompile")
@@ -846,8 +864,7 @@ def load_compiled(path: str, devices=None, fingerprint: str | None = None):
                        f"this run's is {fingerprint}: the model, train, mesh or batch-shape settings differ "
                        "and they are baked into the executable); recompile with python -m sgt_jax.aot "
                        "--serialize, or unset train.executable")
-    return deserialize_and_load(d["executable"], d["in_tree"], d["out_tree"],
-                                execution_devices=devices if devices is not None else jax.devices())
+    return LoadedStep(payload, jit_fn, devices)
 
 
 # ------------------------------------------------------------------------------------------------

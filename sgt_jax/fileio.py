@@ -39,6 +39,7 @@ import hashlib
 import importlib
 import io
 import json
+import math
 import os
 import posixpath
 import re
@@ -379,6 +380,19 @@ def open_write(path) -> IO[bytes]:
 def write_text(path, text: str):
     with open_write(path) as f:
         f.write(text.encode("utf-8"))
+
+
+def jsonable(x):
+    """Nested dicts / lists / numpy scalars -> plain JSON values (non-finite floats as strings)."""
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if hasattr(x, "item") and getattr(x, "ndim", None) == 0:       # numpy scalar
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    return x
 
 
 def write_json(path, obj):

@@ -401,6 +401,12 @@ def test_train_loads_an_ahead_of_time_compiled_step(tmp_path):
     assert got["compiles_in_loop"] == 0 and ref["compiles_in_loop"] == 1
     assert [h["loss"] for h in got["history"]] == [h["loss"] for h in ref["history"]]
 
+    blob = open(path, "rb").read()
+    for bad, why in ((blob[:-10], "truncated"), (b"x" + blob, "not an executable")):
+        with open(path + ".bad", "wb") as f:
+            f.write(bad)
+        with pytest.raises(aot.AotError, match=why):
+            aot.load_compiled(path + ".bad", None)
     cfg.train.lr = 2e-3                                  # baked into the executable
     with pytest.raises(aot.AotError, match="another run config"):
         loop.train(cfg, str(tmp_path / "bad"), data_iterator=FakeIterator(cfg, rows=8, vary=True), quiet=True)

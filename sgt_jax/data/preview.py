@@ -33,6 +33,7 @@ import time
 
 import numpy as np
 
+from sgt_jax import fileio
 from sgt_jax.batch import PAD, TEXT, VAE_CLEAN, VAE_NOISED, VIT
 
 GEN, UND = "generation", "understanding"
@@ -241,18 +242,6 @@ def contact_sheet(docs: list[dict], path: str, title: str = "") -> None:
 # ------------------------------------------------------------------------------------------------
 # the run
 
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (np.floating, float)):
-        return float(x) if np.isfinite(x) else str(x)
-    return x
-
-
 def check_model(run_cfg, tok) -> list[str]:
     """Data/model mismatches the trainer would refuse (config tables, vocabulary)."""
     if "model" not in run_cfg:
@@ -377,7 +366,7 @@ def run(run_cfg, *, batches: int, out: str, workdir: str | None = None, samples:
                "data_config": cfg.to_dict()}
     path = os.path.join(out, "preview.json")
     with open(path, "w") as f:
-        json.dump(_jsonable(summary), f, indent=1)
+        json.dump(fileio.jsonable(summary), f, indent=1)
     log(f"summary: {path}")
     return summary
 

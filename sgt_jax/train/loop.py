@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sgt_jax import fileio
 from sgt_jax.models.bagel import Bagel
 from sgt_jax.models.config import validate
 from sgt_jax.models.vae import AutoEncoder
@@ -108,7 +109,7 @@ def load_step_executable(cfg, setup):
     for this run config, loaded instead of compiling it here."""
     from sgt_jax.aot import load_compiled
 
-    compiled = load_compiled(cfg.train.executable, fingerprint=step_fingerprint(cfg))
+    compiled = load_compiled(cfg.train.executable, setup.step_fn, fingerprint=step_fingerprint(cfg))
     log.info("train step loaded from %s (not compiled)", cfg.train.executable)
     return compiled
 
@@ -268,7 +269,7 @@ def train(cfg, workdir: str, *, data_iterator=None, stop_after: int | None = Non
         if s == last_saved[0]:
             return False
         saved = ckpt.save(s, {"train": state, "frozen": consts["frozen"], "vae": consts["vae"]},
-                          {"iterator": data_iterator.get_state(), "stats": _jsonable(stats)}, meta, force=force)
+                          {"iterator": data_iterator.get_state(), "stats": fileio.jsonable(stats)}, meta, force=force)
         if saved:
             last_saved[0] = s
             writer.sync()          # a URL workdir: metrics uploaded with every checkpoint
@@ -347,15 +348,3 @@ def _flat_counts(stats: dict, prefix: str = "") -> dict:
         elif isinstance(v, (int, float, np.integer, np.floating)):
             out[f"{prefix}{k}"] = float(v)
     return out
-
-
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (np.floating,)):
-        return float(x)
-    return x
