@@ -482,20 +482,23 @@ class FileSet:
 
     def read(self, ref: _Ref) -> bytes:
         """Bytes of a file (one read; a remote tar member: one ranged read); raises
-        FileNotFoundError or OSError (short read of a damaged shard; any remote failure)."""
+        FileNotFoundError or OSError (short read of a damaged shard; any remote failure), or
+        ``fileio.PathOutsideRoot`` for a listed file that is a symlink leading out of its folder
+        (never opened)."""
         ci, name, offset, size = ref
         path, is_tar = self.containers[ci]
+        if not is_tar:           # a listed file: a symlink may lead out of the folder
+            path = fileio.resolve_inside(path, name)
         if not fileio.is_remote(path):
             if not is_tar:
-                with open(os.path.join(path, name), "rb") as f:
+                with open(path, "rb") as f:
                     return f.read()
             with open(path, "rb") as f:      # open per read: thread- and fork-safe, ~10 us
                 f.seek(offset)
                 data = f.read(size)
         else:
             try:
-                data = fileio.read_bytes(fileio.join(path, name)) if not is_tar else \
-                    fileio.read_bytes(path, offset, size)
+                data = fileio.read_bytes(path) if not is_tar else fileio.read_bytes(path, offset, size)
             except OSError:
                 raise
             except Exception as e:  # backends raise their own (HTTP) errors
@@ -580,6 +583,8 @@ class _Source:
             raise self._bad("missing_file", key, f"no {what} file for this key")
         try:
             return files.read(ref)
+        except fileio.PathOutsideRoot as e:
+            raise self._bad("path_outside_root", key, str(e)) from None
         except FileNotFoundError:
             raise self._bad("missing_file", key, files.describe(ref)) from None
         except OSError as e:
@@ -786,8 +791,8 @@ class CocoPanopticSource(_Source):
             raise self._bad("bad_annotation", key, "annotation without image entry / file_name")
         if n_segments == 0:
             raise self._bad("no_masks", key)
-        img_bytes = _read_path(self, fileio.join(self.image_dir, image_file), key)
-        png_bytes = _read_path(self, fileio.join(self.png_dir, png_file), key)
+        img_bytes = _read_path(self, self.image_dir, image_file, key)
+        png_bytes = _read_path(self, self.png_dir, png_file, key)
         h, w = _image_size_or_bad(self, img_bytes, key)
         ph, pw = _image_size_or_bad(self, png_bytes, key)
         if (ph, pw) != (h, w):
@@ -809,7 +814,16 @@ class CocoPanopticSource(_Source):
         return _seg_record(key, image, target)
 
 
-def _read_path(src: _Source, path: str, key: str) -> bytes:
+def _read_path(src: _Source, root: str, rel, key: str) -> bytes:
+    """The bytes of ``rel`` (a path taken from a record) under ``root``: ``path_outside_root``
+    for anything that leaves it (``fileio.resolve_inside``; never opened), ``bad_annotation``
+    for a field that is no path, else missing_file / read_error."""
+    try:
+        path = fileio.resolve_inside(root, rel)
+    except fileio.PathOutsideRoot as e:
+        raise src._bad("path_outside_root", key, str(e)) from None
+    except ValueError as e:
+        raise src._bad("bad_annotation", key, str(e)) from None
     try:
         if not fileio.is_remote(path):
             with open(path, "rb") as f:
@@ -877,7 +891,7 @@ class CocoInstancesSource(_Source):
         anns = json.loads(anns_json)
         if not anns:
             raise self._bad("no_masks", key)
-        img_bytes = _read_path(self, fileio.join(self.image_dir, file_name or ""), key)
+        img_bytes = _read_path(self, self.image_dir, file_name or "", key)
         h, w = _image_size_or_bad(self, img_bytes, key)
         if (jh, jw) != (h, w):
             raise self._bad("bad_annotation", key, f"JSON size {jh}x{jw} != image {h}x{w}")
@@ -1097,7 +1111,7 @@ class LlavaSource(_Source):
         if data is None:
             if not isinstance(im, str) or not im:
                 raise self._bad("bad_annotation", key, f"image entry {im!r} is not a path")
-            data = _read_path(self, fileio.join(self.image_root, im), key)
+            data = _read_path(self, self.image_root, im, key)
         arr, _ = self._decode(data, key, max_pixels=self.max_pixels)
         return arr
 
