@@ -159,10 +159,11 @@ def budget_fill(batch, gen_tokens_per_row: int) -> dict:
 
 
 def counters(totals: dict) -> dict:
-    """{"skipped": {reason: n}, "dropped": {reason: n}, "deferred": n} from ``total/*`` stats."""
-    out = {"skipped": {}, "dropped": {}, "deferred": int(totals.get("total/deferred", 0))}
+    """{"skipped": {reason: n}, "dropped": {reason: n}, "index": {reason: n}, "deferred": n} from
+    ``total/*`` stats (``index``: records the sources dropped while indexing, once per run)."""
+    out = {"skipped": {}, "dropped": {}, "index": {}, "deferred": int(totals.get("total/deferred", 0))}
     for k, v in totals.items():
-        for kind in ("skipped", "dropped"):
+        for kind in ("skipped", "dropped", "index"):
             p = f"total/{kind}/"
             if k.startswith(p):
                 out[kind][k[len(p):]] = int(v)
@@ -327,6 +328,11 @@ def run(run_cfg, *, batches: int, out: str, workdir: str | None = None, samples:
         f"{int(totals.get('total/rows', 0))} rows):")
     log("  skipped (bad records):        " + (", ".join(f"{k} {v}" for k, v in sorted(cnt["skipped"].items())) or "none"))
     log("  dropped (never fit a row):    " + (", ".join(f"{k} {v}" for k, v in sorted(cnt["dropped"].items())) or "none"))
+    log("  dropped while indexing:       " + (", ".join(f"{k} {v}" for k, v in sorted(cnt["index"].items())) or "none"))
+    unnamed = {k: v for k, v in cnt["skipped"].items() if k.startswith("error_")}
+    if unnamed:
+        log(f"WARNING: {sum(unnamed.values())} record(s) skipped by an unexpected exception ({unnamed}): "
+            "a reader bug, please report it with the record")
     log(f"  deferred (to a later batch):  {cnt['deferred']}")
     fills = [p["fill"] for p in per_batch]
     if fills:
