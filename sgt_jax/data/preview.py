@@ -396,9 +396,15 @@ def main(argv=None) -> int:
     def _main(args):
         del args
         F = flags.FLAGS
-        run(F.config, batches=F.batches, out=F.out, workdir=F.workdir, samples=F.samples,
-            process_count=F.process_count,
-            config_path=config_flags.get_config_filename(F["config"]))
+        from sgt_jax.data.sources import SpecError
+
+        try:
+            run(F.config, batches=F.batches, out=F.out, workdir=F.workdir, samples=F.samples,
+                process_count=F.process_count,
+                config_path=config_flags.get_config_filename(F["config"]))
+        except SpecError as e:
+            print(e.one_line(), file=sys.stderr, flush=True)
+            return 2
         return 0
 
     app.run(_main, argv=argv)

@@ -380,9 +380,10 @@ def _next_header(f, start: int, size: int) -> tuple[int | None, bool]:
 def _scan_tar(path: str, f, size: int) -> tuple[list, list, bool]:
     """(members, damaged regions ``[header offset, next header offset, members before]``,
     truncated) of the tar read through ``f``. ``tarfile`` stops without an error at a header it
-    cannot parse; when the rest of the file still holds a valid header, that region is damage
-    (skipped, as GNU tar does) and the scan goes on from the next header. Only zero bytes before
-    the next header (an end-of-archive marker inside: concatenated archives) is not damage.
+    cannot parse. A stop at a block that is neither the end-of-archive marker (zeros) nor the
+    end of the file is damage; the scan skips to the next valid header (as GNU tar does) and goes
+    on from there. Only zero bytes up to the next header (an end marker inside: concatenated
+    archives) are not damage; junk after the end marker with no header in it is ignored.
     Raises ``tarfile.ReadError`` when the first header is unreadable (not a tar)."""
     members, damaged, pos, j = [], [], 0, 0
     while True:
@@ -405,11 +406,14 @@ def _scan_tar(path: str, f, size: int) -> tuple[list, list, bool]:
         except tarfile.ReadError:                # the header at ``pos`` itself
             if pos == 0:                         # not a tar (or its first header is lost): loud
                 raise
+        f.seek(stop)
+        block = f.read(tarfile.BLOCKSIZE)
+        end = len(block) < tarfile.BLOCKSIZE or not block.strip(b"\0")   # EOF / end marker
         nxt, zeros = _next_header(f, stop + tarfile.BLOCKSIZE, size)
+        if not end or (nxt is not None and not zeros):
+            damaged.append([stop, size if nxt is None else nxt, len(members)])
         if nxt is None:
             break
-        if not zeros:
-            damaged.append([stop, nxt, len(members)])
         pos = nxt
     truncated = bool(members) and members[-1][1] + members[-1][2] > size
     return members, damaged, truncated
@@ -455,15 +459,16 @@ def _tar_members(path: str, cache_dir: str | None, *, stats: dict | None = None,
             f.close()
         if stats is not None:
             stats["streamed"] = bool(remote and f.streaming)
-        index = {"members": members, "damaged": damaged, "truncated": truncated}
+        index = {"members": members, "damaged": damaged, "truncated": truncated, "size": size}
         data = json.dumps(index).encode()
         for d, cache in caches:
             _cache_put(d, cache, data)
     members = [tuple(m) for m in index["members"]]
     for at, nxt, before in index["damaged"]:
         log.warning("tar shard %s: unreadable header at byte %d (after %d members): skipped %d bytes "
-                    "to the next valid header at byte %d and read on; the member(s) in between are "
-                    "lost (counted as read_error)", path, at, before, nxt - at, nxt)
+                    "to %s; the member(s) in between are lost (counted as read_error)", path, at,
+                    before, nxt - at, f"the next valid header at byte {nxt}, read on from there"
+                    if nxt < index["size"] else "the end of the file (no valid header after it)")
     if index["truncated"]:
         log.warning("tar shard %s is truncated: its last member %s is cut short (read_error when "
                     "read)", path, members[-1][0])
@@ -1345,6 +1350,10 @@ _USAGE = {
 
 class SpecError(ValueError):
     """A malformed source spec; the message names the spec and the fix."""
+
+    def one_line(self) -> str:
+        """The message as the command lines print it: one line, no traceback."""
+        return "error: " + " ".join(str(self).split())
 
 
 def _parse_range(v: str, name: str) -> tuple[int, int]:
