@@ -252,8 +252,8 @@ class PackIterator(grain.DatasetIterator):
             except Exception as e:      # a reader bug or an unexpected file: count, log, go on
                 self.pending[f"skipped/error_{type(e).__name__}"] += 1
                 msg = f"stream {s} position {m}: {type(e).__name__}: {e}"
-                log.warning("%s", msg)
-                if len(self.errors) < 5:     # reported by the main process (StatsIterator)
+                log.debug("%s", msg)
+                if len(self.errors) < 5:     # warned by the main process (StatsIterator)
                     self.errors.append(msg[:500])
                 last = e
             else:

@@ -11,7 +11,9 @@ host's slice of a pod of N hosts, e.g. 16 for v6e-64), and
   latent, pad), CE / MSE tokens, ViT patch and VAE image slots used, samples by stream, the
   skipped / dropped records of that batch with their reasons, and the time it took;
 * prints the cumulative counters at the end: ``skipped/<reason>`` (bad records),
-  ``dropped/<reason>`` (samples that never fit a row), ``deferred`` (carried to a later batch);
+  ``dropped/<reason>`` (samples that never fit a row), ``index/<reason>`` (records the sources
+  dropped while indexing: keys without their image, damaged tar headers), ``deferred`` (carried
+  to a later batch), and a WARNING when records were skipped by an unexpected exception;
 * writes ``DIR/contact_sheet.png``: K documents reconstructed **from the PackedBatch rows** (what
   the train step will see, not the records): the ViT input un-patchified from ``vit_patches``
   (``vit_image_ids`` / ``vit_position_ids`` give each image's grid), the generation target cropped

@@ -377,7 +377,7 @@ def _next_header(f, start: int, size: int) -> tuple[int | None, bool]:
     return None, zeros
 
 
-def _scan_tar(path: str, f, size: int) -> tuple[list, list, bool]:
+def _scan_tar(f, size: int) -> tuple[list, list, bool]:
     """(members, damaged regions ``[header offset, next header offset, members before]``,
     truncated) of the tar read through ``f``. ``tarfile`` stops without an error at a header it
     cannot parse. A stop at a block that is neither the end-of-archive marker (zeros) nor the
@@ -451,7 +451,7 @@ def _tar_members(path: str, cache_dir: str | None, *, stats: dict | None = None,
         size = fileio.getsize(path)
         f = _TarScanReader(path, size) if remote else open(path, "rb")
         try:
-            members, damaged, truncated = _scan_tar(path, f, size)
+            members, damaged, truncated = _scan_tar(f, size)
         except tarfile.ReadError as e:
             raise ValueError(f"{path} is not a readable uncompressed tar: {e}") from None
         finally:
