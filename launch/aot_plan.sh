@@ -46,6 +46,8 @@ RUNS=(
 for row in "${RUNS[@]}"; do
   IFS='|' read -r name topo flags <<<"$row"
   [[ $name =~ $FILTER ]] || continue
+  # the preset ships attention_impl=auto (flash on TPU): the rows without _flash are the dense ones
+  [[ $flags == *attention_impl* ]] || flags="$flags --config.model.llm.attention_impl=dense"
   [[ -f $OUT/$name.json ]] && { echo "== $name: $OUT/$name.json exists, skipped"; continue; }
   echo "== $name: python -m sgt_jax.aot $C --topology $topo $flags"
   # shellcheck disable=SC2086  # $flags is a list of flags

@@ -635,7 +635,7 @@ def analyse(cfg, topology: str | Topology, *, costs: bool = True, components: bo
             "vae_image_size": d.vae_image_size, "grad_accum": accum,
             "llm_layers": int(m.llm.num_layers), "vit_layers": int(m.vit.num_layers),
             "llm_remat_policy": m.llm.remat_policy, "vit_remat_policy": m.vit.remat_policy,
-            "attention_impl": m.llm.get("attention_impl", "dense"), "ce_chunk_size": int(m.llm.ce_chunk_size),
+            "attention_impl": _attention(m, devices[0].platform), "ce_chunk_size": int(m.llm.ce_chunk_size),
             "compute_dtype": m.compute_dtype, "param_dtype": m.param_dtype,
         },
         "versions": {"jax": jax.__version__, "libtpu": _version("libtpu")},
@@ -710,6 +710,16 @@ def analyse(cfg, topology: str | Topology, *, costs: bool = True, components: bo
     return report
 
 
+def _attention(model_cfg, platform: str) -> str:
+    """The attention kernel the step compiles with (``attention.resolve_impl``): "flash (auto)"
+    for ``auto`` on a TPU topology."""
+    from sgt_jax.models.attention import resolve_impl
+
+    impl = model_cfg.llm.get("attention_impl", "dense")
+    got = resolve_impl(impl, model_cfg.llm.hidden_size // model_cfg.llm.num_heads, platform)
+    return got if got == impl else f"{got} ({impl})"
+
+
 def _version(pkg: str) -> str | None:
     try:
         return importlib.metadata.version(pkg)
@@ -756,7 +766,7 @@ def advise(cfg, report: dict) -> list[dict]:
                     "why": f"parameters + optimizer state + EMA take {state:.1f} GiB of {hbm:.0f} GiB per chip: "
                            f"shard them over more chips (a larger slice; keep mesh.fsdp=-1, mesh.data=1)"})
     att = attention_scores_gib(cfg, sizes)
-    if llm.get("attention_impl", "dense") == "dense" and att > 0.1 * hbm:
+    if report["config"]["attention_impl"].startswith("dense") and att > 0.1 * hbm:
         out.append({"knob": "model.llm.attention_impl / mesh.tensor / data.tokens_per_row",
                     "why": f"dense attention materialises B x heads x L x L fp32 scores: {att:.1f} GiB per chip "
                            f"per layer at L={cfg.data.tokens_per_row}; a flash kernel (llm.attention_impl) removes "

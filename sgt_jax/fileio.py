@@ -126,6 +126,49 @@ def join(base, *parts) -> str:
     return os.path.join(base, *parts)
 
 
+class PathOutsideRoot(ValueError):
+    """A path taken from data (a record's image path, a file found under a data directory) that
+    resolves outside the root it is relative to."""
+
+
+def resolve_inside(root, rel) -> str:
+    """The path of ``rel`` (a path read from data: a record's field, a listed file) under ``root``,
+    refusing anything that leaves it: raises ``PathOutsideRoot`` for an absolute path, a URL, a
+    ``..`` that climbs above ``root`` and, for local paths, a symlink (in any component) that
+    resolves outside ``root`` -- checked on the real paths (``os.path.realpath``), so a
+    symlinked root itself is fine. A URL root: the key is normalised (``posixpath.normpath``),
+    so ``gs://b/data/../x`` and another bucket or scheme are refused; object stores have no
+    symlinks (a ``file://`` root is checked as a local path). Raises ``ValueError`` for a
+    ``rel`` that is no path at all (not a str, a NUL byte, a lone surrogate). Local: returns the
+    real path, to be opened as it is (no second symlink lookup)."""
+    if not isinstance(rel, str):
+        raise ValueError(f"path {rel!r} is a {type(rel).__name__}, not a string")
+    if "\0" in rel:
+        raise ValueError(f"path {rel!r} contains a NUL byte")
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"path {rel!r} is not valid UTF-8 (a lone surrogate)") from None
+    root = _str(root)
+    if is_remote(rel) or rel.startswith(("/", "\\")) or os.path.isabs(rel):
+        raise PathOutsideRoot(f"{rel!r} is absolute (a path or URL of its own): paths read from "
+                              f"data must be relative to their root {root!r}")
+    s = scheme(root)
+    if s is not None and s not in ("file", "local"):
+        key = posixpath.normpath(rel)
+        if key == ".." or key.startswith("../"):
+            raise PathOutsideRoot(f"{rel!r} climbs out of {root!r} ('..')")
+        return root.rstrip("/") + "/" + key if key != "." else root.rstrip("/")
+    local = root[len(s) + 3:] if s is not None else root
+    base = os.path.realpath(local)
+    real = os.path.realpath(os.path.join(base, rel))
+    if real != base and not real.startswith(base.rstrip(os.sep) + os.sep):
+        why = "through a symlink" if os.path.normpath(os.path.join(base, rel)).startswith(
+            base.rstrip(os.sep) + os.sep) else "('..')"
+        raise PathOutsideRoot(f"{rel!r} resolves to {real!r}, outside {root!r} {why}")
+    return real if s is None else f"{s}://{real}"
+
+
 def dirname(path) -> str:
     """The containing directory (local: of the absolute path)."""
     path = _str(path)

@@ -124,7 +124,14 @@ def main(argv=None) -> int:
     def _main(args):
         del args
         F = flags.FLAGS
-        s = run(F.config, workdir=F.workdir, workers=F.workers, check=F.check)
+        from sgt_jax.data.sources import SpecError
+
+        try:
+            s = run(F.config, workdir=F.workdir, workers=F.workers, check=F.check)
+        except SpecError as e:
+            print(e.one_line(), file=sys.stderr, flush=True)
+            status[0] = 2
+            return 2
         print(json.dumps(s, indent=1), flush=True)
         status[0] = 1 if s["failed"] else 0
         return status[0]

@@ -11,7 +11,9 @@ host's slice of a pod of N hosts, e.g. 16 for v6e-64), and
   latent, pad), CE / MSE tokens, ViT patch and VAE image slots used, samples by stream, the
   skipped / dropped records of that batch with their reasons, and the time it took;
 * prints the cumulative counters at the end: ``skipped/<reason>`` (bad records),
-  ``dropped/<reason>`` (samples that never fit a row), ``deferred`` (carried to a later batch);
+  ``dropped/<reason>`` (samples that never fit a row), ``index/<reason>`` (records the sources
+  dropped while indexing: keys without their image, damaged tar headers), ``deferred`` (carried
+  to a later batch), and a WARNING when records were skipped by an unexpected exception;
 * writes ``DIR/contact_sheet.png``: K documents reconstructed **from the PackedBatch rows** (what
   the train step will see, not the records): the ViT input un-patchified from ``vit_patches``
   (``vit_image_ids`` / ``vit_position_ids`` give each image's grid), the generation target cropped
@@ -159,10 +161,11 @@ def budget_fill(batch, gen_tokens_per_row: int) -> dict:
 
 
 def counters(totals: dict) -> dict:
-    """{"skipped": {reason: n}, "dropped": {reason: n}, "deferred": n} from ``total/*`` stats."""
-    out = {"skipped": {}, "dropped": {}, "deferred": int(totals.get("total/deferred", 0))}
+    """{"skipped": {reason: n}, "dropped": {reason: n}, "index": {reason: n}, "deferred": n} from
+    ``total/*`` stats (``index``: records the sources dropped while indexing, once per run)."""
+    out = {"skipped": {}, "dropped": {}, "index": {}, "deferred": int(totals.get("total/deferred", 0))}
     for k, v in totals.items():
-        for kind in ("skipped", "dropped"):
+        for kind in ("skipped", "dropped", "index"):
             p = f"total/{kind}/"
             if k.startswith(p):
                 out[kind][k[len(p):]] = int(v)
@@ -327,6 +330,11 @@ def run(run_cfg, *, batches: int, out: str, workdir: str | None = None, samples:
         f"{int(totals.get('total/rows', 0))} rows):")
     log("  skipped (bad records):        " + (", ".join(f"{k} {v}" for k, v in sorted(cnt["skipped"].items())) or "none"))
     log("  dropped (never fit a row):    " + (", ".join(f"{k} {v}" for k, v in sorted(cnt["dropped"].items())) or "none"))
+    log("  dropped while indexing:       " + (", ".join(f"{k} {v}" for k, v in sorted(cnt["index"].items())) or "none"))
+    unnamed = {k: v for k, v in cnt["skipped"].items() if k.startswith("error_")}
+    if unnamed:
+        log(f"WARNING: {sum(unnamed.values())} record(s) skipped by an unexpected exception ({unnamed}): "
+            "a reader bug, please report it with the record")
     log(f"  deferred (to a later batch):  {cnt['deferred']}")
     fills = [p["fill"] for p in per_batch]
     if fills:
@@ -390,9 +398,15 @@ def main(argv=None) -> int:
     def _main(args):
         del args
         F = flags.FLAGS
-        run(F.config, batches=F.batches, out=F.out, workdir=F.workdir, samples=F.samples,
-            process_count=F.process_count,
-            config_path=config_flags.get_config_filename(F["config"]))
+        from sgt_jax.data.sources import SpecError
+
+        try:
+            run(F.config, batches=F.batches, out=F.out, workdir=F.workdir, samples=F.samples,
+                process_count=F.process_count,
+                config_path=config_flags.get_config_filename(F["config"]))
+        except SpecError as e:
+            print(e.one_line(), file=sys.stderr, flush=True)
+            return 2
         return 0
 
     app.run(_main, argv=argv)

@@ -90,11 +90,27 @@ def rle_counts(rle: RLE) -> tuple[tuple[int, int], np.ndarray]:
     if isinstance(counts, (str, bytes)):
         c = counts_from_string(counts)
     elif isinstance(counts, (list, tuple, np.ndarray)):
-        c = np.asarray(counts, dtype=np.int64).reshape(-1)
+        # checked before any int64 arithmetic: a run of 2**63 (JSON allows it) would overflow
+        try:
+            a = np.asarray(counts).reshape(-1)
+        except (ValueError, TypeError, OverflowError) as e:
+            raise ValueError(f"RLE counts are not a flat list of integers: {e}") from None
+        if a.size:
+            vals = a.tolist() if a.dtype.kind == "O" else None      # Python ints beyond 64 bits
+            if (a.dtype.kind not in "iuO" or vals is not None and not all(
+                    isinstance(n, int) and not isinstance(n, bool) for n in vals)):
+                raise ValueError(f"RLE counts must be integers, got {a.dtype} values")
+            lo, hi = (min(vals), max(vals)) if vals is not None else (int(a.min()), int(a.max()))
+            if lo < 0 or hi > h * w:
+                raise ValueError(f"RLE run lengths must be in [0, {h * w}] for size {h}x{w}, "
+                                 f"got [{lo}, {hi}]")
+        c = a.astype(np.int64)
     else:
         raise ValueError(f"RLE counts must be a string or a list, got {type(counts).__name__}")
     if c.size and c.min() < 0:
         raise ValueError("RLE has negative run lengths")
+    if c.size and c.max() > h * w:     # (string counts: a delta sum past the image)
+        raise ValueError(f"RLE run length {int(c.max())} exceeds the {h}x{w} image")
     if int(c.sum()) != h * w:
         raise ValueError(f"RLE run lengths sum to {int(c.sum())}, size {h}x{w} needs {h * w}")
     return (h, w), c

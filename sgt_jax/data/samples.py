@@ -381,7 +381,11 @@ class SampleBuilder:
         draw_timesteps(items, r_t, self.s["t_mean"], self.s["t_std"])
         return layout(items, self.spec, stream=stream, index=index, key=key, task=task, text=text)
 
-    def _text(self, s: str) -> list[int]:
+    def _text(self, s: str, key: str = "") -> list[int]:
+        try:
+            s.encode("utf-8")       # a lone surrogate ("\ud800", valid JSON) breaks the tokenizer
+        except UnicodeEncodeError as e:
+            raise BadRecord("bad_text", key=key, detail=str(e)) from None
         return self.tok.encode(s)
 
     def seg_items(self, record, key, rng):
@@ -413,7 +417,7 @@ class SampleBuilder:
         caption = record.get("caption")
         if not isinstance(caption, str):
             raise BadRecord("bad_caption", key=key)
-        ids = self._text(caption) or self._text(" ")
+        ids = self._text(caption, key) or self._text(" ")
         return [Item("text", enable_cfg=1, text_ids=ids), Item("vae_image", loss=1, image=self.vae(image))], caption
 
     def vqa_items(self, record, key, rng):
@@ -442,14 +446,14 @@ class SampleBuilder:
                 for i, part in enumerate(parts):
                     text = part.strip() if with_images else part
                     if not with_images or text != "":
-                        ids = self._text(text)
+                        ids = self._text(text, key)
                         if ids:
                             items.append(Item("text", text_ids=ids))
                     if with_images and i != len(parts) - 1 and used < len(vit_images):
                         items.append(Item("vit_image", image=vit_images[used]))
                         used += 1
             else:
-                ids = self._text(c["value"])
+                ids = self._text(c["value"], key)
                 if ids:
                     items.append(Item("text", loss=1, text_ids=ids))
         if not any(it.loss for it in items):

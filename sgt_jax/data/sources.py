@@ -6,17 +6,26 @@ raises ``BadRecord(reason, source, key)`` for a record it cannot deliver. Reason
 counter names (``REASONS``):
 
   missing_file          an image / annotation / mask file named by the index is not there
+  path_outside_root     a path taken from data (a record's image / file_name, a symlink in a
+                        data folder) leaves its root: absolute, ``..``, a symlink out, another
+                        bucket or scheme (``fileio.resolve_inside``); never opened
   read_error            a file or tar member could not be read (I/O error, truncated shard)
   corrupt_image         an image that does not decode (truncated JPEG, not an image, 0 pixels)
   image_too_large       more pixels than ``max_pixels`` (decompression-bomb guard)
-  bad_annotation        broken annotation: unparsable JSON, broken RLE, mask size != image size
+  bad_annotation        broken annotation: unparsable JSON, broken RLE (run lengths out of
+                        range, not integers), mask size != image size, an image entry that is
+                        no path
   no_masks              a segmentation record without any mask / segment
   bad_json              a LLaVA line / row that is not a JSON object
   bad_conversation      LLaVA turns missing, roles not human/gpt alternating, no gpt turn
+  bad_text              a turn whose text is not valid Unicode (a lone surrogate such as
+                        ``"\ud800"``: valid JSON, but no tokenizer encodes it)
   placeholder_mismatch  number of ``<image>`` placeholders (human turns) != number of images
   unsupported           a record kind this reader does not handle (e.g. LLaVA ``video``)
 
 Use ``SkippingSource`` (or catch ``BadRecord`` and count ``e.reason``) to skip and count them.
+Records dropped while indexing (a key without its image; a damaged tar header) are counted once
+by ``source.index_counts()`` under the same reasons.
 
 Spec grammar (``make_source``)::
 
@@ -105,8 +114,9 @@ from sgt_jax.data.records import BadRecord
 
 log = logging.getLogger(__name__)
 
-REASONS = ("missing_file", "read_error", "corrupt_image", "image_too_large", "bad_annotation",
-           "no_masks", "bad_json", "bad_conversation", "placeholder_mismatch", "unsupported")
+REASONS = ("missing_file", "path_outside_root", "read_error", "corrupt_image", "image_too_large",
+           "bad_annotation", "no_masks", "bad_json", "bad_conversation", "bad_text",
+           "placeholder_mismatch", "unsupported")
 
 DEFAULT_MAX_PIXELS = 8192 * 8192
 IMAGE_PLACEHOLDER = "<image>"
@@ -339,61 +349,131 @@ def _stat_reads(stats: dict | None, f) -> None:
         stats["bytes_read"] = stats.get("bytes_read", 0) + getattr(raw, "bytes_read", 0)
 
 
+TAR_SCAN_CHUNK = 2 ** 20       # bytes per read while scanning past damage for the next header
+
+
+def _next_header(f, start: int, size: int) -> tuple[int | None, bool]:
+    """(offset of the first block at or after ``start`` that parses as a ustar / GNU / pax header
+    -- magic ``ustar`` and a valid checksum -- or None; whether every byte skipped was zero)."""
+    pos, zeros = start, True
+    while pos + tarfile.BLOCKSIZE <= size:
+        f.seek(pos)
+        buf = f.read(min(TAR_SCAN_CHUNK, size - pos))
+        n = len(buf) - len(buf) % tarfile.BLOCKSIZE
+        if n == 0:
+            break
+        k = buf.find(b"ustar", 257, n)
+        while k != -1:
+            at = k - 257
+            if at % tarfile.BLOCKSIZE == 0:
+                try:
+                    tarfile.TarInfo.frombuf(buf[at:at + tarfile.BLOCKSIZE], "utf-8", "surrogateescape")
+                    return pos + at, zeros and buf.count(0, 0, at) == at
+                except tarfile.HeaderError:
+                    pass
+            k = buf.find(b"ustar", k + 1, n)
+        zeros = zeros and buf.count(0, 0, n) == n
+        pos += n
+    return None, zeros
+
+
+def _scan_tar(f, size: int) -> tuple[list, list, bool]:
+    """(members, damaged regions ``[header offset, next header offset, members before]``,
+    truncated) of the tar read through ``f``. ``tarfile`` stops without an error at a header it
+    cannot parse. A stop at a block that is neither the end-of-archive marker (zeros) nor the
+    end of the file is damage; the scan skips to the next valid header (as GNU tar does) and goes
+    on from there. Only zero bytes up to the next header (an end marker inside: concatenated
+    archives) are not damage; junk after the end marker with no header in it is ignored.
+    Raises ``tarfile.ReadError`` when the first header is unreadable (not a tar)."""
+    members, damaged, pos, j = [], [], 0, 0
+    while True:
+        f.seek(pos)
+        stop = pos
+        try:
+            with tarfile.open(fileobj=f, mode="r:") as tf:
+                try:
+                    for m in tf:
+                        if isinstance(f, _TarScanReader) and j == TAR_PROBE and not f.streaming \
+                                and tf.offset < TAR_STREAM_BELOW * TAR_PROBE:
+                            f.stream()           # small members: big windows (TAR_STREAM_BELOW)
+                        j += 1
+                        if m.isfile():
+                            name = m.name[2:] if m.name.startswith("./") else m.name.lstrip("/")
+                            members.append((name, m.offset_data, m.size))
+                except tarfile.ReadError:        # a broken extended (pax / GNU long name) header
+                    pass
+                stop = tf.offset
+        except tarfile.ReadError:                # the header at ``pos`` itself
+            if pos == 0:                         # not a tar (or its first header is lost): loud
+                raise
+        f.seek(stop)
+        block = f.read(tarfile.BLOCKSIZE)
+        end = len(block) < tarfile.BLOCKSIZE or not block.strip(b"\0")   # EOF / end marker
+        nxt, zeros = _next_header(f, stop + tarfile.BLOCKSIZE, size)
+        if not end or (nxt is not None and not zeros):
+            damaged.append([stop, size if nxt is None else nxt, len(members)])
+        if nxt is None:
+            break
+        pos = nxt
+    truncated = bool(members) and members[-1][1] + members[-1][2] > size
+    return members, damaged, truncated
+
+
 def _tar_members(path: str, cache_dir: str | None, *, stats: dict | None = None,
                  fill_all: bool = False) -> list[tuple[str, int, int]]:
     """(name, data offset, size) of the regular files of an uncompressed tar; cached, keyed by
     path (URL), size and mtime (remote: generation / etag). ``stats`` (a dict) receives
-    ``cached`` (bool), ``members``, ``reads`` / ``bytes_read`` (remote reads of the tar);
-    ``fill_all`` writes a hit into every cache that lacks it (``sgt_jax.data.index``)."""
+    ``cached`` (bool), ``members``, ``reads`` / ``bytes_read`` (remote reads of the tar),
+    ``damaged`` (regions of unreadable headers skipped: [offset, next header, members before])
+    and ``truncated`` (the last member is cut short); ``fill_all`` writes a hit into every cache
+    that lacks it (``sgt_jax.data.index``). A damaged shard is logged (a warning) every time its
+    index is built or read from the cache."""
     remote = fileio.is_remote(path)
     dirs = _tar_cache_dirs(path, cache_dir)
     if not dirs:
         name = None
-    elif remote:
-        name = f"tar_{fileio.url_key(path, fileio.signature(path))}.json"
+    elif remote:      # "tar2": the index format with damage (older indexes may be short)
+        name = f"tar2_{fileio.url_key(path, fileio.signature(path))}.json"
     else:
         st = os.stat(path)
         tag = hashlib.sha1(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode())
-        name = f"tar_{tag.hexdigest()}.json"
+        name = f"tar2_{tag.hexdigest()}.json"
     caches = [(d, fileio.join(d, name)) for d in dirs]
-    members = _cached(caches, lambda b: [tuple(m) for m in json.loads(b)], fill_all)
+    index = _cached(caches, json.loads, fill_all)
     if stats is not None:
-        stats.update(cached=members is not None, reads=0, bytes_read=0)
-    if members is not None:
-        if stats is not None:
-            stats["members"] = len(members)
-        return members
-    magic = fileio.read_bytes(path, 0, 6)
-    if magic[:2] == b"\x1f\x8b" or magic[:3] == b"BZh" or magic == b"\xfd7zXZ\x00" \
-            or magic[:4] == b"\x28\xb5\x2f\xfd":
-        raise ValueError(f"{path} is a compressed tar: random access needs an uncompressed tar "
-                         f"(decompress it, e.g. `gunzip -k` / `zstd -d`)")
-    members = []
-    f = _TarScanReader(path, fileio.getsize(path)) if remote else None
-    try:
-        with tarfile.open(path if f is None else None, mode="r:", fileobj=f) as tf:
-            for j, m in enumerate(tf):
-                if f is not None and j == TAR_PROBE and not f.streaming \
-                        and tf.offset < TAR_STREAM_BELOW * TAR_PROBE:
-                    f.stream()                   # small members: big windows (TAR_STREAM_BELOW)
-                if m.isfile():
-                    name = m.name[2:] if m.name.startswith("./") else m.name.lstrip("/")
-                    members.append((name, m.offset_data, m.size))
-    except tarfile.ReadError as e:
-        if not members:
+        stats.update(cached=index is not None, reads=0, bytes_read=0)
+    if index is None:
+        magic = fileio.read_bytes(path, 0, 6)
+        if magic[:2] == b"\x1f\x8b" or magic[:3] == b"BZh" or magic == b"\xfd7zXZ\x00" \
+                or magic[:4] == b"\x28\xb5\x2f\xfd":
+            raise ValueError(f"{path} is a compressed tar: random access needs an uncompressed tar "
+                             f"(decompress it, e.g. `gunzip -k` / `zstd -d`)")
+        size = fileio.getsize(path)
+        f = _TarScanReader(path, size) if remote else open(path, "rb")
+        try:
+            members, damaged, truncated = _scan_tar(f, size)
+        except tarfile.ReadError as e:
             raise ValueError(f"{path} is not a readable uncompressed tar: {e}") from None
-        log.warning("tar shard %s is damaged after %d members (%s); using those", path,
-                    len(members), e)
-    finally:
-        if f is not None:
+        finally:
             _stat_reads(stats, f)
             f.close()
+        if stats is not None:
+            stats["streamed"] = bool(remote and f.streaming)
+        index = {"members": members, "damaged": damaged, "truncated": truncated, "size": size}
+        data = json.dumps(index).encode()
+        for d, cache in caches:
+            _cache_put(d, cache, data)
+    members = [tuple(m) for m in index["members"]]
+    for at, nxt, before in index["damaged"]:
+        log.warning("tar shard %s: unreadable header at byte %d (after %d members): skipped %d bytes "
+                    "to %s; the member(s) in between are lost (counted as read_error)", path, at,
+                    before, nxt - at, f"the next valid header at byte {nxt}, read on from there"
+                    if nxt < index["size"] else "the end of the file (no valid header after it)")
+    if index["truncated"]:
+        log.warning("tar shard %s is truncated: its last member %s is cut short (read_error when "
+                    "read)", path, members[-1][0])
     if stats is not None:
-        stats["members"] = len(members)
-        stats["streamed"] = bool(f is not None and f.streaming)
-    data = json.dumps(members).encode()
-    for d, cache in caches:
-        _cache_put(d, cache, data)
+        stats.update(members=len(members), damaged=index["damaged"], truncated=index["truncated"])
     return members
 
 
@@ -459,13 +539,19 @@ class FileSet:
     def __init__(self, paths: Sequence[str], *, cache_dir: str | None = None):
         self.containers: list[tuple[str, bool]] = []        # (path, is_tar)
         self.entries: list[_Ref] = []
+        self.damaged = 0          # damaged regions of tar shards skipped while indexing
         plan = _plan_files(paths)
         tars = [x for k, x in plan if k == "tar"]
         remote = [t for t in tars if fileio.is_remote(t)]
-        members: dict[str, list] = {}
+
+        def index(t):
+            st: dict = {}
+            return _tar_members(t, cache_dir, stats=st), st
+
+        found: dict[str, tuple] = {}
         if len(remote) > 1:
             with concurrent.futures.ThreadPoolExecutor(min(INDEX_THREADS, len(remote))) as pool:
-                members.update(zip(remote, pool.map(lambda t: _tar_members(t, cache_dir), remote)))
+                found.update(zip(remote, pool.map(index, remote)))
         for kind, x in plan:
             if kind == "dir":
                 d, names = x
@@ -473,7 +559,8 @@ class FileSet:
                 self.entries.extend((ci, n, -1, -1) for n in names)
             else:
                 ci = self._add(x, True)
-                ms = members[x] if x in members else _tar_members(x, cache_dir)
+                ms, st = found[x] if x in found else index(x)
+                self.damaged += len(st["damaged"])
                 self.entries.extend((ci, n, o, sz) for n, o, sz in ms)
 
     def _add(self, path: str, is_tar: bool) -> int:
@@ -482,20 +569,23 @@ class FileSet:
 
     def read(self, ref: _Ref) -> bytes:
         """Bytes of a file (one read; a remote tar member: one ranged read); raises
-        FileNotFoundError or OSError (short read of a damaged shard; any remote failure)."""
+        FileNotFoundError or OSError (short read of a damaged shard; any remote failure), or
+        ``fileio.PathOutsideRoot`` for a listed file that is a symlink leading out of its folder
+        (never opened)."""
         ci, name, offset, size = ref
         path, is_tar = self.containers[ci]
+        if not is_tar:           # a listed file: a symlink may lead out of the folder
+            path = fileio.resolve_inside(path, name)
         if not fileio.is_remote(path):
             if not is_tar:
-                with open(os.path.join(path, name), "rb") as f:
+                with open(path, "rb") as f:
                     return f.read()
             with open(path, "rb") as f:      # open per read: thread- and fork-safe, ~10 us
                 f.seek(offset)
                 data = f.read(size)
         else:
             try:
-                data = fileio.read_bytes(fileio.join(path, name)) if not is_tar else \
-                    fileio.read_bytes(path, offset, size)
+                data = fileio.read_bytes(path) if not is_tar else fileio.read_bytes(path, offset, size)
             except OSError:
                 raise
             except Exception as e:  # backends raise their own (HTTP) errors
@@ -515,12 +605,13 @@ class FileSet:
 class _KeyedFiles:
     """Files grouped by key into roles (e.g. image + annotation), sorted by key.
 
-    ``classify(name) -> (key, role) | None``. Keys that lack ``required`` are dropped (orphans,
-    counted in ``orphans``); other missing roles are kept and reported at read time.
+    ``classify(name) -> (key, role) | None``. Keys that lack ``required`` are dropped (orphans:
+    counted in ``orphans``, logged, and reported as ``missing_file`` by ``index_counts``); other
+    missing roles are kept and reported at read time.
     """
 
     def __init__(self, files: FileSet, classify: Callable[[str], tuple[str, str] | None],
-                 roles: Sequence[str], required: str):
+                 roles: Sequence[str], required: str, source: str = ""):
         groups: dict[str, dict[str, _Ref]] = {}
         self.duplicates = 0
         for ref in files.entries:
@@ -538,7 +629,15 @@ class _KeyedFiles:
         self.orphans = len(groups) - len(self.keys)
         self.refs = {r: [groups[k].get(r) for k in self.keys] for r in roles}
         if self.duplicates:
-            log.warning("%d duplicate files (same key and role) ignored", self.duplicates)
+            log.warning("%s: %d duplicate files (same key and role) ignored", source, self.duplicates)
+        if self.orphans:
+            lone = sorted(k for k, g in groups.items() if required not in g)
+            log.warning("%s: %d key(s) have no %s file and are dropped (e.g. %s: %s), counted as "
+                        "missing_file", source, self.orphans, required, lone[0],
+                        ", ".join(sorted(groups[lone[0]])))
+
+    def index_counts(self) -> dict[str, int]:
+        return {"missing_file": self.orphans, "read_error": self.files.damaged}
 
 
 def _strip_ext(name: str, exts: Iterable[str]) -> str | None:
@@ -572,6 +671,14 @@ class _Source:
     def key(self, i: int) -> str:
         return self._keys[self._index(i)]
 
+    def index_counts(self) -> dict[str, int]:
+        """Records dropped while indexing, by skip reason (each counted once per run, not per
+        read): ``missing_file`` for keys without their image (an annotation / mask alone),
+        ``read_error`` for each damaged region of a tar shard. The pipeline reports them as
+        ``index/<reason>``."""
+        kf = getattr(self, "_kf", None)
+        return kf.index_counts() if kf is not None else {}
+
     def _bad(self, reason: str, key: str, detail: str = "") -> BadRecord:
         return BadRecord(reason, self.name, key, detail)
 
@@ -580,6 +687,8 @@ class _Source:
             raise self._bad("missing_file", key, f"no {what} file for this key")
         try:
             return files.read(ref)
+        except fileio.PathOutsideRoot as e:
+            raise self._bad("path_outside_root", key, str(e)) from None
         except FileNotFoundError:
             raise self._bad("missing_file", key, files.describe(ref)) from None
         except OSError as e:
@@ -625,7 +734,7 @@ class SA1BSource(_Source):
             stem = _strip_ext(name, (".json",))
             return (stem, "ann") if stem is not None else None
 
-        self._kf = _KeyedFiles(files, classify, ("image", "ann"), required="image")
+        self._kf = _KeyedFiles(files, classify, ("image", "ann"), required="image", source=self.name)
         self._keys = self._kf.keys
 
     def _describe(self) -> str:
@@ -643,7 +752,7 @@ class SA1BSource(_Source):
             if not isinstance(info, dict) or not isinstance(anns, list):
                 raise ValueError("expected {'image': {...}, 'annotations': [...]}")
             rles = [a["segmentation"] for a in anns]
-        except (ValueError, KeyError, TypeError) as e:   # JSONDecodeError is a ValueError
+        except (ValueError, KeyError, TypeError, RecursionError) as e:   # JSONDecodeError: ValueError
             raise self._bad("bad_annotation", key, f"{type(e).__name__}: {e}") from None
         h, w = _image_size_or_bad(self, img_bytes, key)
         if ("height" in info and "width" in info) and (info["height"], info["width"]) != (h, w):
@@ -727,7 +836,7 @@ class SgtPairsSource(_Source):
             return kr
 
         self._kf = _KeyedFiles(FileSet(self.paths, cache_dir=cache_dir), classify,
-                               ("image", "mask"), required="image")
+                               ("image", "mask"), required="image", source=self.name)
         self._keys = self._kf.keys
 
     def _describe(self) -> str:
@@ -786,8 +895,8 @@ class CocoPanopticSource(_Source):
             raise self._bad("bad_annotation", key, "annotation without image entry / file_name")
         if n_segments == 0:
             raise self._bad("no_masks", key)
-        img_bytes = _read_path(self, fileio.join(self.image_dir, image_file), key)
-        png_bytes = _read_path(self, fileio.join(self.png_dir, png_file), key)
+        img_bytes = _read_path(self, self.image_dir, image_file, key)
+        png_bytes = _read_path(self, self.png_dir, png_file, key)
         h, w = _image_size_or_bad(self, img_bytes, key)
         ph, pw = _image_size_or_bad(self, png_bytes, key)
         if (ph, pw) != (h, w):
@@ -809,7 +918,16 @@ class CocoPanopticSource(_Source):
         return _seg_record(key, image, target)
 
 
-def _read_path(src: _Source, path: str, key: str) -> bytes:
+def _read_path(src: _Source, root: str, rel, key: str) -> bytes:
+    """The bytes of ``rel`` (a path taken from a record) under ``root``: ``path_outside_root``
+    for anything that leaves it (``fileio.resolve_inside``; never opened), ``bad_annotation``
+    for a field that is no path, else missing_file / read_error."""
+    try:
+        path = fileio.resolve_inside(root, rel)
+    except fileio.PathOutsideRoot as e:
+        raise src._bad("path_outside_root", key, str(e)) from None
+    except ValueError as e:
+        raise src._bad("bad_annotation", key, str(e)) from None
     try:
         if not fileio.is_remote(path):
             with open(path, "rb") as f:
@@ -877,7 +995,7 @@ class CocoInstancesSource(_Source):
         anns = json.loads(anns_json)
         if not anns:
             raise self._bad("no_masks", key)
-        img_bytes = _read_path(self, fileio.join(self.image_dir, file_name or ""), key)
+        img_bytes = _read_path(self, self.image_dir, file_name or "", key)
         h, w = _image_size_or_bad(self, img_bytes, key)
         if (jh, jw) != (h, w):
             raise self._bad("bad_annotation", key, f"JSON size {jh}x{jw} != image {h}x{w}")
@@ -1039,8 +1157,8 @@ class LlavaSource(_Source):
                 raise self._bad("read_error", key, f"{type(e).__name__}: {e}") from None
             try:
                 row = json.loads(line)
-            except ValueError as e:
-                raise self._bad("bad_json", key, str(e)) from None
+            except (ValueError, RecursionError) as e:
+                raise self._bad("bad_json", key, f"{type(e).__name__}: {e}") from None
         if not isinstance(row, dict):
             raise self._bad("bad_json", key, f"record is a {type(row).__name__}, not an object")
         return row
@@ -1077,6 +1195,10 @@ class LlavaSource(_Source):
         for j, t in enumerate(convs):
             if not isinstance(t, dict) or not isinstance(t.get("value"), str):
                 raise self._bad("bad_conversation", key, f"turn {j} is not {{from, value: str}}")
+            try:
+                t["value"].encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise self._bad("bad_text", key, f"turn {j}: {e}") from None
             role = _ROLES.get(str(t.get("from", "")).lower())
             want = "human" if j % 2 == 0 else "gpt"
             if role != want:
@@ -1097,7 +1219,7 @@ class LlavaSource(_Source):
         if data is None:
             if not isinstance(im, str) or not im:
                 raise self._bad("bad_annotation", key, f"image entry {im!r} is not a path")
-            data = _read_path(self, fileio.join(self.image_root, im), key)
+            data = _read_path(self, self.image_root, im, key)
         arr, _ = self._decode(data, key, max_pixels=self.max_pixels)
         return arr
 
@@ -1228,6 +1350,10 @@ _USAGE = {
 
 class SpecError(ValueError):
     """A malformed source spec; the message names the spec and the fix."""
+
+    def one_line(self) -> str:
+        """The message as the command lines print it: one line, no traceback."""
+        return "error: " + " ".join(str(self).split())
 
 
 def _parse_range(v: str, name: str) -> tuple[int, int]:

@@ -13,7 +13,7 @@ Per token (all int32, shape (B, L)):
 
 One interface, ``attention(q, k, v, seg, impl)``; ``impl="dense"`` is the XLA reference used on CPU
 and in tests; ``impl="flash"`` is the Pallas TPU kernel (flash_attention.py), ``"auto"`` picks it
-when compiling for TPU.
+when compiling for TPU, also ahead of time for a TPU topology from a CPU host (``resolve_impl``).
 """
 from __future__ import annotations
 
@@ -68,16 +68,30 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
 IMPLS = ("dense", "flash", "auto")
 
 
+def resolve_impl(impl: str, head_dim: int, platform: str | None = None) -> str:
+    """The kernel ``impl`` runs: "auto" is "flash" when the compile target is a TPU and the
+    Pallas kernel takes the shapes (head_dim a multiple of 128, as every BAGEL / Qwen2 size),
+    else "dense". The target is ``platform`` when given, else the active mesh's devices -- an
+    AOT topology mesh on a CPU host counts as TPU (``flash_attention.target_is_tpu``) -- else
+    the default backend."""
+    if impl != "auto":
+        return impl
+    if platform is None:
+        from sgt_jax.models import flash_attention as fa
+        tpu = fa.target_is_tpu()
+    else:
+        tpu = platform == "tpu"
+    return "flash" if tpu and head_dim % 128 == 0 else "dense"
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, seg: Segments, impl: str = "dense",
               block_sizes=None) -> jax.Array:
     """BAGEL's packed attention. q (B, L, nh, hd), k/v (B, L, nkv, hd) -> (B, L, nh, hd).
 
     ``impl``: "dense" (XLA, materialises the mask per row), "flash" (the Pallas kernel of
-    flash_attention.py; interpret mode off TPU), "auto" (flash when compiling for TPU, else
-    dense). ``block_sizes``: a ``flash_attention.BlockSizes`` (None: its defaults)."""
-    if impl == "auto":
-        from sgt_jax.models import flash_attention as fa
-        impl = "flash" if fa.target_is_tpu() else "dense"
+    flash_attention.py; interpret mode off TPU), "auto" (``resolve_impl``: flash when compiling
+    for TPU, else dense). ``block_sizes``: a ``flash_attention.BlockSizes`` (None: its defaults)."""
+    impl = resolve_impl(impl, q.shape[-1])
     if impl == "dense":
         return dot_product_attention(q, k, v, bagel_mask(seg))
     if impl == "flash":

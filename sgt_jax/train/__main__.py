@@ -30,7 +30,13 @@ def main(argv):
     workdir = flags.FLAGS.workdir
     print(f"sgt-jax: {jax.device_count()} {jax.devices()[0].platform} device(s), "
           f"{jax.process_count()} process(es); workdir {workdir}", flush=True)
-    s = train(cfg, workdir)
+    from sgt_jax.data.sources import SpecError
+
+    try:
+        s = train(cfg, workdir)
+    except SpecError as e:            # a data-source spec error: one line, no traceback
+        print(e.one_line(), file=sys.stderr, flush=True)
+        return 2
     if jax.process_index() == 0:
         h = s["history"]
         if h:
