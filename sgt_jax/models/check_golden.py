@@ -32,8 +32,18 @@ MODES = {"causal": attn_lib.CAUSAL, "full": attn_lib.FULL, "noise": attn_lib.NOI
 
 def config_from_meta(meta: dict, compute_dtype: str = "float32") -> ml_collections.ConfigDict:
     c = meta["config"]
-    llm, vit, ae, bagel = c["llm"], c["vit"], c["ae"], c["bagel"]
     cfg = config_lib.tiny()
+    cfg.compute_dtype = compute_dtype
+    ae = c["ae"]
+    cfg.vae.update(dict(
+        in_channels=ae["in_channels"], out_ch=ae["out_ch"], ch=ae["ch"], ch_mult=tuple(ae["ch_mult"]),
+        num_res_blocks=ae["num_res_blocks"], z_channels=ae["z_channels"],
+        scale_factor=ae["scale_factor"], shift_factor=ae["shift_factor"],
+        groupnorm_groups=ae.get("groupnorm_groups", 32), eps=ae.get("groupnorm_eps", 1e-6),
+    ))
+    if "llm" not in c:                          # an AE-only set (ae_wide_v1): the rest stays tiny()
+        return config_lib.validate(cfg)
+    llm, vit, bagel = c["llm"], c["vit"], c["bagel"]
     cfg.llm.update(dict(
         vocab_size=llm["vocab_size"], hidden_size=llm["hidden_size"],
         intermediate_size=llm["intermediate_size"], num_layers=llm["num_hidden_layers"],
@@ -52,19 +62,12 @@ def config_from_meta(meta: dict, compute_dtype: str = "float32") -> ml_collectio
         patch_size=vit["patch_size"], layer_norm_eps=float(vit["layer_norm_eps"]),
         max_patches_per_side=vit["image_size"] // vit["patch_size"],
     ))
-    cfg.vae.update(dict(
-        in_channels=ae["in_channels"], out_ch=ae["out_ch"], ch=ae["ch"], ch_mult=tuple(ae["ch_mult"]),
-        num_res_blocks=ae["num_res_blocks"], z_channels=ae["z_channels"],
-        scale_factor=ae["scale_factor"], shift_factor=ae["shift_factor"],
-        groupnorm_groups=ae.get("groupnorm_groups", 32), eps=ae.get("groupnorm_eps", 1e-6),
-    ))
     cfg.bagel.update(dict(
         latent_patch_size=bagel["latent_patch_size"], max_latent_size=bagel["max_latent_size"],
         vit_max_num_patch_per_side=bagel["vit_max_num_patch_per_side"],
         timestep_shift=float(bagel["timestep_shift"]),
         visual_gen=bool(bagel.get("visual_gen", True)), visual_und=bool(bagel.get("visual_und", True)),
     ))
-    cfg.compute_dtype = compute_dtype
     return config_lib.validate(cfg)
 
 
@@ -146,6 +149,9 @@ def load_fixture(path: str) -> dict:
     files = {k: load_file(os.path.join(path, f"{k}.safetensors"))
              for k in ("model", "ae", "batch", "grads", "vit_single")
              if os.path.exists(os.path.join(path, f"{k}.safetensors"))}
+    if "ae_weight_exponents" in meta:       # AE weights stored as int8 codes * 2**e (exact in fp32)
+        exps = meta["ae_weight_exponents"]
+        files["ae"] = {k: v.astype(np.float32) * np.float32(2.0 ** exps[k]) for k, v in files["ae"].items()}
     return {"meta": meta, **files}
 
 

@@ -1,0 +1,261 @@
+#!/usr/bin/env python3
+"""Make the ``ae_wide_v1`` golden set: BAGEL's own FLUX autoencoder on a wider config, fp32 and float64.
+
+    python scripts/make_vae_golden.py --bagel-src BAGEL_CHECKOUT --out tests/fixtures/bagel_golden/ae_wide_v1
+
+BAGEL's ``modeling/autoencoder.py`` is imported from ``--bagel-src`` (a checkout of
+https://github.com/ByteDance-Seed/Bagel, ``056b5fd`` for the shipped set) as a lone file, so its
+package ``__init__`` (LLM / ViT, GPU-only imports) is never run; nothing of it is copied here. Needs
+torch, einops and safetensors only; nothing from sgt_jax is imported.
+
+What it builds (every tensor is produced by the unmodified BAGEL classes):
+
+* ``AutoEncoderParams(ch=32, ch_mult=[1, 2, 2, 2], num_res_blocks=1, z_channels=16, ...)``: BAGEL
+  hard-codes ``GroupNorm(32, C)``, so the 64-channel levels have two channels per group (the
+  ``tiny_v1`` AE has one, which is why it never saw the reduction error of issue 12).
+* weights: torch's default init as BAGEL constructs it (``torch.manual_seed(seed)``), GroupNorm
+  affine re-drawn as ``1 + 0.1 N(0,1)`` / ``0.1 N(0,1)``; then every tensor is rounded to
+  ``int8 * 2**e`` (one power-of-two ``e`` per tensor). The rounded values are exact in fp32 and
+  float64 and are what BAGEL runs; ``ae.safetensors`` stores the int8 codes and ``meta.json``
+  ``ae_weight_exponents`` the ``e`` (1.3 MB instead of 5 MB of fp32).
+* nine non-square images of different sizes (multiples of 16 = latent_patch_size 2 x downsample 8),
+  uint8 pixels through BAGEL's ToTensor + Normalize(0.5, 0.5) arithmetic, zero-padded bottom/right
+  onto one canvas exactly as ``PackedDataset`` builds ``padded_images`` (data/dataset_base.py).
+* ``AutoEncoder.encoder`` (moments), ``AutoEncoder.encode`` (``torch.randn_like`` in the module
+  handed the stored ``vae_eps``), ``AutoEncoder.decode(padded_latent)``, in fp32; the same model
+  ``.double()`` on the same inputs gives the float64 answers (``*_f64``) and, per GroupNorm, the
+  yardstick: BAGEL's own fp32 error against float64 (``meta.json`` -> ``self_check``).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import torch
+
+CONFIG = dict(resolution=256, in_channels=3, downsample=8, ch=32, out_ch=3, ch_mult=[1, 2, 2, 2],
+              num_res_blocks=1, z_channels=16, scale_factor=0.3611, shift_factor=0.1159)
+# (H, W) of the nine images: all different, none square, canvas 48 x 80
+SIZES = [(48, 80), (32, 80), (48, 64), (16, 80), (32, 64), (48, 32), (16, 48), (32, 48), (48, 16)]
+EPS_SEED, IMAGE_SEED = 1000, 3000
+
+
+def load_bagel_autoencoder(src: str):
+    path = os.path.join(src, "modeling", "autoencoder.py")
+    if not os.path.exists(path):
+        raise SystemExit(f"--bagel-src {src}: no modeling/autoencoder.py (a checkout of ByteDance-Seed/Bagel?)")
+    spec = importlib.util.spec_from_file_location("bagel_autoencoder", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def bagel_commit(src: str) -> str:
+    try:
+        return subprocess.check_output(["git", "-C", src, "rev-parse", "HEAD"], text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def int8_pow2(w: torch.Tensor) -> tuple[np.ndarray, int]:
+    """codes (int8), e with codes * 2**e the nearest such value to w (|codes| <= 127)."""
+    m = float(w.abs().max())
+    e = int(np.ceil(np.log2(m / 127.0))) if m > 0 else 0
+    codes = torch.clamp(torch.round(w.double() / 2.0 ** e), -127, 127).to(torch.int8)
+    return codes.numpy(), e
+
+
+def random_scene(g: torch.Generator, h: int, w: int) -> torch.Tensor:
+    """uint8 (3, h, w): smooth gradients + a few blobs + pixel noise (an image-like histogram)."""
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
+    img = torch.zeros(3, h, w)
+    for c in range(3):
+        a, b, d = (torch.rand(3, generator=g) * 2 - 1).tolist()
+        img[c] = 0.5 + 0.35 * (a * yy + b * xx) + 0.1 * d
+        for _ in range(3):
+            cy, cx, r, amp = torch.rand(4, generator=g).tolist()
+            img[c] += (amp - 0.5) * torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (0.02 + 0.1 * r))
+    img += 0.03 * torch.randn(3, h, w, generator=g)
+    return (img.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def to_bagel_tensor(u8: torch.Tensor) -> torch.Tensor:
+    """torchvision ToTensor (x / 255 in fp32) then Normalize(mean=0.5, std=0.5), as BAGEL's
+    ImageTransform (data/transforms.py) applies them; the same fp32 ops in the same order."""
+    x = u8.to(torch.float32).div(255)
+    return x.sub_(0.5).div_(0.5)
+
+
+class _TorchWithEps:
+    """Stands for the autoencoder module's global ``torch``: ``randn_like`` returns the stored eps."""
+
+    def __init__(self, eps):
+        self.eps, self.calls = eps, 0
+
+    def randn_like(self, t, *a, **kw):
+        assert tuple(t.shape) == tuple(self.eps.shape), (t.shape, self.eps.shape)
+        self.calls += 1
+        return self.eps.to(t.dtype).clone()
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+def groupnorm_outputs(model, fn):
+    """Run fn(); return {module name: output} of every nn.GroupNorm, in call order."""
+    out, hooks = {}, []
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.GroupNorm):
+            hooks.append(m.register_forward_hook(lambda _m, _i, o, name=name: out.__setitem__(name, o.detach())))
+    try:
+        res = fn()
+    finally:
+        for h in hooks:
+            h.remove()
+    return res, out
+
+
+def run(mod, ae, images, eps):
+    """moments, latent, decoded (+ GroupNorm outputs of the encoder and decoder passes)."""
+    shim = _TorchWithEps(eps)
+    orig = mod.torch
+    mod.torch = shim
+    try:
+        with torch.no_grad():
+            moments, gn_enc = groupnorm_outputs(ae, lambda: ae.encoder(images))
+            latent = ae.encode(images)
+            decoded, gn_dec = groupnorm_outputs(ae, lambda: ae.decode(latent))
+    finally:
+        mod.torch = orig
+    assert shim.calls == 1, shim.calls
+    return moments, latent, decoded, {**gn_enc, **gn_dec}
+
+
+def maxabs(a) -> float:
+    return float(a.abs().max())
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bagel-src", required=True, help="checkout of ByteDance-Seed/Bagel")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    from safetensors.numpy import save_file
+
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    mod = load_bagel_autoencoder(args.bagel_src)
+    params = mod.AutoEncoderParams(**CONFIG)
+    torch.manual_seed(args.seed)
+    ae = mod.AutoEncoder(params).eval()
+
+    # weights: default init, GroupNorm affine re-drawn, everything rounded to int8 * 2**e
+    g = torch.Generator().manual_seed(args.seed + 1)
+    codes, exps = {}, {}
+    with torch.no_grad():
+        for name, m in ae.named_modules():
+            if isinstance(m, torch.nn.GroupNorm):
+                m.weight.copy_(1 + 0.1 * torch.randn(m.weight.shape, generator=g))
+                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+        sd = ae.state_dict()
+        for k, v in sd.items():
+            codes[k], exps[k] = int8_pow2(v)
+            v.copy_(torch.from_numpy(codes[k].astype(np.float64) * 2.0 ** exps[k]))
+    ae64 = copy.deepcopy(ae).double()
+
+    # images: uint8 scenes -> BAGEL's normalisation -> zero-padded canvas (PackedDataset)
+    gi = torch.Generator().manual_seed(IMAGE_SEED)
+    pixels = [random_scene(gi, h, w) for h, w in SIZES]
+    tensors = [to_bagel_tensor(p) for p in pixels]
+    max_size = [max(s) for s in zip(*[t.shape for t in tensors])]
+    padded = torch.zeros(size=(len(tensors), *max_size))
+    for i, t in enumerate(tensors):
+        padded[i, :, :t.shape[1], :t.shape[2]] = t
+
+    f = 2 ** (len(CONFIG["ch_mult"]) - 1)
+    lat_shape = (len(SIZES), CONFIG["z_channels"], max_size[1] // f, max_size[2] // f)
+    eps = torch.randn(lat_shape, generator=torch.Generator().manual_seed(EPS_SEED))
+
+    mom32, lat32, dec32, gn32 = run(mod, ae, padded, eps)
+    mom64, lat64, dec64, gn64 = run(mod, ae64, padded.double(), eps.double())
+    # the decoder of the float64 run sees the float64 latent; for a yardstick of the decoder alone
+    # it must see the fp32 latent the fp32 run decoded
+    with torch.no_grad():
+        dec64_of_lat32, gn64_dec = groupnorm_outputs(ae64, lambda: ae64.decode(lat32.double()))
+
+    def err(a, b):
+        return maxabs(a.double() - b.double())
+
+    gn_self = {}
+    for k in gn32:
+        ref = gn64_dec[k] if k.startswith("decoder.") else gn64[k]
+        gn_self[k] = dict(shape=list(gn32[k].shape), channels_per_group=gn32[k].shape[1] // 32,
+                          values_per_group=int(gn32[k].shape[1] // 32 * gn32[k].shape[2] * gn32[k].shape[3]),
+                          bagel_fp32_vs_f64=err(gn32[k], ref), max_abs_f64=maxabs(ref))
+    self_check = {
+        "what": "BAGEL's fp32 run vs the float64 run of the same BAGEL model on the same weights and "
+                "inputs (the yardstick: a port is as accurate as the original when its own fp32 error "
+                "vs float64 is about this size)",
+        "vae_moments": dict(bagel_fp32_vs_f64=err(mom32, mom64), max_abs_f64=maxabs(mom64)),
+        "padded_latent": dict(bagel_fp32_vs_f64=err(lat32, lat64), max_abs_f64=maxabs(lat64)),
+        "decoded": dict(bagel_fp32_vs_f64=err(dec32, dec64_of_lat32), max_abs_f64=maxabs(dec64_of_lat32),
+                        note="float64 decoder on the fp32 padded_latent (the decoder's own error)"),
+        "latent_from_moments_eps": err(
+            CONFIG["scale_factor"] * (mom32[:, :16] + torch.exp(0.5 * mom32[:, 16:]) * eps - CONFIG["shift_factor"]),
+            lat32),
+        "groupnorm": gn_self,
+    }
+
+    os.makedirs(args.out, exist_ok=True)
+    save_file(codes, os.path.join(args.out, "ae.safetensors"))
+    f32 = lambda t: np.ascontiguousarray(t.detach().to(torch.float32).numpy())
+    batch = {
+        "padded_images": f32(padded),
+        "image_sizes": np.asarray(SIZES, np.int64),
+        "vae_moments": f32(mom32), "vae_eps": f32(eps), "padded_latent": f32(lat32), "decoded": f32(dec32),
+        "vae_moments_f64": np.ascontiguousarray(mom64.numpy()),
+    }
+    save_file(batch, os.path.join(args.out, "batch.safetensors"))
+    commit = bagel_commit(args.bagel_src)
+    meta = {
+        "format_version": 1, "preset": os.path.basename(os.path.normpath(args.out)), "seed": args.seed,
+        "description": "BAGEL's FLUX autoencoder alone, ch 32, ch_mult [1,2,2,2], z 16 (2 channels per "
+                       "GroupNorm group at 64 channels), nine non-square images zero-padded onto one canvas",
+        "bagel_repo": "https://github.com/ByteDance-Seed/Bagel", "bagel_commit": commit[:7],
+        "bagel_commit_full": commit, "torch_version": torch.__version__,
+        "generator": "scripts/make_vae_golden.py: unmodified modeling/autoencoder.py on CPU, fp32 and float64",
+        "config": {"ae": {**CONFIG, "groupnorm_groups": 32, "groupnorm_eps": 1e-6}},
+        "ae_weight_encoding": "fp32 weight = float32(int8 code) * 2**ae_weight_exponents[key] (exact)",
+        "ae_weight_exponents": exps,
+        "rng": {"weights": f"torch.manual_seed({args.seed}) (construction), GroupNorm affine from "
+                           f"torch.Generator().manual_seed({args.seed + 1})",
+                "images": f"random_scene(torch.Generator().manual_seed({IMAGE_SEED})) per size in order",
+                "vae_eps": f"torch.randn(vae_eps.shape, generator=torch.Generator().manual_seed({EPS_SEED}))"},
+        "batch": {"image_sizes": SIZES, "canvas": max_size[1:], "num_images": len(SIZES)},
+        "tensors": {
+            "padded_images": "Nx3xHxW fp32 in [-1,1], image i in [:, :h_i, :w_i], zeros elsewhere (PackedDataset)",
+            "image_sizes": "(h_i, w_i) of every image",
+            "vae_moments": "AutoEncoder.encoder(padded_images) = [mean; logvar] on dim 1, fp32",
+            "vae_moments_f64": "the same from the float64 copy of the model (exact to ~1e-15)",
+            "vae_eps": "the standard normal eps DiagonalGaussian drew (fed through torch.randn_like)",
+            "padded_latent": "AutoEncoder.encode(padded_images) = scale*(mean + exp(logvar/2)*eps - shift), fp32",
+            "decoded": "AutoEncoder.decode(padded_latent), fp32",
+        },
+        "self_check": self_check,
+    }
+    with open(os.path.join(args.out, "meta.json"), "w") as fh:
+        json.dump(meta, fh, indent=1)
+    print(json.dumps({k: v for k, v in self_check.items() if k not in ("groupnorm", "what")}, indent=1))
+    worst = max(gn_self.items(), key=lambda kv: kv[1]["bagel_fp32_vs_f64"] / kv[1]["max_abs_f64"])
+    print("worst GroupNorm (relative):", worst)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
