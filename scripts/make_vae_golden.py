@@ -141,6 +141,73 @@ def maxabs(a) -> float:
     return float(a.abs().max())
 
 
+def readme(meta: dict, batch: dict) -> str:
+    c, sc = meta["config"]["ae"], meta["self_check"]
+    shape = lambda a: "x".join(map(str, a.shape)) or "scalar"
+    rows = "\n".join(f"| `{k}` | {shape(batch[k])} | {batch[k].dtype} | {d} |" for k, d in meta["tensors"].items())
+    gn = "\n".join(f"| `{k}` | {'x'.join(map(str, v['shape']))} | {v['values_per_group']} | "
+                   f"{v['max_abs_f64']:.2f} | {v['bagel_fp32_vs_f64']:.2e} |" for k, v in sc["groupnorm"].items())
+    q = lambda k: f"{sc[k]['bagel_fp32_vs_f64']:.2e} (max \\|value\\| {sc[k]['max_abs_f64']:.2f})"
+    return f"""# BAGEL golden fixture: `{meta['preset']}` (seed {meta['seed']})
+
+BAGEL's FLUX autoencoder alone, produced by running the **unmodified** public BAGEL code
+({meta['bagel_repo']} @ `{meta['bagel_commit']}`, `modeling/autoencoder.py`) on CPU with torch
+{meta['torch_version']}, in fp32 and in float64 on the same weights and inputs. Made by
+
+    python scripts/make_vae_golden.py --bagel-src BAGEL_CHECKOUT --out tests/fixtures/bagel_golden/{meta['preset']}
+
+Why it exists (issue 12): `tiny_v1`'s AE has ch_mult (1, 1, 1, 1), i.e. one channel per GroupNorm
+group, and a small canvas. Here ch {c['ch']}, ch_mult {c['ch_mult']}, num_res_blocks {c['num_res_blocks']},
+z {c['z_channels']}: BAGEL hard-codes `GroupNorm(32, C)`, so the 64-channel levels have **two channels
+per group** and the statistics reduce over up to {max(v['values_per_group'] for v in sc['groupnorm'].values())} values, on
+**nine non-square images of different sizes** {meta['batch']['image_sizes']} (H, W) zero-padded
+bottom/right onto one {meta['batch']['canvas'][0]}x{meta['batch']['canvas'][1]} canvas exactly as BAGEL's
+`PackedDataset` builds `padded_images`; the encoder (convs, GroupNorm statistics, mid attention)
+sees the padding.
+
+## Files
+
+| file | content |
+| --- | --- |
+| `ae.safetensors` | the AE state dict under the FLUX key names ({len(meta['ae_weight_exponents'])} tensors) as **int8 codes**: the fp32 weight is `float32(code) * 2**meta.json["ae_weight_exponents"][key]` (exact; `sgt_jax.models.check_golden.load_fixture` decodes it). The weights are torch's default init as BAGEL constructs the model, GroupNorm affine `1 + 0.1 N(0,1)` / `0.1 N(0,1)`, each tensor rounded to int8 x a power of two before BAGEL ran: 1.3 MB instead of 5 MB. |
+| `batch.safetensors` | inputs and BAGEL's outputs (below). |
+| `meta.json` | config (`config.ae`), the weight exponents, RNG recipe, image sizes, `tensors` (one line each), `self_check`. |
+
+## Tensors of `batch.safetensors` (NCHW as BAGEL)
+
+| tensor | shape | dtype | meaning |
+| --- | --- | --- | --- |
+{rows}
+
+Images are uint8 scenes put through BAGEL's ToTensor + Normalize(0.5, 0.5) arithmetic; `vae_eps`
+is fed to `DiagonalGaussian` by handing the module's `torch.randn_like` the stored tensor.
+`decoded` = `AutoEncoder.decode(padded_latent)` (z / {c['scale_factor']} + {c['shift_factor']}, then the decoder).
+
+## Self-check = the yardstick (BAGEL's fp32 run vs its float64 run)
+
+A port is "as accurate as the original" when its own fp32 error against the float64 answer is about
+BAGEL's. BAGEL fp32 vs float64, max \\|diff\\|:
+
+* `vae_moments`: {q('vae_moments')}
+* `padded_latent`: {q('padded_latent')}
+* `decoded` (float64 decoder on the fp32 `padded_latent`): {q('decoded')}
+* latent from the stored moments + eps vs `padded_latent`: {sc['latent_from_moments_eps']:.1e}
+
+Per GroupNorm (output of the layer inside the fp32 network vs float64; decoder rows from decoding the fp32 latent):
+
+| GroupNorm | shape | values per group | max \\|y\\| | BAGEL fp32 vs float64 |
+| --- | --- | --- | --- | --- |
+{gn}
+
+## Tolerances
+
+`python -m sgt_jax.models.check_golden tests/fixtures/bagel_golden/{meta['preset']}`: port fp32 vs the
+stored fp32 outputs within 4x the yardstick above (never below two fp32 ulps of the values'
+magnitude); port fp32 `vae_moments` vs `vae_moments_f64` within 2x BAGEL's own error. The
+per-GroupNorm comparison of the port with these numbers: `scripts/vae_layer_errors.py`, docs/model.md.
+"""
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bagel-src", required=True, help="checkout of ByteDance-Seed/Bagel")
@@ -251,6 +318,10 @@ def main(argv=None) -> int:
     }
     with open(os.path.join(args.out, "meta.json"), "w") as fh:
         json.dump(meta, fh, indent=1)
+    with open(os.path.join(args.out, "README.md"), "w") as fh:
+        fh.write(readme(meta, batch))
+    for name in ("ae.safetensors", "batch.safetensors", "meta.json", "README.md"):
+        os.chmod(os.path.join(args.out, name), 0o644)
     print(json.dumps({k: v for k, v in self_check.items() if k not in ("groupnorm", "what")}, indent=1))
     worst = max(gn_self.items(), key=lambda kv: kv[1]["bagel_fp32_vs_f64"] / kv[1]["max_abs_f64"])
     print("worst GroupNorm (relative):", worst)
