@@ -1,5 +1,7 @@
-"""GroupNorm statistics: the row-then-column sums of sgt_jax/models/vae.py vs the previous
-single reduction over (h, w, channels-in-group), compiled and timed side by side in one run.
+"""VAE numerics of issue 12 vs before, compiled and timed side by side in one run: GroupNorm
+statistics from row-then-column sums (sgt_jax/models/vae.py) vs the single reduction over
+(h, w, channels-in-group); and, in the encoder cases, the fp32-accumulating conv + fp32 GroupNorm
+output vs the conv/GroupNorm that rounded to the compute dtype.
 
     python bench/groupnorm.py [--repeats 5]
 
@@ -25,7 +27,7 @@ from flax import nnx  # noqa: E402
 
 from sgt_jax.models import vae as V  # noqa: E402
 
-NEW = V.GroupNorm.__call__
+NEW = V.GroupNorm.__call__, V.Conv.__call__
 
 
 def old_call(self, x):
@@ -39,17 +41,26 @@ def old_call(self, x):
     return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
 
 
+def old_conv(self, x):
+    """The conv before issue 12: output in the compute dtype, bias added in it."""
+    p = self.padding
+    y = jax.lax.conv_general_dilated(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+                                     window_strides=(self.stride, self.stride), padding=((p, p), (p, p)),
+                                     dimension_numbers=V._DIMS)
+    return y + self.bias[...].astype(self.dtype)
+
+
 def case(make, args, repeats):
     """Compile both formulations (the GroupNorm in place at trace time), then time them
     interleaved (old, new, old, new, ...) so load on the machine hits both alike."""
     fns = {}
-    for name, call in (("old", old_call), ("new", NEW)):
-        V.GroupNorm.__call__ = call
+    for name, (gn, conv) in (("old", (old_call, old_conv)), ("new", NEW)):
+        V.GroupNorm.__call__, V.Conv.__call__ = gn, conv
         try:
             fns[name] = make()
             jax.block_until_ready(fns[name](*args))      # compile + warm up while patched
         finally:
-            V.GroupNorm.__call__ = NEW
+            V.GroupNorm.__call__, V.Conv.__call__ = NEW
     times = {"old": [], "new": []}
     for _ in range(repeats):
         for name, fn in fns.items():

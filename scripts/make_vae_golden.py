@@ -24,7 +24,8 @@ What it builds (every tensor is produced by the unmodified BAGEL classes):
 * ``AutoEncoder.encoder`` (moments), ``AutoEncoder.encode`` (``torch.randn_like`` in the module
   handed the stored ``vae_eps``), ``AutoEncoder.decode(padded_latent)``, in fp32; the same model
   ``.double()`` on the same inputs gives the float64 answers (``*_f64``) and, per GroupNorm, the
-  yardstick: BAGEL's own fp32 error against float64 (``meta.json`` -> ``self_check``).
+  yardstick: BAGEL's own fp32 error against float64 (``meta.json`` -> ``self_check``); and the
+  encoder under BAGEL's train-loop bf16 autocast (CUDA op lists emulated on CPU) vs float64.
 """
 from __future__ import annotations
 
@@ -105,6 +106,24 @@ class _TorchWithEps:
 
     def __getattr__(self, name):
         return getattr(torch, name)
+
+
+class CudaAutocastBf16(torch.overrides.TorchFunctionMode):
+    """BAGEL's train loop encodes under ``torch.amp.autocast("cuda", dtype=torch.bfloat16)``. CPU
+    autocast has other op lists (its group_norm runs in bf16), so this emulates the CUDA lists on
+    CPU: conv2d and scaled_dot_product_attention take bf16-rounded inputs, accumulate in fp32 and
+    return bf16; group_norm runs in fp32 and returns fp32; the rest follows type promotion."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in ("conv2d", "scaled_dot_product_attention"):
+            bf = lambda a: a.to(torch.bfloat16).float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+            return func(*map(bf, args), **{k: bf(v) for k, v in kwargs.items()}).to(torch.bfloat16)
+        if name == "group_norm":
+            f32 = lambda a: a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+            return func(*map(f32, args), **{k: f32(v) for k, v in kwargs.items()})
+        return func(*args, **kwargs)
 
 
 def groupnorm_outputs(model, fn):
@@ -191,6 +210,8 @@ BAGEL's. BAGEL fp32 vs float64, max \\|diff\\|:
 * `vae_moments`: {q('vae_moments')}
 * `padded_latent`: {q('padded_latent')}
 * `decoded` (float64 decoder on the fp32 `padded_latent`): {q('decoded')}
+* `vae_moments` in bf16 under BAGEL's train-loop autocast (CUDA op lists emulated on CPU, see
+  `CudaAutocastBf16` in the generator) vs float64: {sc['vae_moments_bf16_autocast']['bagel_bf16_vs_f64']:.2e}
 * latent from the stored moments + eps vs `padded_latent`: {sc['latent_from_moments_eps']:.1e}
 
 Per GroupNorm (output of the layer inside the fp32 network vs float64; decoder rows from decoding the fp32 latent):
@@ -203,7 +224,8 @@ Per GroupNorm (output of the layer inside the fp32 network vs float64; decoder r
 
 `python -m sgt_jax.models.check_golden tests/fixtures/bagel_golden/{meta['preset']}`: port fp32 vs the
 stored fp32 outputs within 4x the yardstick above (never below two fp32 ulps of the values'
-magnitude); port fp32 `vae_moments` vs `vae_moments_f64` within 2x BAGEL's own error. The
+magnitude); port fp32 `vae_moments` vs `vae_moments_f64` within 2x BAGEL's own error (and the
+port in bf16 within 2x BAGEL's bf16 autocast error, tests/test_vae.py). The
 per-GroupNorm comparison of the port with these numbers: `scripts/vae_layer_errors.py`, docs/model.md.
 """
 
@@ -250,6 +272,8 @@ def main(argv=None) -> int:
     eps = torch.randn(lat_shape, generator=torch.Generator().manual_seed(EPS_SEED))
 
     mom32, lat32, dec32, gn32 = run(mod, ae, padded, eps)
+    with torch.no_grad(), CudaAutocastBf16():
+        mom_bf16 = ae.encoder(padded)
     mom64, lat64, dec64, gn64 = run(mod, ae64, padded.double(), eps.double())
     # the decoder of the float64 run sees the float64 latent; for a yardstick of the decoder alone
     # it must see the fp32 latent the fp32 run decoded
@@ -273,6 +297,10 @@ def main(argv=None) -> int:
         "padded_latent": dict(bagel_fp32_vs_f64=err(lat32, lat64), max_abs_f64=maxabs(lat64)),
         "decoded": dict(bagel_fp32_vs_f64=err(dec32, dec64_of_lat32), max_abs_f64=maxabs(dec64_of_lat32),
                         note="float64 decoder on the fp32 padded_latent (the decoder's own error)"),
+        "vae_moments_bf16_autocast": dict(
+            bagel_bf16_vs_f64=err(mom_bf16, mom64),
+            note="BAGEL's encoder under its train loop's CUDA bf16 autocast, emulated on CPU "
+                 "(CudaAutocastBf16: conv2d / sdpa bf16 in, fp32 accumulate, bf16 out; group_norm fp32)"),
         "latent_from_moments_eps": err(
             CONFIG["scale_factor"] * (mom32[:, :16] + torch.exp(0.5 * mom32[:, 16:]) * eps - CONFIG["shift_factor"]),
             lat32),

@@ -3,6 +3,7 @@
 
     python scripts/vae_layer_errors.py --bagel-src BAGEL_CHECKOUT \\
         [--fixture tests/fixtures/bagel_golden/ae_wide_v1] [--json OUT]
+        [--single-reduction] [--tap-convs] [--canvas 1024]
 
 On the fixture's weights and images (scripts/make_vae_golden.py made them), BAGEL's
 ``modeling/autoencoder.py`` (imported from ``--bagel-src`` at run time) is run in fp32 and float64
@@ -14,10 +15,20 @@ max |error| vs float64 of the GroupNorm's output
 * alone: the layer on float64 BAGEL's own input to it rounded to fp32 (the statistics' error only).
 
 and the ratio port / BAGEL. The target of issue 12 is a ratio <= 1.5 at every GroupNorm.
+
+Experiments (the port's code patched for the run): ``--single-reduction`` the GroupNorm before
+issue 12 (one reduction over h, w and the group's channels); ``--tap-convs`` every conv as a sum
+of kh*kw one-tap contractions (shows how much of the rest is XLA:CPU's convolution).
+
+``--canvas N``: instead, the encoder moments of the fixture's AE on two non-square images
+zero-padded onto an N x N canvas, port in bf16 compute (as the trainer encodes) and fp32,
+BAGEL in fp32 and under its train loop's CUDA bf16 autocast (emulated on CPU, see
+``make_vae_golden.CudaAutocastBf16``), all against BAGEL in float64.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -43,6 +54,29 @@ def nhwc(a):
 
 def nchw(a):
     return np.asarray(a, np.float64).transpose(0, 3, 1, 2)
+
+
+def single_reduction_groupnorm(self, x):
+    """The GroupNorm before issue 12: one reduction over (h, w, channels of the group)."""
+    n, h, w, c = x.shape
+    x32 = x.astype(jnp.float32).reshape(n, h, w, self.groups, c // self.groups)
+    mean = jnp.mean(x32, axis=(1, 2, 4), keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=(1, 2, 4), keepdims=True)
+    y = ((x32 - mean) * jax.lax.rsqrt(var + self.eps)).reshape(n, h, w, c)
+    return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
+
+
+def tap_conv(self, x):
+    """Conv as sum over the kernel taps of (strided, shifted input) @ kernel[i, j]."""
+    p, s = self.padding, self.stride
+    k = self.kernel[...].astype(self.dtype)
+    xp = jnp.pad(x.astype(self.dtype), ((0, 0), (p, p), (p, p), (0, 0)))
+    oh, ow = (xp.shape[1] - k.shape[0]) // s + 1, (xp.shape[2] - k.shape[1]) // s + 1
+    y = 0
+    for i in range(k.shape[0]):
+        for j in range(k.shape[1]):
+            y = y + jnp.einsum("nhwc,co->nhwo", xp[:, i:i + s * (oh - 1) + 1:s, j:j + s * (ow - 1) + 1:s], k[i, j])
+    return y + self.bias[...].astype(self.dtype)
 
 
 def port_groupnorm_outputs(model, fn, *args):
@@ -92,15 +126,20 @@ def port_module(model, name):
     return node
 
 
+def bagel_models(bagel_src: str, fx: dict):
+    """BAGEL's AutoEncoder with the fixture's weights, in fp32 and float64."""
+    mod = MG.load_bagel_autoencoder(bagel_src)
+    c = fx["meta"]["config"]["ae"]
+    ae32 = mod.AutoEncoder(mod.AutoEncoderParams(**{k: c[k] for k in MG.CONFIG})).eval()
+    ae32.load_state_dict({k: torch.from_numpy(v) for k, v in fx["ae"].items()})
+    return ae32, copy.deepcopy(ae32).double()
+
+
 def measure(bagel_src: str, fixture: str) -> dict:
     fx = G.load_fixture(fixture)
     meta, t = fx["meta"], fx["batch"]
     sd = fx["ae"]
-    mod = MG.load_bagel_autoencoder(bagel_src)
-    c = meta["config"]["ae"]
-    ae32 = mod.AutoEncoder(mod.AutoEncoderParams(**{k: c[k] for k in MG.CONFIG})).eval()
-    ae32.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})
-    ae64 = __import__("copy").deepcopy(ae32).double()
+    ae32, ae64 = bagel_models(bagel_src, fx)
     x = torch.from_numpy(t["padded_images"])
     z = torch.from_numpy(t["padded_latent"])
 
@@ -146,6 +185,34 @@ def measure(bagel_src: str, fixture: str) -> dict:
     return out
 
 
+CANVAS_SIZES = ((1.0, 0.75), (0.625, 1.0))       # (H, W) of the two images as fractions of N
+
+
+def measure_canvas(bagel_src: str, fixture: str, canvas: int) -> dict:
+    """Encoder moments on an N x N padded batch: port bf16 / fp32 and BAGEL fp32 vs BAGEL float64."""
+    fx = G.load_fixture(fixture)
+    ae32, ae64 = bagel_models(bagel_src, fx)
+    sizes = [(int(canvas * a) // 16 * 16, int(canvas * b) // 16 * 16) for a, b in CANVAS_SIZES]
+    g = torch.Generator().manual_seed(MG.IMAGE_SEED)
+    x = torch.zeros(len(sizes), 3, canvas, canvas)
+    for i, (h, w) in enumerate(sizes):
+        x[i, :, :h, :w] = MG.to_bagel_tensor(MG.random_scene(g, h, w))
+    out = {"canvas": canvas, "image_sizes": sizes}
+    with torch.no_grad():
+        m64 = ae64.encoder(x.double()).numpy()
+        out["bagel_fp32"] = float(np.abs(ae32.encoder(x).double().numpy() - m64).max())
+        with MG.CudaAutocastBf16():
+            out["bagel_bf16_autocast"] = float(np.abs(ae32.encoder(x).double().numpy() - m64).max())
+    out["max_abs"] = float(np.abs(m64).max())
+    cfg = G.config_from_meta(fx["meta"])
+    for dtype in ("float32", "bfloat16"):
+        port = nnx.eval_shape(lambda: V.AutoEncoder(cfg, rngs=nnx.Rngs(0), dtype=jnp.dtype(dtype)))
+        V.load_torch_state(port, fx["ae"])
+        mom = nnx.jit(lambda m, a: m.encode_moments(a))(port, nhwc(x.numpy()))
+        out[f"port_{dtype}"] = float(np.abs(nchw(mom) - m64).max())
+    return out
+
+
 def print_table(out: dict):
     print(f"{'GroupNorm':28s} {'shape':>16s} {'vals/grp':>8s} {'max|y|':>6s}  "
           f"{'net port':>9s} {'net BAGEL':>9s} {'ratio':>5s}  {'alone port':>10s} {'alone BAGEL':>11s} {'ratio':>5s}")
@@ -166,11 +233,26 @@ def main(argv=None) -> int:
     ap.add_argument("--bagel-src", required=True)
     ap.add_argument("--fixture", default=os.path.join(ROOT, "tests/fixtures/bagel_golden/ae_wide_v1"))
     ap.add_argument("--json")
+    ap.add_argument("--single-reduction", action="store_true", help="the GroupNorm before issue 12")
+    ap.add_argument("--tap-convs", action="store_true", help="convs as sums of one-tap contractions")
+    ap.add_argument("--canvas", type=int, help="bf16 / fp32 encoder moments on an N x N padded batch")
     args = ap.parse_args(argv)
     jax.config.update("jax_default_matmul_precision", "highest")
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    out = measure(args.bagel_src, args.fixture)
-    print_table(out)
+    if args.single_reduction:
+        V.GroupNorm.__call__ = single_reduction_groupnorm
+    if args.tap_convs:
+        V.Conv.__call__ = tap_conv
+    if args.canvas:
+        out = measure_canvas(args.bagel_src, args.fixture, args.canvas)
+        m = out["max_abs"]
+        print(f"canvas {out['canvas']}x{out['canvas']}, images {out['image_sizes']}, max |moments| {m:.2f}")
+        for k in ("port_bfloat16", "bagel_bf16_autocast", "port_float32", "bagel_fp32"):
+            print(f"  {k:14s} max |moments - float64| {out[k]:.2e} ({out[k] / m:.1e} of max |moments|)")
+    else:
+        out = measure(args.bagel_src, args.fixture)
+        print_table(out)
+    out["options"] = {"single_reduction": args.single_reduction, "tap_convs": args.tap_convs}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -252,6 +252,21 @@ def test_wide_matches_golden_and_float64(wide):
         assert v <= tol, (k, v, tol)
 
 
+def test_wide_bf16_as_accurate_as_bagel_autocast(wide):
+    """bf16 compute (as the trainer encodes) vs the float64 answer within 2x BAGEL's own error under
+    its train loop's bf16 autocast (fixture self_check; README)."""
+    fx, _ = wide
+    b = fx["batch"]
+    model = build(G.config_from_meta(fx["meta"]), fx["ae"], dtype=jnp.bfloat16)
+    mom = nnx.jit(lambda m, x: m.encode_moments(x))(model, nhwc(b["padded_images"]))
+    assert mom.dtype == jnp.bfloat16
+    err = float(np.abs(np.asarray(mom, np.float64).transpose(0, 3, 1, 2) - b["vae_moments_f64"]).max())
+    own = fx["meta"]["self_check"]["vae_moments_bf16_autocast"]["bagel_bf16_vs_f64"]
+    print(f"bf16 moments vs float64 {err:.2e} (BAGEL autocast {own:.2e}, max|moments| "
+          f"{float(np.abs(b['vae_moments_f64']).max()):.2f})")
+    assert err <= 2 * own
+
+
 @pytest.mark.parametrize("shape", [(9, 24, 40, 64), (4, 64, 64, 128), (2, 128, 128, 256)])
 def test_groupnorm_as_accurate_as_torch(shape):
     """On packed-canvas-like input (zero borders, content with a positive mean per channel), the

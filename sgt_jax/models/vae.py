@@ -16,7 +16,9 @@ use it.
 
 Conventions as in layers.py: fp32 parameters with logical axis names, cast to ``dtype`` at use;
 GroupNorm statistics and the attention softmax in fp32. Conv kernels are HWIO
-(kh, kw, in, out) -- PyTorch's (out, in, kh, kw) transposed.
+(kh, kw, in, out) -- PyTorch's (out, in, kh, kw) transposed. In bf16 compute the roundings are
+BAGEL's under its train loop's CUDA bf16 autocast: a conv accumulates in fp32, adds its bias and
+rounds once; GroupNorm returns fp32, swish runs on it and the next conv rounds its input.
 """
 from __future__ import annotations
 
@@ -107,8 +109,8 @@ class Conv(nnx.Module):
         y = jax.lax.conv_general_dilated(
             x.astype(self.dtype), self.kernel[...].astype(self.dtype),
             window_strides=(self.stride, self.stride), padding=((p, p), (p, p)),
-            dimension_numbers=_DIMS)
-        return y + self.bias[...].astype(self.dtype)
+            dimension_numbers=_DIMS, preferred_element_type=jnp.float32)
+        return (y + self.bias[...]).astype(self.dtype)
 
 
 def _sum_hw(v: jax.Array) -> jax.Array:
@@ -124,7 +126,8 @@ def _sum_hw(v: jax.Array) -> jax.Array:
 
 
 class GroupNorm(nnx.Module):
-    """torch.nn.GroupNorm(groups, C, eps, affine=True) on NHWC; statistics in fp32 (biased var).
+    """torch.nn.GroupNorm(groups, C, eps, affine=True) on NHWC, in fp32 (biased var); returns fp32
+    whatever x's dtype (the consumer -- swish, then a conv -- rounds once, as under CUDA autocast).
 
     Mean and centred variance from per-channel row-then-column sums (``_sum_hw``), then summed over
     the group's channels; y = x * a + b with a = scale * rsqrt(var + eps), b = bias - mean * a per
@@ -151,7 +154,7 @@ class GroupNorm(nnx.Module):
         var = group_mean(jnp.square(x32 - mean))
         a = self.scale[...] * jax.lax.rsqrt(var + self.eps)
         b = self.bias[...] - mean * a
-        return (x32 * a + b).astype(x.dtype)
+        return x32 * a + b
 
 
 class ResnetBlock(nnx.Module):
@@ -188,7 +191,7 @@ class AttnBlock(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)
         n, h, w, ch = x.shape
-        hn = self.norm(x)
+        hn = self.norm(x).astype(self.dtype)          # one rounding for q, k and v
         q = self.q(hn).reshape(n, h * w, ch)
         k = self.k(hn).reshape(n, h * w, ch)
         v = self.v(hn).reshape(n, h * w, ch)
