@@ -3,10 +3,14 @@ statistics from row-then-column sums (sgt_jax/models/vae.py) vs the single reduc
 (h, w, channels-in-group); and, in the encoder cases, the fp32-accumulating conv + fp32 GroupNorm
 output vs the conv/GroupNorm that rounded to the compute dtype.
 
-    python bench/groupnorm.py [--repeats 5]
+    python bench/groupnorm.py [--repeats 5] [--tpu v5p-8]
 
 Cases: lone GroupNorms at FLUX-AE shapes (fp32 and bf16 input), and the encoder of the
-``ae_wide_v1`` config (ch 32, ch_mult 1,2,2,2) on a padded canvas. Writes bench/results/groupnorm.json.
+``ae_wide_v1`` config (ch 32, ch_mult 1,2,2,2) on a padded canvas, timed on this machine.
+``--tpu TOPOLOGY``: also compile the full-size FLUX encoder (bagel_7b preset, bf16 compute) on one
+1024 x 1024 image for one device of that TPU topology (no TPU needed, sgt_jax.aot) and report the
+compiler's temp memory, FLOPs and bytes accessed, old vs new (slow: minutes per compile).
+Writes bench/results/groupnorm.json.
 """
 from __future__ import annotations
 
@@ -72,9 +76,37 @@ def case(make, args, repeats):
     return out
 
 
+def tpu_compile(topology: str, size: int = 1024) -> dict:
+    from sgt_jax import aot
+    from sgt_jax.models import config as C
+
+    dev = aot.topology_devices(aot.parse_topology(topology))[0]
+    sh = jax.sharding.SingleDeviceSharding(dev)
+    cfg = C.bagel_7b().vae
+    out = {"topology": topology, "image": [1, size, size, 3], "compute_dtype": "bfloat16"}
+    for name, (gn, conv) in (("old", (old_call, old_conv)), ("new", NEW)):
+        V.GroupNorm.__call__, V.Conv.__call__ = gn, conv
+        try:
+            ae = nnx.eval_shape(lambda: V.AutoEncoder(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16))
+            gd, st = nnx.split(ae)
+            st = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), st)
+            x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32, sharding=sh)
+            c = jax.jit(lambda s, x: nnx.merge(gd, s).encode_moments(x)).lower(st, x).compile()
+        finally:
+            V.GroupNorm.__call__, V.Conv.__call__ = NEW
+        cost = c.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        out[name] = {"temp_gib": c.memory_analysis().temp_size_in_bytes / 2 ** 30,
+                     "flops": cost.get("flops"), "bytes_accessed": cost.get("bytes accessed")}
+        print(f"TPU {topology} encoder {size}^2 bf16 {name}: temp {out[name]['temp_gib']:.3f} GiB, "
+              f"{out[name]['flops']:.3e} FLOPs, {out[name]['bytes_accessed']:.3e} bytes", flush=True)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--tpu", help="a TPU topology (e.g. v5p-8) to compile the full-size encoder for")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                   "results", "groupnorm.json"))
     args = ap.parse_args(argv)
@@ -103,6 +135,9 @@ def main(argv=None) -> int:
         print(f"{name:38s} old {results['cases'][name]['old']['median_s'] * 1e3:8.2f} ms  "
               f"new {results['cases'][name]['new']['median_s'] * 1e3:8.2f} ms  "
               f"ratio {results['cases'][name]['ratio_new_over_old']:.3f}", flush=True)
+
+    if args.tpu:
+        results["tpu"] = tpu_compile(args.tpu)
 
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:

@@ -3,7 +3,7 @@
 
     python scripts/vae_layer_errors.py --bagel-src BAGEL_CHECKOUT \\
         [--fixture tests/fixtures/bagel_golden/ae_wide_v1] [--json OUT]
-        [--single-reduction] [--tap-convs] [--canvas 1024]
+        [--before-issue-12] [--tap-convs] [--canvas 1024]
 
 On the fixture's weights and images (scripts/make_vae_golden.py made them), BAGEL's
 ``modeling/autoencoder.py`` (imported from ``--bagel-src`` at run time) is run in fp32 and float64
@@ -16,9 +16,10 @@ max |error| vs float64 of the GroupNorm's output
 
 and the ratio port / BAGEL. The target of issue 12 is a ratio <= 1.5 at every GroupNorm.
 
-Experiments (the port's code patched for the run): ``--single-reduction`` the GroupNorm before
-issue 12 (one reduction over h, w and the group's channels); ``--tap-convs`` every conv as a sum
-of kh*kw one-tap contractions (shows how much of the rest is XLA:CPU's convolution).
+Experiments (the port's code patched for the run): ``--before-issue-12`` the VAE as it was: one
+GroupNorm reduction over h, w and the group's channels, GroupNorm and conv outputs rounded to the
+compute dtype before the bias / swish (the same in fp32); ``--tap-convs`` every conv as a sum of
+kh*kw one-tap contractions (shows how much of the rest is XLA:CPU's convolution).
 
 ``--canvas N``: instead, the encoder moments of the fixture's AE on two non-square images
 zero-padded onto an N x N canvas, port in bf16 compute (as the trainer encodes) and fp32,
@@ -64,6 +65,15 @@ def single_reduction_groupnorm(self, x):
     var = jnp.mean(jnp.square(x32 - mean), axis=(1, 2, 4), keepdims=True)
     y = ((x32 - mean) * jax.lax.rsqrt(var + self.eps)).reshape(n, h, w, c)
     return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
+
+
+def compute_dtype_conv(self, x):
+    """The conv before issue 12: output in the compute dtype, bias added in it."""
+    p = self.padding
+    y = jax.lax.conv_general_dilated(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+                                     window_strides=(self.stride, self.stride), padding=((p, p), (p, p)),
+                                     dimension_numbers=V._DIMS)
+    return y + self.bias[...].astype(self.dtype)
 
 
 def tap_conv(self, x):
@@ -233,14 +243,14 @@ def main(argv=None) -> int:
     ap.add_argument("--bagel-src", required=True)
     ap.add_argument("--fixture", default=os.path.join(ROOT, "tests/fixtures/bagel_golden/ae_wide_v1"))
     ap.add_argument("--json")
-    ap.add_argument("--single-reduction", action="store_true", help="the GroupNorm before issue 12")
+    ap.add_argument("--before-issue-12", action="store_true", help="the GroupNorm and conv before issue 12")
     ap.add_argument("--tap-convs", action="store_true", help="convs as sums of one-tap contractions")
     ap.add_argument("--canvas", type=int, help="bf16 / fp32 encoder moments on an N x N padded batch")
     args = ap.parse_args(argv)
     jax.config.update("jax_default_matmul_precision", "highest")
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    if args.single_reduction:
-        V.GroupNorm.__call__ = single_reduction_groupnorm
+    if args.before_issue_12:
+        V.GroupNorm.__call__, V.Conv.__call__ = single_reduction_groupnorm, compute_dtype_conv
     if args.tap_convs:
         V.Conv.__call__ = tap_conv
     if args.canvas:
@@ -252,7 +262,7 @@ def main(argv=None) -> int:
     else:
         out = measure(args.bagel_src, args.fixture)
         print_table(out)
-    out["options"] = {"single_reduction": args.single_reduction, "tap_convs": args.tap_convs}
+    out["options"] = {"before_issue_12": args.before_issue_12, "tap_convs": args.tap_convs}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
