@@ -19,9 +19,16 @@ def test_check_golden_cli_passes_on_tiny_v1(golden_dir, tmp_path, capsys):
     assert rc == 0, out
     import json
     err = json.loads((tmp_path / "err.json").read_text())
-    for k in ("ce_tok", "mse_tok", "last_hidden_state", "vit_output", "vae_moments", "decoded"):
-        assert err[k] <= 1e-5, (k, err[k])
-    assert err["grads_rel"] <= 1e-4 and err["mask_mismatches"] == 0
+    # tolerance = 4x the fixture's own fp32 error (README "Self-check"), >= 2 ulps of the values:
+    # never looser than the former absolute 1e-5 / 1e-4, and printed with every result
+    for k in ("ce_tok", "mse_tok", "last_hidden_state", "vit_output", "vae_moments", "decoded", "loss"):
+        r = err[k]
+        assert r["error"] <= r["tol"] <= 1e-5, (k, r)
+        assert r["tol"] == pytest.approx(4 * max(r["yardstick"], 2.0 ** -22 * max(1.0, r["scale"])))
+        assert f"{r['tol']:9.2e}" in out
+    assert err["grads_rel"]["error"] <= err["grads_rel"]["tol"] <= 1e-4
+    assert err["mask_mismatches"]["error"] == 0
+    assert err["last_hidden_state"]["yardstick"] == pytest.approx(1.55e-6, rel=0.01)   # README value
 
 
 def test_check_golden_fails_loudly_on_a_wrong_model(golden_dir, tmp_path, monkeypatch):
@@ -36,6 +43,20 @@ def test_check_golden_fails_loudly_on_a_wrong_model(golden_dir, tmp_path, monkey
 
     monkeypatch.setattr(G, "load_fixture", perturbed)
     assert G.main([str(golden_dir), "--no-grads"]) == 1
+
+
+def test_check_golden_cli_on_the_ae_only_set(tmp_path, capsys):
+    """ae_wide_v1 (no LLM/ViT): the AE quantities, with BAGEL's fp32-vs-float64 error as yardstick."""
+    import json
+    from pathlib import Path
+
+    wide = Path(__file__).resolve().parent / "fixtures/bagel_golden/ae_wide_v1"
+    assert G.main([str(wide), "--json", str(tmp_path / "err.json")]) == 0, capsys.readouterr().out
+    err = json.loads((tmp_path / "err.json").read_text())
+    assert set(err) == {"vae_moments", "padded_latent", "decoded", "vae_moments_vs_f64"}
+    meta = json.loads((wide / "meta.json").read_text())
+    assert err["vae_moments"]["yardstick"] == meta["self_check"]["vae_moments"]["bagel_fp32_vs_f64"]
+    assert err["vae_moments_vs_f64"]["tol"] == pytest.approx(2 * err["vae_moments_vs_f64"]["yardstick"])
 
 
 def test_bf16_compute_within_fixture_tolerances(golden_dir):

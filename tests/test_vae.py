@@ -1,11 +1,16 @@
-"""FLUX autoencoder (sgt_jax/models/vae.py) against the BAGEL golden fixture tiny_v1.
+"""FLUX autoencoder (sgt_jax/models/vae.py) against the BAGEL golden fixtures tiny_v1 and ae_wide_v1.
 
-The fixture's AE has ch_mult (1, 1, 1, 1), so it never exercises ``nin_shortcut`` or channel
-changes between levels; ``test_matches_torch_functional_reference`` covers those with a small
-PyTorch functional re-statement of the FLUX forward on a (1, 2) config.
+tiny_v1's AE has ch_mult (1, 1, 1, 1): one channel per GroupNorm group, no ``nin_shortcut``;
+``test_matches_torch_functional_reference`` covers channel changes with a small PyTorch functional
+re-statement of the FLUX forward on a (1, 2) config. ae_wide_v1 (ch_mult (1, 2, 2, 2), two channels
+per group, nine padded non-square images, with BAGEL's float64 answer) checks the GroupNorm
+statistics are as accurate as BAGEL's own (issue 12). Tolerances: check_golden.limits (a multiple
+of the fixture's own fp32 error, see its README).
 """
 from __future__ import annotations
 
+import re
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -14,10 +19,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from sgt_jax.models import check_golden as G
 from sgt_jax.models import vae as V
 from sgt_jax.models.config import tiny
 
 from conftest import GOLDEN  # noqa: E402  (the shipped golden fixtures)
+
+WIDE = Path(__file__).resolve().parent / "fixtures/bagel_golden/ae_wide_v1"
 
 
 def nhwc(a: np.ndarray) -> jax.Array:
@@ -48,6 +56,12 @@ _decode = nnx.jit(lambda m, z: m.decode(z))
 def golden():
     from safetensors.numpy import load_file
     return load_file(str(GOLDEN / "ae.safetensors")), load_file(str(GOLDEN / "batch.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def tol():
+    """{quantity: tolerance} for tiny_v1 (4x its self-check error, >= 2 fp32 ulps of the values)."""
+    return {k: v[0] for k, v in G.limits(G.load_fixture(str(GOLDEN))).items()}
 
 
 @pytest.fixture(scope="module")
@@ -89,31 +103,31 @@ def test_key_table_covers_fixture_and_state(golden):
     assert abstract.encoder.norm_out.scale.out_sharding == ("norm",)
 
 
-def test_encode_moments_matches_golden(golden, out32):
+def test_encode_moments_matches_golden(golden, out32, tol):
     _, b = golden
     mom = out32[0]
     assert mom.shape == (7, 4, 6, 8)
     err = maxdiff(mom, b["vae_moments"].transpose(0, 2, 3, 1))
-    print(f"moments max|diff| {err:.3e}")
-    assert err <= 1e-5
+    print(f"moments max|diff| {err:.3e} (tol {tol['vae_moments']:.1e})")
+    assert err <= tol["vae_moments"] <= 1e-5
 
 
-def test_encode_with_eps_matches_golden(golden, out32):
+def test_encode_with_eps_matches_golden(golden, out32, tol):
     _, b = golden
     lat = out32[1]
     assert lat.dtype == jnp.float32 and lat.shape == (7, 4, 6, 4)
     err = maxdiff(lat, b["padded_latent"].transpose(0, 2, 3, 1))
-    print(f"latent max|diff| {err:.3e}")
-    assert err <= 1e-5
+    print(f"latent max|diff| {err:.3e} (tol {tol['padded_latent']:.1e})")
+    assert err <= tol["padded_latent"] <= 1e-5
 
 
-def test_decode_matches_golden(golden, out32):
+def test_decode_matches_golden(golden, out32, tol):
     _, b = golden
     dec = out32[2]
     assert dec.shape == (7, 32, 48, 3)
     err = maxdiff(dec, b["decoded"].transpose(0, 2, 3, 1))
-    print(f"decoded max|diff| {err:.3e}")
-    assert err <= 1e-5
+    print(f"decoded max|diff| {err:.3e} (tol {tol['decoded']:.1e})")
+    assert err <= tol["decoded"] <= 1e-5
 
 
 def test_export_round_trip_is_bit_exact(golden, ae32):
@@ -189,6 +203,121 @@ def test_encode_argument_errors():
         model.encode_moments(jnp.zeros((1, 3, 16, 16)))
     with pytest.raises(ValueError, match="NHWC"):
         model.decode(jnp.zeros((1, 4, 2, 2)))
+
+
+# ------------------------------------------------------------------------------------------------
+# ae_wide_v1: GroupNorm statistics as accurate as BAGEL's (issue 12)
+
+
+def _single_reduction_groupnorm(self, x):
+    """The GroupNorm before issue 12: one reduction over (h, w, channels of the group)."""
+    n, h, w, c = x.shape
+    x32 = x.astype(jnp.float32).reshape(n, h, w, self.groups, c // self.groups)
+    mean = jnp.mean(x32, axis=(1, 2, 4), keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=(1, 2, 4), keepdims=True)
+    y = ((x32 - mean) * jax.lax.rsqrt(var + self.eps)).reshape(n, h, w, c)
+    return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
+
+
+@pytest.fixture(scope="module")
+def wide():
+    fx = G.load_fixture(str(WIDE))
+    return fx, G.limits(fx)
+
+
+def test_wide_fixture_is_what_its_readme_says(wide):
+    fx, _ = wide
+    meta, b = fx["meta"], fx["batch"]
+    sizes = [tuple(s) for s in b["image_sizes"].tolist()]
+    assert len(sizes) == len(set(sizes)) == 9 and all(h != w for h, w in sizes)
+    imgs = b["padded_images"]
+    for i, (h, w) in enumerate(sizes):              # zero-padded bottom/right, content inside
+        assert not imgs[i, :, h:, :].any() and not imgs[i, :, :, w:].any()
+        assert np.abs(imgs[i, :, :h, :w]).min() > 0 or np.abs(imgs[i, :, :h, :w]).mean() > 0.1
+    assert meta["config"]["ae"]["ch_mult"] == [1, 2, 2, 2] and meta["config"]["ae"]["z_channels"] == 16
+    assert fx["ae"]["encoder.conv_in.weight"].dtype == np.float32          # decoded from int8 codes
+    assert b["vae_moments_f64"].dtype == np.float64
+    assert max(v["channels_per_group"] for v in meta["self_check"]["groupnorm"].values()) == 2
+
+
+def test_wide_matches_golden_and_float64(wide):
+    """fp32 port vs BAGEL's fp32 outputs within 4x BAGEL's own fp32 error; vs the float64 answer
+    within 2x BAGEL's (measured: 1.3x; the single-reduction GroupNorm gave 2.3x-7x)."""
+    fx, lim = wide
+    err = G.run(str(WIDE))
+    assert set(err) == {"vae_moments", "padded_latent", "decoded", "vae_moments_vs_f64"}
+    for k, v in err.items():
+        tol, yard, _ = lim[k]
+        print(f"{k:20s} {v:.2e} (BAGEL's own {yard:.2e}, tol {tol:.2e})")
+        assert v <= tol, (k, v, tol)
+
+
+def test_wide_bf16_as_accurate_as_bagel_autocast(wide):
+    """bf16 compute (as the trainer encodes) vs the float64 answer within 2x BAGEL's own error under
+    its train loop's bf16 autocast (fixture self_check; README)."""
+    fx, _ = wide
+    b = fx["batch"]
+    model = build(G.config_from_meta(fx["meta"]), fx["ae"], dtype=jnp.bfloat16)
+    mom = nnx.jit(lambda m, x: m.encode_moments(x))(model, nhwc(b["padded_images"]))
+    assert mom.dtype == jnp.bfloat16
+    err = float(np.abs(np.asarray(mom, np.float64).transpose(0, 3, 1, 2) - b["vae_moments_f64"]).max())
+    own = fx["meta"]["self_check"]["vae_moments_bf16_autocast"]["bagel_bf16_vs_f64"]
+    print(f"bf16 moments vs float64 {err:.2e} (BAGEL autocast {own:.2e}, max|moments| "
+          f"{float(np.abs(b['vae_moments_f64']).max()):.2f})")
+    assert err <= 2 * own
+
+
+@pytest.mark.parametrize("shape", [(9, 24, 40, 64), (4, 64, 64, 128), (2, 128, 128, 256)])
+def test_groupnorm_as_accurate_as_torch(shape):
+    """On packed-canvas-like input (zero borders, content with a positive mean per channel), the
+    compiled GroupNorm's fp32 error vs float64 is within 2x torch's fp32 group_norm (BAGEL's op);
+    the single-reduction form was 10-370x (XLA:CPU, depending on the host device count)."""
+    torch = pytest.importorskip("torch")
+    n, h, w, c = shape
+    rng = np.random.default_rng(0)
+    x = np.zeros(shape, np.float32)
+    for i in range(n):
+        hh, ww = rng.integers(h // 3, h + 1), rng.integers(w // 3, w + 1)
+        x[i, :hh, :ww] = rng.standard_normal((hh, ww, c)) + 2 + rng.uniform(0, 3, c)
+    scale = (1 + 0.1 * rng.standard_normal(c)).astype(np.float32)
+    bias = (0.1 * rng.standard_normal(c)).astype(np.float32)
+    gn = V.GroupNorm(c, 32, 1e-6, rngs=nnx.Rngs(0))
+    gn.scale[...], gn.bias[...] = jnp.asarray(scale), jnp.asarray(bias)
+    xt, st, bt = (torch.from_numpy(np.ascontiguousarray(a)) for a in (x.transpose(0, 3, 1, 2), scale, bias))
+    ref = torch.nn.functional.group_norm(xt.double(), 32, st.double(), bt.double(), 1e-6).numpy()
+    ours32 = torch.nn.functional.group_norm(xt, 32, st, bt, 1e-6).numpy()
+    err = lambda y: float(np.abs(np.asarray(y, np.float64).transpose(0, 3, 1, 2) - ref).max())
+    e_torch = float(np.abs(ours32.astype(np.float64) - ref).max())
+    e_new = err(nnx.jit(lambda m, a: m(a))(gn, jnp.asarray(x)))
+    e_old = err(nnx.jit(_single_reduction_groupnorm)(gn, jnp.asarray(x)))
+    print(f"{shape}: torch {e_torch:.2e}, ours {e_new:.2e}, single reduction {e_old:.2e}")
+    assert e_new <= 2 * e_torch
+    assert e_old > 3 * e_torch          # the input does exercise the failure of issue 12
+
+
+def _reduces(hlo: str) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """(operand shape, reduced dims) of every reduce in an HLO module's text."""
+    shapes = {m.group(1): tuple(int(d) for d in m.group(2).split(",") if d)
+              for m in re.finditer(r"%([\w.\-]+) = [a-z0-9]+\[([\d,]*)\]", hlo)}
+    return [(shapes[m.group(1)], tuple(int(d) for d in m.group(2).split(",")))
+            for m in re.finditer(r" reduce\(%([\w.\-]+), %[\w.\-]+\), dimensions=\{([\d,]+)\}", hlo)]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_groupnorm_sums_stay_short_under_jit(dtype):
+    """In the compiled HLO no reduction adds more than max(h, w) values per output: XLA keeps
+    the row and column sums apart (without the barriers it merges them into one over h*w)."""
+    n, h, w, c = 2, 24, 40, 64
+    gn = V.GroupNorm(c, 32, 1e-6, rngs=nnx.Rngs(0))
+    hlo = nnx.jit(lambda m, x: m(x)).lower(gn, jnp.zeros((n, h, w, c), dtype)).compile().as_text()
+    red = _reduces(hlo)
+    assert red, hlo
+    counts = [int(np.prod([shape[d] for d in dims])) for shape, dims in red]
+    print(counts)
+    assert max(counts) <= max(h, w), red
+    assert counts.count(w) >= 2 and counts.count(h) >= 2          # mean and variance: rows, then columns
+    old = nnx.jit(_single_reduction_groupnorm).lower(gn, jnp.zeros((n, h, w, c), dtype))
+    assert max(int(np.prod([s[d] for d in dims])) for s, dims in _reduces(old.compile().as_text())) == h * w * 2
 
 
 # ------------------------------------------------------------------------------------------------

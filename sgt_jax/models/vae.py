@@ -16,7 +16,9 @@ use it.
 
 Conventions as in layers.py: fp32 parameters with logical axis names, cast to ``dtype`` at use;
 GroupNorm statistics and the attention softmax in fp32. Conv kernels are HWIO
-(kh, kw, in, out) -- PyTorch's (out, in, kh, kw) transposed.
+(kh, kw, in, out) -- PyTorch's (out, in, kh, kw) transposed. In bf16 compute the roundings are
+BAGEL's under its train loop's CUDA bf16 autocast: a conv accumulates in fp32, adds its bias and
+rounds once; GroupNorm returns fp32, swish runs on it and the next conv rounds its input.
 """
 from __future__ import annotations
 
@@ -107,12 +109,29 @@ class Conv(nnx.Module):
         y = jax.lax.conv_general_dilated(
             x.astype(self.dtype), self.kernel[...].astype(self.dtype),
             window_strides=(self.stride, self.stride), padding=((p, p), (p, p)),
-            dimension_numbers=_DIMS)
-        return y + self.bias[...].astype(self.dtype)
+            dimension_numbers=_DIMS, preferred_element_type=jnp.float32)
+        return (y + self.bias[...]).astype(self.dtype)
+
+
+def _sum_hw(v: jax.Array) -> jax.Array:
+    """(n, h, w, c) -> (n, c) in fp32: over w, then over h.
+
+    One reduction over all h*w values is lowered by XLA:CPU to one running fp32 sum per output,
+    whose rounding error grows with h*w (and, with the zero borders of packed images, in one
+    direction): 77x BAGEL's error on a 24x40 norm of the ``ae_wide_v1`` fixture (issue 12). Summing
+    rows first keeps every running sum to <= max(h, w) terms, as accurate as PyTorch's cascaded
+    sum. The barriers keep XLA from merging the two reductions back into one (it does without)."""
+    rows = jax.lax.optimization_barrier(jnp.sum(v, axis=2))
+    return jax.lax.optimization_barrier(jnp.sum(rows, axis=1))
 
 
 class GroupNorm(nnx.Module):
-    """torch.nn.GroupNorm(groups, C, eps, affine=True) on NHWC; statistics in fp32 (biased var)."""
+    """torch.nn.GroupNorm(groups, C, eps, affine=True) on NHWC, in fp32 (biased var); returns fp32
+    whatever x's dtype (the consumer -- swish, then a conv -- rounds once, as under CUDA autocast).
+
+    Mean and centred variance from per-channel row-then-column sums (``_sum_hw``), then summed over
+    the group's channels; y = x * a + b with a = scale * rsqrt(var + eps), b = bias - mean * a per
+    (image, channel), as PyTorch's kernel applies it."""
 
     def __init__(self, channels: int, groups: int, eps: float, *, rngs: nnx.Rngs | None = None):
         assert channels % groups == 0, (channels, groups)
@@ -124,12 +143,18 @@ class GroupNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         n, h, w, c = x.shape
         g = self.groups
-        x32 = x.astype(jnp.float32).reshape(n, h, w, g, c // g)
-        mean = jnp.mean(x32, axis=(1, 2, 4), keepdims=True)
-        var = jnp.mean(jnp.square(x32 - mean), axis=(1, 2, 4), keepdims=True)
-        y = ((x32 - mean) * jax.lax.rsqrt(var + self.eps)).reshape(n, h, w, c)
-        y = y * self.scale[...] + self.bias[...]
-        return y.astype(x.dtype)
+        count = h * w * (c // g)
+        x32 = x.astype(jnp.float32)
+
+        def group_mean(v):               # (n, h, w, c) -> (n, 1, 1, c): the mean of v's group
+            s = jnp.sum(_sum_hw(v).reshape(n, g, c // g), axis=-1) / count
+            return jnp.repeat(s, c // g, axis=-1)[:, None, None, :]
+
+        mean = group_mean(x32)
+        var = group_mean(jnp.square(x32 - mean))
+        a = self.scale[...] * jax.lax.rsqrt(var + self.eps)
+        b = self.bias[...] - mean * a
+        return x32 * a + b
 
 
 class ResnetBlock(nnx.Module):
@@ -166,7 +191,7 @@ class AttnBlock(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)
         n, h, w, ch = x.shape
-        hn = self.norm(x)
+        hn = self.norm(x).astype(self.dtype)          # one rounding for q, k and v
         q = self.q(hn).reshape(n, h * w, ch)
         k = self.k(hn).reshape(n, h * w, ch)
         v = self.v(hn).reshape(n, h * w, ch)
