@@ -28,6 +28,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 
 import jax
 import orbax.checkpoint as ocp
@@ -117,8 +118,46 @@ def _human(n: float) -> str:
         n /= 1024
 
 
+_ORBAX = f"{os.sep}orbax{os.sep}"
+
+
+def _quiet_failed_saves():
+    """After a failed asynchronous save (or restore), Orbax's threads log the error with its
+    traceback, tensorstore futures finishing late call into closed asyncio loops (hundreds of
+    'Event loop is closed') and Orbax's orphaned write coroutines die at exit, each with a
+    traceback; the run reports the failure itself in one line. Drop exactly that output."""
+    if getattr(sys.unraisablehook, "_sgt_jax", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(u):
+        if isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed":
+            return
+        code = getattr(u.object, "cr_code", None)
+        if _FAILED_SAVE and code is not None and _ORBAX in code.co_filename:
+            return
+        previous(u)
+
+    hook._sgt_jax = True
+    sys.unraisablehook = hook
+
+    def orbax_thread_traceback(record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and record.exc_info is not None
+                    and _ORBAX in record.pathname)
+
+    def orbax_task_exception(record: logging.LogRecord) -> bool:      # asyncio: "never retrieved"
+        return not (_FAILED_SAVE and "orbax" in record.getMessage())
+
+    logging.getLogger("absl").addFilter(orbax_thread_traceback)
+    logging.getLogger("asyncio").addFilter(orbax_task_exception)
+
+
+_FAILED_SAVE = []          # non-empty once a save failed in this process
+
+
 class Checkpointer:
     def __init__(self, directory: str, *, save_every: int = 1, keep: int = 1, async_save: bool = True):
+        _quiet_failed_saves()
         self.directory = fileio.abspath(directory)
         self.manager = ocp.CheckpointManager(
             self.directory,
@@ -153,7 +192,8 @@ class Checkpointer:
     # -- save ----------------------------------------------------------------------------------
 
     def save(self, step: int, state, consts, data_state: dict, meta: dict, *, force: bool = False) -> bool:
-        self.poll()
+        if self._pending is not None and (force or self.manager.should_save(step)):
+            self._finish()          # Orbax waits for the previous save too; a failure there is its own
         tree = _tree(state, consts)
         nbytes = sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves(tree))
         try:
@@ -184,9 +224,13 @@ class Checkpointer:
             raise SaveError(self._save_failure(step, nbytes, e)) from None
 
     def _save_failure(self, step, nbytes: int, e: BaseException) -> str:
-        msg = _summary(e)
+        _FAILED_SAVE.append(step)
+        msg = _summary(e).replace(fileio.dirname(self.directory).rstrip("/") + "/", "")    # checkpoints/...
         for tmp in fileio.glob(fileio.join(self.directory, f"{step}.orbax-checkpoint-tmp*")):
-            fileio.rmtree(tmp)        # an unfinished step, never a checkpoint: its space back
+            try:                      # an unfinished step, never a checkpoint: its space back
+                fileio.rmtree(tmp)    # (best effort: Orbax's orphaned writes may still add files)
+            except OSError:
+                pass
         self.manager.reload()
         good = self.steps()
         after = (f"checkpoints {', '.join(map(str, good))} are intact; rerun to resume from step {good[-1]}"
@@ -196,6 +240,7 @@ class Checkpointer:
         if not full:
             return f"checkpoint of step {step} not written: {msg}; {after}"
         where = re.findall(r'Failed writing: "([^"]+)"', msg) or re.findall(r'file "([^"]+)"', msg)
+        where = [w.split(".orbax-checkpoint-tmp")[0] + ".orbax-checkpoint-tmp/..." if "tmp" in w else w for w in where]
         need = nbytes
         if good and not fileio.is_remote(self.directory):
             d = self.step_dir(good[-1])
@@ -203,7 +248,7 @@ class Checkpointer:
         free = (f", {_human(shutil.disk_usage(self.directory).free)} free"
                 if not fileio.is_remote(self.directory) else "")
         return (f"checkpoint of step {step} not written: no space left on device writing "
-                f"{self.rel(where[0]) if where else self.directory} (a checkpoint needs about {_human(need)}"
+                f"{where[0] if where else self.directory} (a checkpoint needs about {_human(need)}"
                 f"{free}; saving needs room for train.keep + 1 of them); {after} after freeing space "
                 f"or lowering train.keep")
 
@@ -240,15 +285,19 @@ class Checkpointer:
         except (ValueError, UnicodeDecodeError) as e:
             raise Damaged(f"{self.rel(path)}: not valid JSON ({e}; {fileio.getsize(path)} bytes)") from None
 
-    def check(self, step: int) -> None:
-        """Raise Damaged (one line) unless step's items look whole; reads no array data except
-        four bytes per data file."""
+    def _check_items(self, step: int) -> None:
         d = self.step_dir(step)
         names = set(fileio.listdir(d)) if fileio.isdir(d) else set()
         missing = [i for i in ITEMS if i not in names]
         if missing:
             what = "empty" if not names else f"no {', '.join(i + '/' for i in missing)}"
             raise Damaged(f"{self.rel(d)}: {what} (items {', '.join(ITEMS)} expected)")
+
+    def check(self, step: int) -> None:
+        """Raise Damaged (one line) unless step's items look whole; reads no array data except
+        four bytes per data file."""
+        d = self.step_dir(step)
+        self._check_items(step)
         self.read_meta(step)
         data = fileio.join(d, "data")
         files = [f for f in fileio.walk_files(data) if not f.endswith("commit_success.txt")]
@@ -359,6 +408,7 @@ class Checkpointer:
         failed = []
         for step in reversed(self.steps()):
             try:
+                self._check_items(step)
                 meta = self.read_meta(step)
                 identity_changed = bool(accept(meta, step)) if accept else False
                 self.check(step)
