@@ -411,3 +411,49 @@ def test_train_loads_an_ahead_of_time_compiled_step(tmp_path):
     cfg.train.lr = 2e-3                                  # baked into the executable
     with pytest.raises(aot.AotError, match="another run config"):
         loop.train(cfg, str(tmp_path / "bad"), data_iterator=FakeIterator(cfg, rows=8, vary=True), quiet=True)
+
+
+@pytest.mark.parametrize("key,value,fix", [
+    ("lr", 0.0, "must be > 0"), ("lr", -1e-4, "must be > 0"), ("steps", 0, "int >= 1"),
+    ("warmup_steps", 10, "more than train.steps=4"), ("weight_decay", -0.1, "must be >= 0"),
+    ("save_every", 0, "--config.train.save_every=100"), ("log_every", 0, "a metrics row every N steps"),
+    ("keep", 0, "0 would leave none to resume from"), ("grad_accum", 0, "micro-batches per step"),
+    ("ema_decay", 1.5, "in [0, 1]"), ("b2", 1.0, "in [0, 1)"), ("schedule", "linear", "'constant' or 'cosine'"),
+    ("nan_max_streak", 0, "int >= 1"), ("max_grad_norm", -1.0, "0: no clipping")])
+def test_validator_refuses_values_that_cannot_be_meant_before_any_compile(tmp_path, key, value, fix):
+    from sgt_jax.train.config import ConfigError
+
+    cfg = tiny_run_config(**{key: value})
+    before = loop.compile_count()
+    with pytest.raises(ConfigError) as e:
+        loop.train(cfg, str(tmp_path / "run"), data_iterator=FakeIterator(cfg, rows=8), quiet=True)
+    assert f"train.{key}={value!r}: " in str(e.value) and fix in str(e.value), str(e.value)
+    assert loop.compile_count() == before and not (tmp_path / "run").exists()
+
+
+def test_validator_lists_every_problem_of_every_section():
+    from sgt_jax.data.config import tiny_data_config
+    from sgt_jax.train.config import ConfigError, validate
+
+    cfg = tiny_run_config(save_every=0, lr=-1.0)
+    cfg.data = tiny_data_config()
+    cfg.data.gen_tokens_per_row = cfg.data.tokens_per_row          # a data-section error
+    cfg.model.llm.num_kv_heads = 3                                  # a model-section error
+    with pytest.raises(ConfigError) as e:
+        validate(cfg, mesh={"data": 1, "fsdp": 1, "tensor": 1})
+    msg = str(e.value)
+    for want in ("train.save_every=0", "train.lr=-1.0", "gen_tokens_per_row=512 must be < tokens_per_row",
+                 "llm.num_kv_heads=3 does not divide"):
+        assert want in msg, msg
+    assert len(msg.splitlines()) == 5, msg                          # a header + one line per problem
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small", "sgt_bagel_7b", "sgt_bagel_7b_official"])
+def test_presets_pass_the_validator(preset):
+    import importlib
+
+    from sgt_jax.train.config import validate
+
+    cfg = importlib.import_module(f"configs.{preset}").get_config()
+    accum = int(cfg.train.grad_accum)
+    validate(cfg, mesh={"data": 1, "fsdp": int(cfg.data.rows_per_batch) // accum, "tensor": 1})

@@ -239,8 +239,11 @@ class Checkpointer:
                    getattr(x, "errno", None) == 28 for x in _chain(e))
         if not full:
             return f"checkpoint of step {step} not written: {msg}; {after}"
-        where = re.findall(r'Failed writing: "([^"]+)"', msg) or re.findall(r'file "([^"]+)"', msg)
-        where = [w.split(".orbax-checkpoint-tmp")[0] + ".orbax-checkpoint-tmp/..." if "tmp" in w else w for w in where]
+        where = (re.findall(r'Failed writing: "([^"]+)"', msg) or re.findall(r'file "([^"]+)"', msg)
+                 or [str(x.filename) for x in _chain(e) if getattr(x, "filename", None)]
+                 or [fileio.join(self.directory, f"{step}.orbax-checkpoint-tmp")])
+        where = [self.rel(w.split(".orbax-checkpoint-tmp")[0] + ".orbax-checkpoint-tmp/...") if "tmp" in w
+                 else self.rel(w) for w in where]
         need = nbytes
         if good and not fileio.is_remote(self.directory):
             d = self.step_dir(good[-1])
@@ -248,7 +251,7 @@ class Checkpointer:
         free = (f", {_human(shutil.disk_usage(self.directory).free)} free"
                 if not fileio.is_remote(self.directory) else "")
         return (f"checkpoint of step {step} not written: no space left on device writing "
-                f"{where[0] if where else self.directory} (a checkpoint needs about {_human(need)}"
+                f"{where[0]} (a checkpoint needs about {_human(need)}"
                 f"{free}; saving needs room for train.keep + 1 of them); {after} after freeing space "
                 f"or lowering train.keep")
 
