@@ -175,17 +175,25 @@ def test_changed_identity_is_refused_with_a_diff_table(ref, tmp_path):
     assert sorted(os.listdir(wd / "checkpoints")) == ["2", "4", "6"]
 
 
-def test_changed_cadence_is_applied_and_logged(ref, tmp_path, caplog):
+@pytest.mark.parametrize("change,logged", [
+    (dict(log_every=2, keep=2), ["train.log_every: 1 -> 2 (applied)", "train.keep: 3 -> 2 (applied)"]),
+    pytest.param(dict(lr=2e-3, log_every=2), ["train.lr: 0.001 -> 0.002 (applied)"],
+                 marks=pytest.mark.slow),          # lr is baked into the step: a second compile
+])
+def test_changed_cadence_is_applied_and_logged(ref, tmp_path, caplog, change, logged):
     wd = _copy(ref, tmp_path)
     shutil.rmtree(wd / "checkpoints" / "6")           # as if killed after step 6's row, before its save
-    cfg = _cfg(lr=2e-3, log_every=2)
+    cfg = _cfg(**change)
     with caplog.at_level(logging.WARNING, logger="sgt_jax.train"):
         s = _train(wd, cfg)
     msgs = "\n".join(r.getMessage() for r in caplog.records)
-    assert "train.lr: 0.001 -> 0.002 (applied)" in msgs and "train.log_every: 1 -> 2 (applied)" in msgs, msgs
-    assert [h["step"] for h in s["history"]] == [6] and s["history"][0]["lr"] == pytest.approx(2e-3)
+    assert all(x in msgs for x in logged), msgs
+    assert [h["step"] for h in s["history"]] == [6]   # one row per 2 steps now
+    assert s["history"][0]["lr"] == pytest.approx(cfg.train.lr)
     steps = [json.loads(x)["step"] for x in open(wd / "metrics.jsonl")]
     assert steps == [1, 2, 3, 4, 6]                   # cut back to step 4, then step 6's window
+    if "keep" in change:
+        assert sorted(os.listdir(wd / "checkpoints")) == ["4", "6"]
 
 
 def _mount_tmpfs(path, size):

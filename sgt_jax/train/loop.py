@@ -215,6 +215,8 @@ def accept_config(meta: dict, step: int, cfg, ckpt) -> bool:
             f"Resume with the stored values, use a new workdir, or allow the change deliberately with "
             f"--config.train.allow_config_change={keys}")
     for k, a, b in applied:
+        if k == "train.allow_config_change":
+            continue
         log.warning("resuming %s with %s: %r -> %r (applied)", where, k, a, b)
     for k, a, b in allowed:
         log.warning("resuming %s with %s: %r -> %r (allowed by train.allow_config_change)", where, k, a, b)
