@@ -3,9 +3,10 @@ and a loss-curve PNG at the end.
 
 A ``gs://`` (any URL) workdir: object stores cannot append, so the files are written to a local
 staging dir and uploaded whole (``sync``) every ``sync_every_s`` seconds and at the end; a
-resumed run first downloads the run's ``metrics.jsonl`` and keeps appending to it. A resumed run
-first cuts ``metrics.jsonl`` back to the restored step (rows logged after the last checkpoint
-are logged again), so every step appears once.
+resumed run first downloads the run's ``metrics.jsonl`` and keeps appending to it.
+
+Resuming, ``metrics.jsonl`` is first cut back to the restored step (the rows logged after the
+last checkpoint are logged again), so every step appears once and the loss curve never jumps back.
 """
 from __future__ import annotations
 
