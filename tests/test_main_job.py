@@ -36,3 +36,35 @@ def test_cli_main_job_learns_and_reports_paths(tmp_path):
     assert sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit())[-1] == 150
     # the data pipeline reported its counters
     assert any(k.startswith("data_") for k in rows[-1])
+
+
+def _cli(wd, *overrides, **kw):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    cmd = [sys.executable, "-m", "sgt_jax.train", "--config", os.path.join(ROOT, "configs/tiny.py"),
+           "--workdir", str(wd), *overrides]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_cli_refuses_a_bad_config_in_one_line_before_any_work(tmp_path):
+    p = _cli(tmp_path / "run", "--config.train.save_every=0", "--config.train.lr=-0.001")
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 1, out + err
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()[-3:]
+    assert lines[0] == "error: invalid run config:", err
+    assert lines[1].startswith("  train.lr=-0.001: must be > 0") and lines[2].startswith("  train.save_every=0:"), err
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_sigterm_during_start_up_exits_cleanly(tmp_path):
+    """The handler is installed before the heavy imports: a SIGTERM in the first second (here
+    during the jax / flax imports) is a clean stop, not rc -15."""
+    import signal
+    import time
+
+    p = _cli(tmp_path / "run")
+    time.sleep(1.0)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0, out + err
+    assert "stopped by SIGTERM" in out, out + err

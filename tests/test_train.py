@@ -309,7 +309,7 @@ def test_init_from_imported_model_dir(golden_dir, tmp_path):
 
 
 def test_export_training_checkpoint_to_bagel_layout(golden_dir, tmp_path):
-    """Train from the imported golden model with lr 0, export the EMA through the converter:
+    """Train from the imported golden model for one step at lr 0, export the EMA through the converter:
     BAGEL's files must come back bit for bit (model incl. the sin-cos tables, and the VAE)."""
     from safetensors.numpy import load_file
 
@@ -319,7 +319,8 @@ def test_export_training_checkpoint_to_bagel_layout(golden_dir, tmp_path):
     imported = tmp_path / "imported"
     assert convert_main(["import", "--from", str(golden_dir), "--to", str(imported), "--max-latent-size", "8",
                          "--vit-max-patches-per-side", "8", "--preset", "tiny", "--no-progress"]) == 0
-    cfg = tiny_run_config(steps=2, init_from=str(imported), lr=0.0, ema_decay=0.5)
+    # one step: its update uses lr 0 (warmup from 0, as BAGEL), so the EMA equals the imported weights
+    cfg = tiny_run_config(steps=1, warmup_steps=1, init_from=str(imported), ema_decay=0.5)
     cfg.model = read_config(str(imported))
     cfg.model.compute_dtype = "float32"
     cfg.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
@@ -410,3 +411,49 @@ def test_train_loads_an_ahead_of_time_compiled_step(tmp_path):
     cfg.train.lr = 2e-3                                  # baked into the executable
     with pytest.raises(aot.AotError, match="another run config"):
         loop.train(cfg, str(tmp_path / "bad"), data_iterator=FakeIterator(cfg, rows=8, vary=True), quiet=True)
+
+
+@pytest.mark.parametrize("key,value,fix", [
+    ("lr", 0.0, "must be > 0"), ("lr", -1e-4, "must be > 0"), ("steps", 0, "int >= 1"),
+    ("warmup_steps", 10, "more than train.steps=4"), ("weight_decay", -0.1, "must be >= 0"),
+    ("save_every", 0, "--config.train.save_every=100"), ("log_every", 0, "a metrics row every N steps"),
+    ("keep", 0, "0 would leave none to resume from"), ("grad_accum", 0, "micro-batches per step"),
+    ("ema_decay", 1.5, "in [0, 1]"), ("b2", 1.0, "in [0, 1)"), ("schedule", "linear", "'constant' or 'cosine'"),
+    ("nan_max_streak", 0, "int >= 1"), ("max_grad_norm", -1.0, "0: no clipping")])
+def test_validator_refuses_values_that_cannot_be_meant_before_any_compile(tmp_path, key, value, fix):
+    from sgt_jax.train.config import ConfigError
+
+    cfg = tiny_run_config(**{key: value})
+    before = loop.compile_count()
+    with pytest.raises(ConfigError) as e:
+        loop.train(cfg, str(tmp_path / "run"), data_iterator=FakeIterator(cfg, rows=8), quiet=True)
+    assert f"train.{key}={value!r}: " in str(e.value) and fix in str(e.value), str(e.value)
+    assert loop.compile_count() == before and not (tmp_path / "run").exists()
+
+
+def test_validator_lists_every_problem_of_every_section():
+    from sgt_jax.data.config import tiny_data_config
+    from sgt_jax.train.config import ConfigError, validate
+
+    cfg = tiny_run_config(save_every=0, lr=-1.0)
+    cfg.data = tiny_data_config()
+    cfg.data.gen_tokens_per_row = cfg.data.tokens_per_row          # a data-section error
+    cfg.model.llm.num_kv_heads = 3                                  # a model-section error
+    with pytest.raises(ConfigError) as e:
+        validate(cfg, mesh={"data": 1, "fsdp": 1, "tensor": 1})
+    msg = str(e.value)
+    for want in ("train.save_every=0", "train.lr=-1.0", "gen_tokens_per_row=512 must be < tokens_per_row",
+                 "llm.num_kv_heads=3 does not divide"):
+        assert want in msg, msg
+    assert len(msg.splitlines()) == 5, msg                          # a header + one line per problem
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small", "sgt_bagel_7b", "sgt_bagel_7b_official"])
+def test_presets_pass_the_validator(preset):
+    import importlib
+
+    from sgt_jax.train.config import validate
+
+    cfg = importlib.import_module(f"configs.{preset}").get_config()
+    accum = int(cfg.train.grad_accum)
+    validate(cfg, mesh={"data": 1, "fsdp": int(cfg.data.rows_per_batch) // accum, "tensor": 1})

@@ -1,12 +1,19 @@
 """Command line: ``python -m sgt_jax.train --config configs/<preset>.py [--config.<key>=<value> ...]
 --workdir DIR``. Starts from random init or ``train.init_from`` (an imported BAGEL model dir),
-and resumes automatically from the last checkpoint in DIR."""
-import logging
-import os
-import sys
+and resumes automatically from the last good checkpoint in DIR."""
+import signal
+import threading
 
-from absl import app, flags
-from ml_collections import config_flags
+# First thing, before the heavy imports: a SIGTERM (TPU preemption) from here on is a clean stop.
+SIGTERM = threading.Event()
+signal.signal(signal.SIGTERM, lambda *a: SIGTERM.set())
+
+import logging  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 config_flags.DEFINE_config_file("config", os.path.join(os.path.dirname(__file__), "..", "..", "configs", "tiny.py"),
                                 "a configs/<preset>.py file", lock_config=True)
@@ -24,19 +31,28 @@ def main(argv):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "orbax", "jax._src"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from sgt_jax.train.loop import train
+    from sgt_jax.train.checkpoint import CheckpointError
+    from sgt_jax.train.config import ConfigError
+    from sgt_jax.train.loop import NonFiniteLossError, train
 
     cfg = flags.FLAGS.config
     workdir = flags.FLAGS.workdir
     print(f"sgt-jax: {jax.device_count()} {jax.devices()[0].platform} device(s), "
           f"{jax.process_count()} process(es); workdir {workdir}", flush=True)
+    if SIGTERM.is_set():
+        print("stopped by SIGTERM before training started; rerun the same command to start or resume")
+        return 0
     from sgt_jax.data.sources import SpecError
 
     try:
-        s = train(cfg, workdir)
+        s = train(cfg, workdir, sigterm=SIGTERM)
     except SpecError as e:            # a data-source spec error: one line, no traceback
         print(e.one_line(), file=sys.stderr, flush=True)
         return 2
+    except (ConfigError, CheckpointError, NonFiniteLossError) as e:
+        # a clear message, not a traceback: these name the key or file and the fix
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
     if jax.process_index() == 0:
         h = s["history"]
         if h:
@@ -47,7 +63,7 @@ def main(argv):
         print(f"checkpoints: {s['checkpoints']}\nmetrics:     {s['metrics']}\n"
               f"tensorboard: {s['tensorboard']}\nloss curve:  {s['loss_curve']}")
         if s["preempted"]:
-            print("stopped by SIGTERM after writing a checkpoint; rerun the same command to resume")
+            print(f"stopped by SIGTERM at step {s['steps']}, which is checkpointed; rerun the same command to resume")
     return 0
 
 

@@ -1,57 +1,507 @@
-"""Orbax checkpoints of a run: the TrainState (params, optimizer state, EMA, step, NaN counters),
-the data iterator state, and run metadata, saved asynchronously under ``WORKDIR/checkpoints``.
+"""Orbax checkpoints of a run under ``WORKDIR/checkpoints``: one ``Checkpointer`` owns the tree.
+
+A step ``checkpoints/<step>/`` holds three items: ``state`` (the TrainState -- params, optimizer
+state, EMA, step, NaN counters -- plus the frozen parameters and the VAE, so a run resumes
+without its ``init_from``), ``data`` (the data iterator's state, JSON; its own item so it can
+become one file per process) and ``meta`` (the run config). The sin-cos tables are regenerated.
 
 Orbax writes each step into a temporary directory and renames it only when complete, so a
-process killed during a save leaves the previous checkpoint intact; ``latest_step`` only ever
-sees finished ones. The RNG needs no state of its own: every key derives from (seed, step).
-Local paths and ``gs://`` URLs both work (orbax/tensorstore).
+process killed during a save leaves the previous checkpoint intact. Damage after that (a
+truncated, deleted or overwritten file) is caught by ``check``, cheaply: the items present,
+the JSON items and Orbax's ``_METADATA`` parseable, every array of ``_METADATA`` in the OCDBT
+index, every data file the index points into present, as long as the index says and starting
+with a zstd frame where the array is zstd-compressed. ``restore_latest`` tries the newest step
+first, then older ones, reporting each failure in one line; a damaged step is moved aside to
+``checkpoints/<step>.damaged-<n>`` (never deleted; Orbax's step discovery ignores the name) and
+the run continues from the newest good one. With none good it stops, moving nothing.
+
+An asynchronous save that fails (disk full, ...) is reported by ``poll`` at the next step, in
+one line naming the file, the space needed and free; the previous checkpoints are untouched
+(Orbax deletes old steps only after a new one is committed). The RNG needs no state of its own:
+every key derives from (seed, step). Local paths and ``gs://`` URLs both work (orbax/tensorstore).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
+import re
+import shutil
+import sys
 
 import jax
 import orbax.checkpoint as ocp
+
+from sgt_jax import fileio
+
+log = logging.getLogger("sgt_jax.train")
+
+ITEMS = ("state", "data", "meta")
+DAMAGED = re.compile(r"^(\d+)\.damaged-(\d+)$")
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_STATUS = re.compile(r"^[A-Z][A-Z_]{3,}: ")       # a tensorstore / absl status message
+# tensorstore status codes that mean the checkpoint's bytes are bad (not: unavailable, denied,
+# out of memory, ... -- those, and any other exception, are raised as they are, nothing moved)
+_DAMAGE = ("DATA_LOSS", "OUT_OF_RANGE", "FAILED_PRECONDITION", "NOT_FOUND", "INVALID_ARGUMENT")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint problem the run cannot continue past; the message names the step, the file
+    and what to do."""
+
+
+class SaveError(CheckpointError):
+    pass
+
+
+class ConfigChangeError(CheckpointError):
+    pass
+
+
+class Damaged(Exception):
+    """One step's problem, as one line starting with the file's path."""
+
+
+@dataclasses.dataclass
+class Restored:
+    step: int
+    state: object          # TrainState
+    consts: dict           # {"frozen", "vae"} (the fixed tables are regenerated, not stored)
+    data: dict             # the data item: {"iterator": ..., "stats": ...}
+    meta: dict
+
+
+def config_json(cfg) -> dict:
+    return json.loads(cfg.to_json_best_effort())
+
+
+def _tree(state, consts) -> dict:
+    """The ``state`` item: the train state and the constants worth storing."""
+    return {"train": state, "frozen": consts["frozen"], "vae": consts["vae"]}
 
 
 def _abstract(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+def _chain(e: BaseException):
+    seen = []
+    while e is not None and e not in seen:
+        seen.append(e)
+        e = e.__cause__ or e.__context__
+    return seen
+
+
+def _summary(e: BaseException) -> str:
+    """The most specific line of an exception chain: tensorstore's status message (without the
+    spec dump) if there is one."""
+    msgs = [str(x) for x in _chain(e)]
+    ts = [m for m in msgs if _STATUS.match(m)]
+    m = (ts[-1] if ts else msgs[-1] if msgs and msgs[-1] else type(e).__name__)
+    m = re.split(r" \[(?:tensorstore_spec|source locations)", m)[0]
+    m = m.replace("\n", " ").strip()
+    return m if len(m) <= 400 else m[:397] + "..."
+
+
+def _is_damage(e: BaseException) -> bool:
+    for x in _chain(e):
+        if isinstance(x, json.JSONDecodeError) or any(str(x).startswith(c + ":") for c in _DAMAGE):
+            return True
+    return False
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+_ORBAX = f"{os.sep}orbax{os.sep}"
+
+
+def _quiet_failed_saves():
+    """After a failed asynchronous save (or restore), Orbax's threads log the error with its
+    traceback, tensorstore futures finishing late call into closed asyncio loops (hundreds of
+    'Event loop is closed') and Orbax's orphaned write coroutines die at exit, each with a
+    traceback; the run reports the failure itself in one line. Drop exactly that output."""
+    if getattr(sys.unraisablehook, "_sgt_jax", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(u):
+        if isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed":
+            return
+        code = getattr(u.object, "cr_code", None)
+        if _FAILED_SAVE and code is not None and _ORBAX in code.co_filename:
+            return
+        previous(u)
+
+    hook._sgt_jax = True
+    sys.unraisablehook = hook
+
+    def orbax_thread_traceback(record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and record.exc_info is not None
+                    and _ORBAX in record.pathname)
+
+    def orbax_task_exception(record: logging.LogRecord) -> bool:      # asyncio: "never retrieved"
+        return not (_FAILED_SAVE and "orbax" in record.getMessage())
+
+    logging.getLogger("absl").addFilter(orbax_thread_traceback)
+    logging.getLogger("asyncio").addFilter(orbax_task_exception)
+
+
+_FAILED_SAVE = []          # non-empty once a save failed in this process
+
+
 class Checkpointer:
-    def __init__(self, directory: str, *, save_every: int, keep: int, async_save: bool = True):
-        self.directory = directory if "://" in directory else os.path.abspath(directory)
+    def __init__(self, directory: str, *, save_every: int = 1, keep: int = 1, async_save: bool = True):
+        _quiet_failed_saves()
+        self.directory = fileio.abspath(directory)
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep, save_interval_steps=save_every, create=True,
                 enable_async_checkpointing=async_save),
-            item_names=("state", "data", "meta"))
+            item_names=ITEMS)
+        self._pending = None        # (step, bytes) of the save in flight
+        self._failed = False        # a save failed (reported): nothing more to wait for
+
+    # -- names ---------------------------------------------------------------------------------
+
+    def step_dir(self, step: int) -> str:
+        return fileio.join(self.directory, str(step))
+
+    def rel(self, path: str) -> str:
+        """A path as ``checkpoints/...`` for messages."""
+        base = fileio.dirname(self.directory)
+        return path[len(base):].lstrip("/") if path.startswith(base) else path
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state, data_state: dict, meta: dict, *, force: bool = False) -> bool:
-        return self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave(data_state),
-            meta=ocp.args.JsonSave(meta)), force=force)
+    def damaged(self) -> list[str]:
+        """Step dirs moved aside as damaged (``<step>.damaged-<n>``)."""
+        names = fileio.listdir(self.directory) if fileio.isdir(self.directory) else []
+        return sorted((n for n in names if DAMAGED.match(n)), key=lambda n: tuple(map(int, DAMAGED.match(n).groups())))
 
-    def restore(self, step: int, abstract_state, shardings):
-        """Restore (state, data_state, meta) of ``step`` straight into ``shardings``."""
-        r = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(_abstract(abstract_state, shardings)),
-            data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
-        return r.state, r.data, r.meta
+    # -- save ----------------------------------------------------------------------------------
+
+    def save(self, step: int, state, consts, data_state: dict, meta: dict, *, force: bool = False) -> bool:
+        if self._pending is not None and (force or self.manager.should_save(step)):
+            self._finish()          # Orbax waits for the previous save too; a failure there is its own
+        tree = _tree(state, consts)
+        nbytes = sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves(tree))
+        try:
+            saved = self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(tree),
+                data=ocp.args.JsonSave(data_state),
+                meta=ocp.args.JsonSave(meta)), force=force)
+        except Exception as e:      # noqa: BLE001 -- a synchronous save (or the previous one) failed
+            self._failed = True
+            raise SaveError(self._save_failure(step, nbytes, e)) from None
+        if saved:
+            self._pending = (step, nbytes)
+        return saved
+
+    def poll(self):
+        """Raise SaveError at once if the last asynchronous save failed (no wait otherwise)."""
+        if self._pending is None or self.manager.is_saving_in_progress():
+            return
+        self._finish()
+
+    def _finish(self):
+        pending, self._pending = self._pending, None
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:      # noqa: BLE001 -- any failure of the background save
+            self._failed = True
+            step, nbytes = pending or (None, 0)
+            raise SaveError(self._save_failure(step, nbytes, e)) from None
+
+    def _save_failure(self, step, nbytes: int, e: BaseException) -> str:
+        _FAILED_SAVE.append(step)
+        msg = _summary(e).replace(fileio.dirname(self.directory).rstrip("/") + "/", "")    # checkpoints/...
+        for tmp in fileio.glob(fileio.join(self.directory, f"{step}.orbax-checkpoint-tmp*")):
+            try:                      # an unfinished step, never a checkpoint: its space back
+                fileio.rmtree(tmp)    # (best effort: Orbax's orphaned writes may still add files)
+            except OSError:
+                pass
+        self.manager.reload()
+        good = self.steps()
+        after = (f"checkpoints {', '.join(map(str, good))} are intact; rerun to resume from step {good[-1]}"
+                 if good else "no earlier checkpoint exists")
+        full = any("No space left" in str(x) or "os_error_code='28'" in str(x) or
+                   getattr(x, "errno", None) == 28 for x in _chain(e))
+        if not full:
+            return f"checkpoint of step {step} not written: {msg}; {after}"
+        where = (re.findall(r'Failed writing: "([^"]+)"', msg) or re.findall(r'file "([^"]+)"', msg)
+                 or [str(x.filename) for x in _chain(e) if getattr(x, "filename", None)]
+                 or [fileio.join(self.directory, f"{step}.orbax-checkpoint-tmp")])
+        where = [self.rel(w.split(".orbax-checkpoint-tmp")[0] + ".orbax-checkpoint-tmp/...") if "tmp" in w
+                 else self.rel(w) for w in where]
+        need = nbytes
+        if good and not fileio.is_remote(self.directory):
+            d = self.step_dir(good[-1])
+            need = sum(os.path.getsize(os.path.join(d, f)) for f in fileio.walk_files(d))
+        free = (f", {_human(shutil.disk_usage(self.directory).free)} free"
+                if not fileio.is_remote(self.directory) else "")
+        return (f"checkpoint of step {step} not written: no space left on device writing "
+                f"{where[0]} (a checkpoint needs about {_human(need)}"
+                f"{free}; saving needs room for train.keep + 1 of them); {after} after freeing space "
+                f"or lowering train.keep")
 
     def wait(self):
-        self.manager.wait_until_finished()
+        if self._pending is not None:
+            self._finish()
+        elif not self._failed:
+            self.manager.wait_until_finished()
 
     def close(self):
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            try:
+                self.manager.close()
+            except Exception:  # noqa: BLE001 -- the failed save, already reported as SaveError
+                if not self._failed:
+                    raise
+
+    # -- integrity -----------------------------------------------------------------------------
+
+    def read_meta(self, step: int) -> dict:
+        path = fileio.join(self.step_dir(step), "meta", "metadata")
+        meta = self._json(path)
+        if not isinstance(meta, dict) or "config" not in meta:
+            raise Damaged(f"{self.rel(path)}: no run config in it")
+        return meta
+
+    def _json(self, path: str):
+        if not fileio.isfile(path):
+            raise Damaged(f"{self.rel(path)}: missing")
+        try:
+            return json.loads(fileio.read_text(path))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise Damaged(f"{self.rel(path)}: not valid JSON ({e}; {fileio.getsize(path)} bytes)") from None
+
+    def _check_items(self, step: int) -> None:
+        d = self.step_dir(step)
+        names = set(fileio.listdir(d)) if fileio.isdir(d) else set()
+        missing = [i for i in ITEMS if i not in names]
+        if missing:
+            what = "empty" if not names else f"no {', '.join(i + '/' for i in missing)}"
+            raise Damaged(f"{self.rel(d)}: {what} (items {', '.join(ITEMS)} expected)")
+
+    def check(self, step: int) -> None:
+        """Raise Damaged (one line) unless step's items look whole; reads no array data except
+        four bytes per data file."""
+        d = self.step_dir(step)
+        self._check_items(step)
+        self.read_meta(step)
+        data = fileio.join(d, "data")
+        files = [f for f in fileio.walk_files(data) if not f.endswith("commit_success.txt")]
+        if not files:
+            raise Damaged(f"{self.rel(data)}: no iterator state in it")
+        for f in files:
+            self._json(fileio.join(data, f))
+        self._check_state(fileio.join(d, "state"))
+
+    def _check_state(self, sdir: str) -> None:
+        meta = self._json(fileio.join(sdir, "_METADATA"))
+        tm = meta.get("tree_metadata") if isinstance(meta, dict) else None
+        if not isinstance(tm, dict):
+            raise Damaged(f"{self.rel(sdir)}/_METADATA: no tree_metadata in it")
+        if not meta.get("use_ocdbt", True):
+            return
+        if not fileio.exists(fileio.join(sdir, "manifest.ocdbt")):
+            raise Damaged(f"{self.rel(sdir)}/manifest.ocdbt: missing")
+        refs, keys = self._ocdbt_index(sdir)
+        arrays = [".".join(str(k["key"]) for k in v.get("key_metadata", ())) for v in tm.values()
+                  if not v.get("value_metadata", {}).get("skip_deserialize", False)]
+        for name in arrays:
+            if f"{name}/.zarray" not in keys and f"{name}/zarr.json" not in keys:
+                raise Damaged(f"{self.rel(sdir)}: array {name} is not in the OCDBT index (manifest.ocdbt)")
+        by_file: dict[str, list] = {}
+        for key, f, off, n in refs:
+            by_file.setdefault(f, []).append((off, n, key))
+        for f, rs in sorted(by_file.items()):
+            path = fileio.join(sdir, f)
+            end, key = max((off + n, key) for off, n, key in rs)
+            if not fileio.exists(path):
+                raise Damaged(f"{self.rel(path)}: missing (data of array {key.split('/')[0]})")
+            size = fileio.getsize(path)
+            if size < end:
+                raise Damaged(f"{self.rel(path)}: truncated to {size} bytes, the index needs {end} "
+                              f"(array {key.split('/')[0]})")
+            zstd = [(off, key) for off, n, key in rs if keys.get(key.split("/")[0]) == "zstd"]
+            off, key = min(zstd) if zstd else (None, key)
+            if off is not None and fileio.read_bytes(path, off, 4) != _ZSTD_MAGIC:
+                raise Damaged(f"{self.rel(path)}: no zstd frame at byte {off} where array {key.split('/')[0]} "
+                              "starts (zeroed or overwritten)")
+
+    def _ocdbt_index(self, sdir: str):
+        """([(chunk key, data file, offset, length)], {key: compressor id or None}) of the OCDBT
+        database of a ``state`` item, from its manifest and B-tree nodes (no array data read)."""
+        import tensorstore as ts
+
+        url = sdir if fileio.is_remote(sdir) else "file://" + sdir
+        try:
+            kv = ts.KvStore.open(url.rstrip("/") + "/").result()
+        except Exception as e:  # noqa: BLE001 -- a scheme tensorstore cannot open: Orbax reports it
+            log.debug("%s: OCDBT index not checked (%s)", sdir, e)
+            return [], _AnyKey()
+        refs, keys = [], {}
+
+        def visit(node: str):
+            for ent in ts.ocdbt.dump(kv, node).result()["entries"]:
+                key = _unbytes(ent.get("key", ""))
+                if "indirect_value" in ent:
+                    f, off, n = _value_ref(ent["indirect_value"])
+                    refs.append((key, f, off, n))
+                    keys.setdefault(key, None)
+                elif "inline_value" in ent:
+                    keys[key] = None
+                    if key.endswith("/.zarray"):
+                        try:
+                            z = json.loads(_unbytes(ent["inline_value"]))
+                            keys[key[:-len("/.zarray")]] = (z.get("compressor") or {}).get("id")
+                        except ValueError:
+                            pass
+                for v in ent.values():
+                    if isinstance(v, str) and v.startswith("btreenode:"):
+                        visit(v)
+
+        try:
+            manifest = ts.ocdbt.dump(kv).result()
+            for version in manifest.get("versions", [])[-1:]:
+                visit(version["root"]["location"])
+        except ValueError as e:     # tensorstore's status errors: an unreadable manifest / node
+            if not _STATUS.match(str(e)):
+                raise
+            raise Damaged(f"{self.rel(sdir)}: OCDBT index unreadable: {_summary(e)}") from None
+        return refs, keys
+
+    # -- restore -------------------------------------------------------------------------------
+
+    def restore(self, step: int, setup) -> Restored:
+        """Step ``step`` straight into ``setup``'s shardings (``setup`` has abstract_state,
+        abstract_consts, state_shardings, consts_shardings); CheckpointError if it is damaged."""
+        try:
+            self.check(step)
+            return self._restore(step, setup)
+        except Damaged as e:
+            raise CheckpointError(f"checkpoint step {step}: {e}") from None
+
+    def _restore(self, step: int, setup) -> Restored:
+        target = _abstract(_tree(setup.abstract_state, setup.abstract_consts),
+                           _tree(setup.state_shardings, setup.consts_shardings))
+        r = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+        s = r.state
+        return Restored(step, s["train"], {"frozen": s["frozen"], "vae": s["vae"]}, r.data, r.meta)
+
+    def restore_latest(self, setup, accept=None) -> Restored | None:
+        """The newest good step, restored; None for a new run. ``accept(meta, step)`` vets a
+        step's stored config (raising ConfigChangeError) and returns True when it allowed a
+        change of the run's identity (then a failing restore is not taken for damage)."""
+        failed = []
+        for step in reversed(self.steps()):
+            try:
+                self._check_items(step)
+                meta = self.read_meta(step)
+                identity_changed = bool(accept(meta, step)) if accept else False
+                self.check(step)
+                try:
+                    r = self._restore(step, setup)
+                except Exception as e:  # noqa: BLE001 -- classified below
+                    why = _summary(e)
+                    if identity_changed:
+                        raise CheckpointError(
+                            f"checkpoint step {step} does not restore into the changed config "
+                            f"(train.allow_config_change): {why}") from None
+                    if not _is_damage(e):
+                        raise
+                    raise Damaged(self._explain(step, why)) from None
+            except Damaged as e:
+                log.warning("checkpoint step %d unusable: %s", step, e)
+                failed.append((step, str(e)))
+                continue
+            for bad, _ in failed:
+                self.move_aside(bad)
+            if failed:
+                self.manager.reload()
+                log.warning("resuming from checkpoint step %d", step)
+            return r
+        if failed:
+            lines = "\n  ".join(f"step {s}: {why}" for s, why in failed)
+            raise CheckpointError(
+                f"no usable checkpoint in {self.directory}:\n  {lines}\nNothing was moved or deleted. "
+                "The run will not start over from step 0 next to them: repair a step, move the run's "
+                "checkpoints/ away to start over, or use a new workdir.")
+        if self.damaged():
+            raise CheckpointError(
+                f"{self.directory} holds only steps moved aside as damaged ({', '.join(self.damaged())}); "
+                "the run will not start over from step 0 next to them: move a repaired one back "
+                "(e.g. checkpoints/<step>.damaged-1 -> checkpoints/<step>), or move checkpoints/ away "
+                "to start over")
+        return None
+
+    def _explain(self, step: int, why: str) -> str:
+        """A restore error as one line naming the data file of the array that failed."""
+        sdir = fileio.join(self.step_dir(step), "state")
+        m = re.search(r'Error reading "([^"/]+)/[^"]*"', why)
+        if m:
+            try:
+                refs, _ = self._ocdbt_index(sdir)
+            except Damaged:
+                refs = []
+            files = sorted({f for k, f, _, _ in refs if k.split("/")[0] == m.group(1)})
+            where = self.rel(fileio.join(sdir, files[0])) if files else self.rel(sdir)
+            detail = why.rsplit(": ", 1)[-1]
+            return f"{where}: array {m.group(1)} unreadable ({detail})"
+        return f"{self.rel(self.step_dir(step))}: restore failed: {why}"
+
+    def move_aside(self, step: int) -> str:
+        """checkpoints/<step> -> checkpoints/<step>.damaged-<n> (kept; Orbax no longer sees it)."""
+        n = 1 + max((int(DAMAGED.match(x).group(2)) for x in self.damaged()
+                     if int(DAMAGED.match(x).group(1)) == step), default=0)
+        src, dst = self.step_dir(step), fileio.join(self.directory, f"{step}.damaged-{n}")
+        if jax.process_index() == 0:
+            _move_dir(src, dst)
+            log.warning("checkpoint step %d moved aside to %s (kept, not deleted)", step, self.rel(dst))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"sgt_jax_move_aside_{step}_{n}")
+        return dst
 
 
-def config_json(cfg) -> dict:
-    return json.loads(cfg.to_json_best_effort())
+class _AnyKey(dict):
+    """The index of a store that could not be opened here: checks nothing."""
+
+    def __contains__(self, key):
+        return True
+
+
+def _unbytes(s) -> str:
+    return s.decode("utf-8", "replace") if isinstance(s, bytes) else s
+
+
+def _value_ref(s: str) -> tuple[str, int, int]:
+    """``value:<base path>:<file>:<offset>:<length>`` -> (file relative to the db, offset, length)."""
+    head, off, n = s.rsplit(":", 2)
+    _, base, name = head.split(":", 2)
+    return base + name, int(off), int(n)
+
+
+def _move_dir(src: str, dst: str):
+    if not fileio.is_remote(src):
+        os.rename(src, dst)
+        return
+    for f in fileio.walk_files(src):        # object stores: copy every object, then drop the old
+        fileio.copy(fileio.join(src, f), fileio.join(dst, f))
+    fileio.rmtree(src)

@@ -46,17 +46,15 @@ def checkpoint_to_model_dir(path: str, out: str, *, ema: bool = True, overwrite:
     cfg = ml_collections.ConfigDict(meta["config"])
     cfg.model.vae.ch_mult = tuple(cfg.model.vae.ch_mult)
     mesh = mesh_lib.make_mesh(dict(data=1, fsdp=-1, tensor=1))
-    setup = Setup(cfg, mesh=mesh)
-    ck = Checkpointer(ckpt_dir, save_every=1, keep=10**6)
-    state, consts = setup.abstract_state, setup.abstract_consts
-    saved = {"train": state, "frozen": consts["frozen"], "vae": consts["vae"]}
-    sh = {"train": setup.state_shardings, "frozen": setup.consts_shardings["frozen"],
-          "vae": setup.consts_shardings["vae"]}
-    restored, _, _ = ck.restore(step, saved, sh)
-    ck.close()
-    trained = restored["train"].ema if ema else restored["train"].params
-    params = nnx.to_pure_dict(nnx.merge_state(trained, restored["frozen"]))
-    vae = nnx.to_pure_dict(restored["vae"])
+    setup = Setup(cfg, mesh=mesh, validate=False)     # the run's own config: only its shapes matter here
+    ck = Checkpointer(ckpt_dir, keep=10**6)
+    try:
+        r = ck.restore(step, setup)
+    finally:
+        ck.close()
+    trained = r.state.ema if ema else r.state.params
+    params = nnx.to_pure_dict(nnx.merge_state(trained, r.consts["frozen"]))
+    vae = nnx.to_pure_dict(r.consts["vae"])
     init_from = cfg.train.get("init_from", "")
     tok = fileio.join(init_from, "tokenizer") if init_from else ""
     if not (tok and fileio.isdir(tok)):

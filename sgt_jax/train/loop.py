@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import signal
+import threading
 import time
 
 import jax
@@ -16,11 +16,13 @@ from flax import nnx
 
 from sgt_jax import fileio
 from sgt_jax.models.bagel import Bagel
-from sgt_jax.models.config import validate
+from sgt_jax.models import config as model_config
 from sgt_jax.models.vae import AutoEncoder
 from sgt_jax.parallel import mesh as mesh_lib
+from sgt_jax.train import config as run_config
 from sgt_jax.train import metrics as metrics_lib
-from sgt_jax.train.checkpoint import Checkpointer, config_json
+from sgt_jax.train.checkpoint import Checkpointer, ConfigChangeError, config_json
+from sgt_jax.train.config import check_consistency, check_micro_batches  # noqa: F401 -- aot, preview
 from sgt_jax.train.optimizer import copy_init_moe, make_tx, trainable_filter
 from sgt_jax.train.step import TrainState, make_train_step
 
@@ -58,38 +60,9 @@ def compile_count(name: str | None = None) -> int:
 # ------------------------------------------------------------------------------------------------
 
 
-def check_consistency(cfg) -> None:
-    """The data and model sections must describe the same tables and routing quota."""
-    from sgt_jax.models.config import vae_downsample
-
-    m, d = cfg.model, cfg.data
-    pairs = [("data.vit_max_patches_per_side", d.get("vit_max_patches_per_side"),
-              "model.bagel.vit_max_num_patch_per_side", m.bagel.vit_max_num_patch_per_side),
-             ("data.max_latent_size", d.get("max_latent_size"), "model.bagel.max_latent_size", m.bagel.max_latent_size),
-             ("data.vae_downsample", d.get("vae_downsample"), "VAE downsample x latent_patch_size",
-              vae_downsample(m) * m.bagel.latent_patch_size),
-             ("data.vit_patch_size", d.get("vit_patch_size"), "model.vit.patch_size", m.vit.patch_size)]
-    for a, va, b, vb in pairs:
-        if va is not None and va != vb:
-            raise ValueError(f"config mismatch: {a}={va} but {b}={vb}; set them equal")
-
-
-def check_micro_batches(cfg, mesh) -> None:
-    """Every micro-batch must hold the same number of rows on every batch shard (see step.py:
-    strided micro-batches), else XLA reshuffles rows between devices inside the step."""
-    if cfg.data.get("rows_per_batch") is None:     # a caller-supplied iterator (tests)
-        return
-    rows, accum = int(cfg.data.rows_per_batch), int(cfg.train.grad_accum)
-    shards = int(mesh.shape["data"]) * int(mesh.shape["fsdp"])
-    if accum < 1 or rows % (shards * accum):
-        raise ValueError(f"data.rows_per_batch={rows} must be a multiple of (mesh data x fsdp = {shards}) x "
-                         f"train.grad_accum={accum}: each micro-batch needs the same whole number of rows on "
-                         f"every batch shard")
-
-
 # train.* keys the loop reads; every other train key is baked into the compiled step
 _LOOP_ONLY = ("save_every", "keep", "async_checkpointing", "log_every", "init_from", "nan_max_streak",
-              "executable", "copy_init_moe")
+              "executable", "copy_init_moe", "allow_config_change")
 _BATCH_SHAPE = ("rows_per_batch", "tokens_per_row", "gen_tokens_per_row", "vit_patches_per_row",
                 "vae_images_per_row", "vae_image_size", "vae_images_dtype")
 
@@ -122,10 +95,16 @@ def vae_dtype(cfg):
 class Setup:
     """Everything static about a run: mesh, graphdefs, shardings, the optimizer, the step."""
 
-    def __init__(self, cfg, mesh=None):
+    def __init__(self, cfg, mesh=None, *, validate: bool = True):
+        """``validate``: the whole run config (train.config.validate) first; False checks only
+        what the shapes need (the model section and its agreement with data), e.g. to read
+        back a finished run's checkpoint."""
         self.cfg = cfg
-        validate(cfg.model)
-        check_consistency(cfg)
+        if validate:
+            run_config.validate(cfg, mesh, process_count=jax.process_count())
+        else:
+            model_config.validate(cfg.model)
+            check_consistency(cfg)
         self.mesh = mesh if mesh is not None else mesh_lib.make_mesh(cfg.mesh.to_dict())
         self.tx = make_tx(cfg.train)
         self.filter = trainable_filter(cfg.train, cfg.model)
@@ -178,6 +157,15 @@ class Setup:
         # exactly the step's shardings, so the first call does not compile a second variant
         return jax.device_put(state, self.state_shardings), consts
 
+    def fixed(self, seed: int):
+        """The regenerated tables (``consts["fixed"]``) alone, as ``init`` makes them: a resumed
+        run restores everything else (the unused random init is dead code to XLA)."""
+        def make():
+            return nnx.split(Bagel(self.cfg.model, rngs=nnx.Rngs(seed)), self.filter, nnx.Param, ...)[3]
+
+        with self.mesh:
+            return jax.jit(make, out_shardings=self.consts_shardings["fixed"])()
+
     def _load_model_dir(self, path, params, consts):
         """Parameters from an imported model dir (python -m sgt_jax.convert import), restored
         straight into the run's shardings (no host ever holds the whole model)."""
@@ -211,50 +199,81 @@ class Setup:
 # ------------------------------------------------------------------------------------------------
 
 
+def accept_config(meta: dict, step: int, cfg, ckpt) -> bool:
+    """A checkpoint's stored config against the new run's: identity changes (model, data,
+    seed, freezing) refused with a diff table unless train.allow_config_change names them;
+    other changes (lr, steps, cadence, mesh, ...) applied and logged. True when an identity
+    change was allowed."""
+    refused, applied, allowed = run_config.config_changes(
+        meta["config"], config_json(cfg), cfg.train.get("allow_config_change", ""))
+    where = ckpt.rel(ckpt.step_dir(step))
+    if refused:
+        keys = ",".join(k for k, _, _ in refused)
+        raise ConfigChangeError(
+            f"the run config differs from the one checkpoint {where} was written with, in keys that "
+            f"change the model's shapes or the data stream:\n{run_config.diff_table(refused)}\n"
+            f"Resume with the stored values, use a new workdir, or allow the change deliberately with "
+            f"--config.train.allow_config_change={keys}")
+    for k, a, b in applied:
+        if k == "train.allow_config_change":
+            continue
+        log.warning("resuming %s with %s: %r -> %r (applied)", where, k, a, b)
+    for k, a, b in allowed:
+        log.warning("resuming %s with %s: %r -> %r (allowed by train.allow_config_change)", where, k, a, b)
+    return bool(allowed)
+
+
 def _to_host(m: dict) -> dict:
     return {k: np.asarray(v) for k, v in jax.device_get(m).items()}
 
 
-def train(cfg, workdir: str, *, data_iterator=None, stop_after: int | None = None, quiet: bool = False) -> dict:
+def train(cfg, workdir: str, *, data_iterator=None, stop_after: int | None = None, quiet: bool = False,
+          sigterm: threading.Event | None = None) -> dict:
     """Run (or resume) training in ``workdir``. Returns a summary dict.
 
     ``data_iterator`` (tests) must yield ``(PackedBatch of numpy, stats)`` and have
     ``get_state()``/``set_state()``; by default the config's Grain pipeline is built.
-    ``stop_after``: return after this many steps of this invocation (tests)."""
+    ``stop_after``: return after this many steps of this invocation (tests). ``sigterm``: an
+    Event the caller's SIGTERM handler sets (the CLI installs one first thing); without it the
+    loop installs its own for its duration."""
     mesh_lib.initialize_distributed()
     t = cfg.train
-    os.makedirs(workdir, exist_ok=True) if "://" not in workdir else None
-    setup = Setup(cfg)
-    check_micro_batches(cfg, setup.mesh)
+    setup = Setup(cfg)              # the whole run config validated first: nothing built yet
     if t.get("executable"):
         setup.step_fn = load_step_executable(cfg, setup)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=t.save_every, keep=t.keep,
+    fileio.makedirs(workdir)
+    stop, old_handler = sigterm, None
+    if stop is None:
+        stop = threading.Event()
+        if _main_thread():
+            old_handler = signal.signal(signal.SIGTERM, lambda *a: stop.set())
+    ckpt = Checkpointer(fileio.join(workdir, "checkpoints"), save_every=t.save_every, keep=t.keep,
                         async_save=t.async_checkpointing)
-    if data_iterator is None:
-        from sgt_jax.data.pipeline import ensure_tokenizer, make_train_iterator
+    try:
+        resumed = ckpt.restore_latest(setup, accept=lambda meta, step: accept_config(meta, step, cfg, ckpt))
+        if data_iterator is None:
+            from sgt_jax.data.pipeline import ensure_tokenizer, make_train_iterator
 
-        tok = ensure_tokenizer(cfg.data, workdir)
-        if tok.vocab_size > cfg.model.llm.vocab_size:
-            raise ValueError(f"the tokenizer has {tok.vocab_size} ids but model.llm.vocab_size="
-                             f"{cfg.model.llm.vocab_size}: ids past the embedding table would be wrong")
-        data_iterator = make_train_iterator(cfg.data, workdir=workdir, tokenizer=tok, process_index=jax.process_index(),
-                                            process_count=jax.process_count())
-    state, consts = setup.init(t.seed)
-    start = ckpt.latest_step()
-    if start is not None:
-        saved = {"train": state, "frozen": consts["frozen"], "vae": consts["vae"]}
-        sh = {"train": setup.state_shardings, "frozen": setup.consts_shardings["frozen"],
-              "vae": setup.consts_shardings["vae"]}
-        restored, data_state, _ = ckpt.restore(start, saved, sh)
-        state, consts = restored["train"], {"frozen": restored["frozen"], "fixed": consts["fixed"],
-                                            "vae": restored["vae"]}
-        data_iterator.set_state(data_state["iterator"])
-        log.info("resumed from step %d", start)
-    start = int(start or 0)
+            tok = ensure_tokenizer(cfg.data, workdir)
+            if tok.vocab_size > cfg.model.llm.vocab_size:
+                raise ValueError(f"the tokenizer has {tok.vocab_size} ids but model.llm.vocab_size="
+                                 f"{cfg.model.llm.vocab_size}: ids past the embedding table would be wrong")
+            data_iterator = make_train_iterator(cfg.data, workdir=workdir, tokenizer=tok,
+                                                process_index=jax.process_index(), process_count=jax.process_count())
+        if resumed is not None:
+            state, consts = resumed.state, {**resumed.consts, "fixed": setup.fixed(t.seed)}
+            data_iterator.set_state(resumed.data["iterator"])
+            log.info("resumed from step %d", resumed.step)
+            start = resumed.step
+        else:
+            state, consts = setup.init(t.seed)
+            start = 0
+    except BaseException:
+        ckpt.close()
+        if old_handler is not None:
+            signal.signal(signal.SIGTERM, old_handler)
+        raise
 
-    stop = {"sigterm": False}
-    old_handler = signal.signal(signal.SIGTERM, lambda *a: stop.__setitem__("sigterm", True)) \
-        if _main_thread() else None
     is_chief = jax.process_index() == 0
     writer = metrics_lib.MetricsWriter(workdir, t.steps, start, enabled=is_chief and not quiet)
     peak = metrics_lib.device_peak_tflops()
@@ -268,8 +287,8 @@ def train(cfg, workdir: str, *, data_iterator=None, stop_after: int | None = Non
     def save(s, force=False):
         if s == last_saved[0]:
             return False
-        saved = ckpt.save(s, {"train": state, "frozen": consts["frozen"], "vae": consts["vae"]},
-                          {"iterator": data_iterator.get_state(), "stats": fileio.jsonable(stats)}, meta, force=force)
+        saved = ckpt.save(s, state, consts, {"iterator": data_iterator.get_state(), "stats": fileio.jsonable(stats)},
+                          meta, force=force)
         if saved:
             last_saved[0] = s
             writer.sync()          # a URL workdir: metrics uploaded with every checkpoint
@@ -278,6 +297,9 @@ def train(cfg, workdir: str, *, data_iterator=None, stop_after: int | None = Non
     compiles_before = compile_count("sgt_train_step")
     try:
         while step < end:
+            if stop.is_set() and step == start:       # SIGTERM before the first step: nothing new to save
+                log.warning("SIGTERM before the first step: exiting at step %d", step)
+                break
             t_wait = time.perf_counter()
             local, stats = next(data_iterator)
             wait_acc += time.perf_counter() - t_wait
@@ -286,6 +308,7 @@ def train(cfg, workdir: str, *, data_iterator=None, stop_after: int | None = Non
             state, m = setup.step_fn(state, consts, batch)
             pending.append(m)
             step += 1
+            ckpt.poll()            # a failed asynchronous save stops the run at once
             if step % t.log_every == 0 or step == end:
                 window = [_to_host(x) for x in jax.device_get(pending)]
                 n_acc, pending = len(window), []
@@ -315,7 +338,7 @@ def train(cfg, workdir: str, *, data_iterator=None, stop_after: int | None = Non
                         f"(step {step}); updates were skipped. Lower train.lr, check the data "
                         f"(metrics.jsonl data_* counters) or raise train.nan_max_streak.")
             writer.advance()
-            if stop["sigterm"]:
+            if stop.is_set():
                 save(step, force=True)
                 ckpt.wait()
                 log.warning("SIGTERM: checkpoint written at step %d, exiting", step)
@@ -330,7 +353,7 @@ def train(cfg, workdir: str, *, data_iterator=None, stop_after: int | None = Non
             signal.signal(signal.SIGTERM, old_handler)
     summary = {"workdir": workdir, "steps": step, "checkpoints": ckpt.directory, "metrics": writer.jsonl_path,
                "tensorboard": writer.tb_dir, "loss_curve": png, "history": history,
-               "compiles_in_loop": compile_count("sgt_train_step") - compiles_before, "preempted": stop["sigterm"]}
+               "compiles_in_loop": compile_count("sgt_train_step") - compiles_before, "preempted": stop.is_set()}
     return summary
 
 

@@ -4,6 +4,9 @@ and a loss-curve PNG at the end.
 A ``gs://`` (any URL) workdir: object stores cannot append, so the files are written to a local
 staging dir and uploaded whole (``sync``) every ``sync_every_s`` seconds and at the end; a
 resumed run first downloads the run's ``metrics.jsonl`` and keeps appending to it.
+
+Resuming, ``metrics.jsonl`` is first cut back to the restored step (the rows logged after the
+last checkpoint are logged again), so every step appears once and the loss curve never jumps back.
 """
 from __future__ import annotations
 
@@ -110,10 +113,12 @@ class MetricsWriter:
             os.makedirs(self.local, exist_ok=True)
             if self.remote:
                 self._fetch()
+            truncate_rows(self._jsonl, start_step)
             from tensorboardX import SummaryWriter
             from tqdm import tqdm
 
-            self._tb = SummaryWriter(self._tbl)
+            # purge_step: TensorBoard hides the old event files' points past the resumed step
+            self._tb = SummaryWriter(self._tbl, purge_step=start_step + 1 if start_step else None)
             self._bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, desc="train")
         self.t0 = self._synced = time.perf_counter()
 
@@ -166,10 +171,36 @@ class MetricsWriter:
         return png and self.png_path
 
 
+def read_rows(jsonl_path: str) -> list[dict]:
+    """The rows of a metrics.jsonl (a last line cut by a kill is left out)."""
+    rows = []
+    for line in open(jsonl_path):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
+
+
+def truncate_rows(jsonl_path: str, step: int) -> None:
+    """Keep the rows of steps <= ``step``, one per step (a resumed run logs the later ones
+    again), replacing the file atomically."""
+    if not os.path.exists(jsonl_path):
+        return
+    by_step = {r["step"]: r for r in read_rows(jsonl_path) if isinstance(r, dict) and r.get("step", 0) <= step}
+    rows = [by_step[k] for k in sorted(by_step)]
+    tmp = jsonl_path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, jsonl_path)
+
+
 def plot_loss_curve(jsonl_path: str, png_path: str) -> str | None:
     if not os.path.exists(jsonl_path):
         return None
-    rows = [json.loads(line) for line in open(jsonl_path)]
+    rows = read_rows(jsonl_path)
     if not rows:
         return None
     import matplotlib
