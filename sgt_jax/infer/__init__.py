@@ -1,0 +1,1 @@
+"""Inference: KV cache, contexts, text and image generation, tasks (docs/inference.md)."""
