@@ -380,11 +380,14 @@ def main(argv=None):
     gen_toks = cases["vqa"]["generated_with_start_token"]
     stop = next(tk for i, tk in enumerate(gen_toks) if i >= 2 and tk not in gen_toks[:i])
     rec.reset()
-    ctx = inf.update_context_image(img_vqa, inf.init_gen_context(), vae=False, vit=True)
+    # the image as interleave_inference hands it on (vae_transform.resize_transform first)
+    ctx = inf.update_context_image(vae_tf.resize_transform(img_vqa), inf.init_gen_context(), vae=False, vit=True)
     ctx = inf.update_context_text(ids_text(question), ctx)
     gi = model.prepare_start_tokens(ctx["kv_lens"], ctx["ropes"], inf.new_token_ids)
     model.generate_text(past_key_values=ctx["past_key_values"], max_length=VQA_MAX_LENGTH, do_sample=False,
                         end_token_id=stop, **gi)
+    assert rec.cache_at_decode[2] == [cases["vqa"]["kv_len_at_decode"]]
+    assert torch.equal(rec.cache_at_decode[0], tensors["vqa.cache_k"])
     tensors["vqa_stop.logits"] = torch.cat(rec.logits, dim=0)
     tensors["vqa_stop.tokens"] = rec.tokens[:, 0]
     cases["vqa_stop"] = {"call": "update_context_image(image, vae=False) + update_context_text(question); "
