@@ -158,6 +158,7 @@ class Engine:
         gd, vgd = self.graphdef, self.vae_graphdef
         qc = self.query_chunk
         csh = lambda c: jax.lax.with_sharding_constraint(c, cache_shardings(c, self.mesh))
+        rows = lambda a: jax.lax.with_sharding_constraint(a, self.row_sharding(a.shape))
 
         def infer_prefill(params, fixed, vae_params, cache, batch, eps, n_valid, rope_end, *, num_gen):
             model = nnx.merge(gd, params, fixed)
@@ -169,12 +170,12 @@ class Engine:
         def infer_vae_eps(keys, *, shape):
             return ctx_lib.draw_vae_eps(keys, shape)
 
-        def infer_generate_text(params, fixed, cache, keys, temperature, top_k, top_p, *, start_token,
+        def infer_generate_text(params, fixed, cache, keys, temperature, top_k, top_p, forced, *, start_token,
                                 stop_token, max_new_tokens, return_logits):
             model = nnx.merge(gd, params, fixed)
             cache, out = text_lib.generate(model, cache, keys, temperature, top_k, top_p, start_token=start_token,
                                            stop_token=stop_token, max_new_tokens=max_new_tokens,
-                                           return_logits=return_logits)
+                                           return_logits=return_logits, forced=forced, constrain=csh)
             return csh(cache), out
 
         def infer_sample_latents(params, fixed, cache, x1, latent_pos, ts, dts, s_text, s_img, interval,
@@ -182,7 +183,7 @@ class Engine:
             model = nnx.merge(gd, params, fixed)
             return image_lib.sample_latents(model, cache, x1, latent_pos, ts, dts, s_text, s_img, interval,
                                             renorm_min, n_ctx=n_ctx, renorm_type=renorm_type, query_chunk=qc,
-                                            return_trajectory=return_trajectory)
+                                            return_trajectory=return_trajectory, constrain=rows)
 
         def infer_velocity(params, fixed, cache, x_t, t, latent_pos, *, n_ctx):
             model = nnx.merge(gd, params, fixed)
@@ -203,11 +204,15 @@ class Engine:
         self._decode = jax.jit(infer_decode_latents, static_argnames=("h", "w"))
         self._noise = jax.jit(infer_init_noise, static_argnames=("shape",))
 
+    def row_sharding(self, shape) -> NamedSharding:
+        """Rows (axis 0) over the mesh's batch axes when they divide, else replicated."""
+        names = ("batch",) + (None,) * (len(shape) - 1)
+        return NamedSharding(self.mesh, mesh_lib.logical_to_spec(names, shape, self.mesh))
+
     def put_rows(self, x):
-        """Host array (rows first) -> device, rows over the mesh's batch axes when they divide."""
+        """Host array (rows first) -> device with ``row_sharding``."""
         x = np.asarray(x) if not isinstance(x, jax.Array) else x
-        names = ("batch",) + (None,) * (x.ndim - 1)
-        return jax.device_put(x, NamedSharding(self.mesh, mesh_lib.logical_to_spec(names, x.shape, self.mesh)))
+        return jax.device_put(x, self.row_sharding(x.shape))
 
     # -- public API ----------------------------------------------------------------------------
 
@@ -249,13 +254,15 @@ class Engine:
         return (cache, h) if return_hidden else cache
 
     def generate_text(self, cache: KVCache, keys, *, max_new_tokens: int, temperature=0.0, top_k=0, top_p=1.0,
-                      stop_token: int | None = None, return_logits: bool = False):
-        """Greedy (temperature 0) or sampled decoding on the prefilled ``cache`` (text.py)."""
+                      stop_token: int | None = None, return_logits: bool = False, forced_tokens=None):
+        """Greedy (temperature 0) or sampled decoding on the prefilled ``cache`` (text.py);
+        ``forced_tokens`` (B, max_new_tokens): teacher forcing (scores given answers)."""
         check_capacity(np.asarray(cache.length), max_new_tokens, cache.capacity, "decoding")
         rows = cache.rows
         full = lambda v, dt: self.put_rows(np.broadcast_to(np.asarray(v, dt), (rows,)).copy())
         return self._generate(self.params, self.fixed, cache, keys, full(temperature, np.float32),
                               full(top_k, np.int32), full(top_p, np.float32),
+                              None if forced_tokens is None else self.put_rows(np.asarray(forced_tokens, np.int32)),
                               start_token=int(self.cfg.llm.bos_token_id),
                               stop_token=int(self.cfg.llm.eos_token_id if stop_token is None else stop_token),
                               max_new_tokens=int(max_new_tokens), return_logits=bool(return_logits))

@@ -130,11 +130,13 @@ def velocity(model, cache: KVCache, x_t: jax.Array, t: jax.Array, latent_pos: ja
 def sample_latents(model, cache: KVCache, x1: jax.Array, latent_pos: jax.Array, ts: jax.Array,
                    dts: jax.Array, s_text: jax.Array, s_img: jax.Array, interval: jax.Array,
                    renorm_min: jax.Array, *, n_ctx: int, renorm_type: str, query_chunk: int = 0,
-                   return_trajectory: bool = False):
+                   return_trajectory: bool = False, constrain=lambda a: a):
     """Euler integration from ``x1`` (B, N, d) over (``ts``, ``dts``) with CFG; per-row scales
     ``s_text``, ``s_img``, ``renorm_min`` (B,), ``interval`` (2,). Returns the final latents (B, N,
     d) fp32, and with ``return_trajectory`` a dict of per-step ``x_t``, ``v`` (combined) and
-    ``v_ctx`` (S, n_ctx, B, N, d)."""
+    ``v_ctx`` (S, n_ctx, B, N, d). ``constrain``: a sharding constraint for the (B, N, d) carry
+    (the Engine pins it to its row sharding: left free, XLA's CPU SPMD partitioner was seen to
+    compute a wrong first step on a data 2 x fsdp 2 x tensor 2 mesh)."""
     one = jnp.ones_like(s_text)
 
     def step(x, td):
@@ -147,9 +149,9 @@ def sample_latents(model, cache: KVCache, x1: jax.Array, latent_pos: jax.Array, 
         v = cfg_velocity(vs[0], vs[1] if n_ctx > 1 else zero, vs[2] if n_ctx > 2 else zero,
                          st if n_ctx > 1 else one, si if n_ctx > 2 else one, renorm_type, renorm_min)
         out = (x, v, vs) if return_trajectory else None
-        return x - v * dt, out
+        return constrain(x - v * dt), out
 
-    x, traj = jax.lax.scan(step, x1.astype(jnp.float32), (ts, dts))
+    x, traj = jax.lax.scan(step, constrain(x1.astype(jnp.float32)), (ts, dts))
     if return_trajectory:
         return x, {"x_t": traj[0], "v": traj[1], "v_ctx": traj[2]}
     return x

@@ -63,9 +63,12 @@ def choose(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: ja
 
 def generate(model, cache: KVCache, keys: jax.Array, temperature: jax.Array, top_k: jax.Array,
              top_p: jax.Array, *, start_token: int, stop_token: int, max_new_tokens: int,
-             return_logits: bool = False):
+             return_logits: bool = False, forced: jax.Array | None = None, constrain=lambda c: c):
     """Decode up to ``max_new_tokens`` tokens per row. ``keys`` (B,) per-row PRNG keys (step i
-    samples with fold_in(keys[r], i)). Returns (cache after decoding, dict: ``tokens`` (B, T)
+    samples with fold_in(keys[r], i)). ``forced`` (B, T): teacher forcing -- these tokens are
+    taken instead of the chosen ones (their log-probs scored; a forced stop token ends the row).
+    ``constrain``: a sharding constraint applied to the cache carried by the loop.
+    Returns (cache after decoding, dict: ``tokens`` (B, T)
     int32 (``stop_token`` after a row stopped), ``num_tokens`` (B,) answer length (stop token
     excluded), ``stopped`` (B,) bool, ``logprobs`` / ``sampling_logprobs`` (B, T) (0 past the
     end), ``steps`` (), and ``logits`` (B, T, V) fp32 if ``return_logits``)."""
@@ -80,10 +83,14 @@ def generate(model, cache: KVCache, keys: jax.Array, temperature: jax.Array, top
         i, cache, tok, done, n, out, lp, slp, lg = c
         x = lm.embed_tokens(tok[:, None])
         h, kb, vb = run_block(lm, x, cache.rope[:, None], seg, 0, cache)
-        cache = cache.write(kb, vb, ones).replace(rope=cache.rope + 1)
+        cache = constrain(cache.write(kb, vb, ones).replace(rope=cache.rope + 1))
         logits = lm_logits(lm, h[:, 0])
         step_keys = jax.vmap(lambda k: jax.random.fold_in(k, i))(keys)
         nxt, lp_i, slp_i = choose(logits, step_keys, temperature, top_k, top_p)
+        if forced is not None:
+            nxt = forced[:, i].astype(jnp.int32)
+            lp_i = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), nxt[:, None], axis=-1)[:, 0]
+            slp_i = jnp.zeros_like(lp_i)
         live = ~done
         stop_now = live & (nxt == stop_token)
         emit = live & ~stop_now
