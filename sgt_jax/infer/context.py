@@ -68,8 +68,10 @@ def special_tokens(cfg) -> SpecialTokens:
     return SpecialTokens(c.bos_token_id, c.eos_token_id, c.start_of_image, c.end_of_image)
 
 
-def layout_spec(cfg) -> samples.LayoutSpec:
-    return samples.LayoutSpec(special=special_tokens(cfg), vit_patch_size=cfg.vit.patch_size,
+def layout_spec(cfg, special: SpecialTokens | None = None) -> samples.LayoutSpec:
+    """The layout constants of a model; ``special``: the tokenizer's marker ids (training lays
+    samples out with the tokenizer's ids; default: the model config's)."""
+    return samples.LayoutSpec(special=special or special_tokens(cfg), vit_patch_size=cfg.vit.patch_size,
                               vit_max_patches_per_side=cfg.bagel.vit_max_num_patch_per_side,
                               vae_downsample=vae_downsample(cfg) * cfg.bagel.latent_patch_size,
                               max_latent_size=cfg.bagel.max_latent_size)
@@ -134,11 +136,12 @@ class ContextBatch:
         return int(self.batch.kind.shape[1])
 
 
-def pack_contexts(cfg, contexts: Sequence[Context], tokenizer=None, *, min_tokens: int = 16) -> ContextBatch:
+def pack_contexts(cfg, contexts: Sequence[Context], tokenizer=None, *, special: SpecialTokens | None = None,
+                  min_tokens: int = 16) -> ContextBatch:
     """Lay out and pack contexts (one per row) into static shapes bucketed by ``cache.bucket``:
     und tokens, gen tokens, ViT patches each to a power of two; all VAE images of the batch
     padded (bottom/right, zeros, as BAGEL pads a batch) to the largest."""
-    spec = layout_spec(cfg)
+    spec = layout_spec(cfg, special)
     lay = [samples.layout(to_items(c, tokenizer), spec) for c in contexts]
     und = max([s.num_und for s in lay] + [0])
     gen = max([s.num_gen for s in lay] + [0])

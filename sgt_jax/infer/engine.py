@@ -159,6 +159,7 @@ class Engine:
         qc = self.query_chunk
         csh = lambda c: jax.lax.with_sharding_constraint(c, cache_shardings(c, self.mesh))
         rows = lambda a: jax.lax.with_sharding_constraint(a, self.row_sharding(a.shape))
+        marks = (self.special.start_of_image, self.special.end_of_image)
 
         def infer_prefill(params, fixed, vae_params, cache, batch, eps, n_valid, rope_end, *, num_gen):
             model = nnx.merge(gd, params, fixed)
@@ -183,11 +184,11 @@ class Engine:
             model = nnx.merge(gd, params, fixed)
             return image_lib.sample_latents(model, cache, x1, latent_pos, ts, dts, s_text, s_img, interval,
                                             renorm_min, n_ctx=n_ctx, renorm_type=renorm_type, query_chunk=qc,
-                                            return_trajectory=return_trajectory, constrain=rows)
+                                            return_trajectory=return_trajectory, constrain=rows, marks=marks)
 
         def infer_velocity(params, fixed, cache, x_t, t, latent_pos, *, n_ctx):
             model = nnx.merge(gd, params, fixed)
-            return image_lib.velocity(model, cache, x_t, t, latent_pos, n_ctx=n_ctx, query_chunk=qc)
+            return image_lib.velocity(model, cache, x_t, t, latent_pos, n_ctx=n_ctx, marks=marks, query_chunk=qc)
 
         def infer_decode_latents(vae_params, latents, *, h, w):
             return image_lib.decode(nnx.merge(vgd, vae_params), self.cfg, latents, h, w)
@@ -218,6 +219,10 @@ class Engine:
 
     @property
     def special(self):
+        """The marker ids: the tokenizer's when there is one (training lays samples out with the
+        tokenizer's ids), else the model config's."""
+        if self.tokenizer is not None:
+            return self.tokenizer.special
         return ctx_lib.special_tokens(self.cfg)
 
     def keys(self, seeds) -> jax.Array:
@@ -229,7 +234,8 @@ class Engine:
         return jax.device_put(c, cache_shardings(c, self.mesh))
 
     def pack(self, contexts, *, min_tokens: int = 16) -> ctx_lib.ContextBatch:
-        return ctx_lib.pack_contexts(self.cfg, contexts, self.tokenizer, min_tokens=min_tokens)
+        return ctx_lib.pack_contexts(self.cfg, contexts, self.tokenizer, special=self.special,
+                                     min_tokens=min_tokens)
 
     def prefill(self, cache: KVCache, cb: ctx_lib.ContextBatch, keys=None, *, return_hidden: bool = False):
         """Append the packed contexts ``cb`` (one per cache row) to ``cache``. VAE images are
@@ -263,8 +269,8 @@ class Engine:
         return self._generate(self.params, self.fixed, cache, keys, full(temperature, np.float32),
                               full(top_k, np.int32), full(top_p, np.float32),
                               None if forced_tokens is None else self.put_rows(np.asarray(forced_tokens, np.int32)),
-                              start_token=int(self.cfg.llm.bos_token_id),
-                              stop_token=int(self.cfg.llm.eos_token_id if stop_token is None else stop_token),
+                              start_token=int(self.special.bos_token_id),
+                              stop_token=int(self.special.eos_token_id if stop_token is None else stop_token),
                               max_new_tokens=int(max_new_tokens), return_logits=bool(return_logits))
 
     def init_noise(self, keys, h: int, w: int) -> jax.Array:

@@ -107,9 +107,10 @@ def latent_position_ids(cfg, h: int, w: int) -> np.ndarray:
 
 
 def velocity(model, cache: KVCache, x_t: jax.Array, t: jax.Array, latent_pos: jax.Array, *, n_ctx: int,
-             query_chunk: int = 0) -> jax.Array:
+             marks: tuple[int, int] | None = None, query_chunk: int = 0) -> jax.Array:
     """The model's velocity for x_t (B, N, d) at time t on each of the ``n_ctx`` contexts of the
-    cache (rows ``n_ctx * B``): (n_ctx, B, N, d) fp32."""
+    cache (rows ``n_ctx * B``): (n_ctx, B, N, d) fp32. ``marks``: the <|vision_start|> /
+    <|vision_end|> ids (default: the model config's)."""
     cfg = model.cfg
     lm = model.language_model
     bsz, n, _ = x_t.shape
@@ -117,7 +118,7 @@ def velocity(model, cache: KVCache, x_t: jax.Array, t: jax.Array, latent_pos: ja
     xt = jnp.tile(x_t, (n_ctx, 1, 1))
     tt = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (rows, n))
     gen = model.embed_latents(xt, tt, jnp.broadcast_to(latent_pos, (rows, n)))
-    marks = jnp.asarray([cfg.llm.start_of_image, cfg.llm.end_of_image], jnp.int32)
+    marks = jnp.asarray(marks or (cfg.llm.start_of_image, cfg.llm.end_of_image), jnp.int32)
     und = lm.embed_tokens(jnp.broadcast_to(marks, (rows, 2)))
     x = jnp.concatenate([und, gen.astype(und.dtype)], axis=1)
     seg = block_segments(jnp.full((rows, n + 2), NOISE, jnp.int32), jnp.ones((rows, n + 2), bool))
@@ -130,7 +131,7 @@ def velocity(model, cache: KVCache, x_t: jax.Array, t: jax.Array, latent_pos: ja
 def sample_latents(model, cache: KVCache, x1: jax.Array, latent_pos: jax.Array, ts: jax.Array,
                    dts: jax.Array, s_text: jax.Array, s_img: jax.Array, interval: jax.Array,
                    renorm_min: jax.Array, *, n_ctx: int, renorm_type: str, query_chunk: int = 0,
-                   return_trajectory: bool = False, constrain=lambda a: a):
+                   return_trajectory: bool = False, constrain=lambda a: a, marks=None):
     """Euler integration from ``x1`` (B, N, d) over (``ts``, ``dts``) with CFG; per-row scales
     ``s_text``, ``s_img``, ``renorm_min`` (B,), ``interval`` (2,). Returns the final latents (B, N,
     d) fp32, and with ``return_trajectory`` a dict of per-step ``x_t``, ``v`` (combined) and
@@ -144,7 +145,7 @@ def sample_latents(model, cache: KVCache, x1: jax.Array, latent_pos: jax.Array, 
         on = (t > interval[0]) & (t <= interval[1])
         st = jnp.where(on, s_text, one)
         si = jnp.where(on, s_img, one)
-        vs = velocity(model, cache, x, t, latent_pos, n_ctx=n_ctx, query_chunk=query_chunk)
+        vs = velocity(model, cache, x, t, latent_pos, n_ctx=n_ctx, marks=marks, query_chunk=query_chunk)
         zero = jnp.zeros_like(vs[0])
         v = cfg_velocity(vs[0], vs[1] if n_ctx > 1 else zero, vs[2] if n_ctx > 2 else zero,
                          st if n_ctx > 1 else one, si if n_ctx > 2 else one, renorm_type, renorm_min)

@@ -65,13 +65,15 @@ def generate(model, cache: KVCache, keys: jax.Array, temperature: jax.Array, top
              top_p: jax.Array, *, start_token: int, stop_token: int, max_new_tokens: int,
              return_logits: bool = False, forced: jax.Array | None = None, constrain=lambda c: c):
     """Decode up to ``max_new_tokens`` tokens per row. ``keys`` (B,) per-row PRNG keys (step i
-    samples with fold_in(keys[r], i)). ``forced`` (B, T): teacher forcing -- these tokens are
-    taken instead of the chosen ones (their log-probs scored; a forced stop token ends the row).
-    ``constrain``: a sharding constraint applied to the cache carried by the loop.
-    Returns (cache after decoding, dict: ``tokens`` (B, T)
-    int32 (``stop_token`` after a row stopped), ``num_tokens`` (B,) answer length (stop token
-    excluded), ``stopped`` (B,) bool, ``logprobs`` / ``sampling_logprobs`` (B, T) (0 past the
-    end), ``steps`` (), and ``logits`` (B, T, V) fp32 if ``return_logits``)."""
+    samples with fold_in(fold_in(keys[r], 2), i); 0 and 1 are the VAE and flow noise streams).
+    ``forced`` (B, T): teacher forcing -- these tokens are taken instead of the chosen ones (their
+    log-probs scored; a forced stop token ends the row). ``constrain``: a sharding constraint
+    for the cache carried by the loop.
+
+    Returns (cache after decoding, dict: ``tokens`` (B, T) int32 (``stop_token`` after a row
+    stopped), ``num_tokens`` (B,) answer length (stop token excluded), ``stopped`` (B,) bool,
+    ``logprobs`` / ``sampling_logprobs`` (B, T) (0 past the end), ``steps`` (), and ``logits``
+    (B, T, V) fp32 if ``return_logits``)."""
     lm = model.language_model
     bsz = keys.shape[0]
     T = int(max_new_tokens)
@@ -85,7 +87,7 @@ def generate(model, cache: KVCache, keys: jax.Array, temperature: jax.Array, top
         h, kb, vb = run_block(lm, x, cache.rope[:, None], seg, 0, cache)
         cache = constrain(cache.write(kb, vb, ones).replace(rope=cache.rope + 1))
         logits = lm_logits(lm, h[:, 0])
-        step_keys = jax.vmap(lambda k: jax.random.fold_in(k, i))(keys)
+        step_keys = jax.vmap(lambda k: jax.random.fold_in(jax.random.fold_in(k, 2), i))(keys)
         nxt, lp_i, slp_i = choose(logits, step_keys, temperature, top_k, top_p)
         if forced is not None:
             nxt = forced[:, i].astype(jnp.int32)
