@@ -4,7 +4,6 @@ the stopping rule, Euler trajectories with text + image CFG for each renorm type
 the empty context, SGT's segmentation context, decoded images."""
 import json
 
-import jax
 import numpy as np
 import pytest
 from flax import nnx

@@ -16,7 +16,6 @@ for inference).
 """
 from __future__ import annotations
 
-import logging
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +36,6 @@ from sgt_jax.models.vae import AutoEncoder
 from sgt_jax.parallel import mesh as mesh_lib
 from sgt_jax.train.loop import CompileCounter
 
-log = logging.getLogger("sgt_jax.infer")
 
 
 class CheckpointNotFound(FileNotFoundError):
