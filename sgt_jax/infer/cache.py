@@ -77,11 +77,6 @@ class KVCache:
         return KVCache(put(self.k, k_blk, self.length), put(self.v, v_blk, self.length),
                        self.length + n.astype(jnp.int32), self.rope)
 
-    def select(self, rows) -> "KVCache":
-        """The cache of some rows (host-side indexing, e.g. the conditional context of CFG)."""
-        idx = jnp.asarray(rows)
-        return KVCache(self.k[:, idx], self.v[:, idx], self.length[idx], self.rope[idx])
-
 
 def cache_shardings(cache: KVCache, mesh):
     """NamedShardings of a cache on ``mesh`` through the logical-axis rules (rows over the batch
