@@ -36,7 +36,7 @@ Randomness of the original code (VAE ``DiagonalGaussian`` eps via ``torch.randn_
 initial noise of ``prepare_vae_latent`` via ``torch.randn``) is drawn by BAGEL under
 ``torch.manual_seed`` and recorded, so a port feeds it back.
 
-    /tmp/bagel_venv/bin/python scripts/make_inference_golden.py --bagel-src /tmp/bagel_src \\
+    VENV/bin/python scripts/make_inference_golden.py --bagel-src BAGEL_CHECKOUT \\
         --weights tests/fixtures/bagel_golden/tiny_v1 --out tests/fixtures/bagel_golden/inference_v1
 """
 from __future__ import annotations
