@@ -99,6 +99,21 @@ class Bagel(nnx.Module):
         pos = jnp.clip(batch.vit_position_ids, 0, self.vit_pos_embed.shape[0] - 1)
         return self.connector(v) + jnp.take(self.vit_pos_embed[...], pos, axis=0).astype(self.dtype)
 
+    def embed_und(self, batch: PackedBatch, text_ids, kind, vit_index) -> jax.Array:
+        """Embeddings of und tokens (B, T, H): text (and special) tokens, and connector(ViT) +
+        vit_pos_embed where ``kind == VIT`` (``vit_index`` into the row's ViT patches)."""
+        x = self.language_model.embed_tokens(text_ids)
+        if self.cfg.bagel.visual_und:
+            vit = self.vit_embeddings(batch)
+            vit_tok = jnp.take_along_axis(vit, vit_index[..., None], axis=1)
+            x = jnp.where((kind == VIT)[..., None], vit_tok, x)
+        return x
+
+    def embed_latents(self, x_t, t, latent_position_ids) -> jax.Array:
+        """Embeddings of latent tokens: vae2llm(x_t) + time_embedder(t) + latent_pos_embed."""
+        pos = jnp.take(self.latent_pos_embed[...], latent_position_ids, axis=0)
+        return self.vae2llm(x_t) + self.time_embedder(t) + pos.astype(self.dtype)
+
     def __call__(self, batch: PackedBatch, *, num_gen: int, noise: jax.Array | None = None,
                  key: jax.Array | None = None, row_ids: jax.Array | None = None) -> dict:
         """Training forward. ``batch.latents`` must be set (the train step VAE-encodes
@@ -125,12 +140,7 @@ class Bagel(nnx.Module):
         sg = lambda f: tok[f][:, lu:]    # gen slice
 
         # und slice: text (and special) tokens, ViT tokens
-        x_und = self.language_model.embed_tokens(sl("text_ids"))
-        if cfg.bagel.visual_und:
-            vit = self.vit_embeddings(batch)
-            vit_tok = jnp.take_along_axis(vit, sl("vit_index")[..., None], axis=1)
-            x_und = jnp.where((sl("kind") == VIT)[..., None], vit_tok, x_und)
-        parts = [x_und]
+        parts = [self.embed_und(batch, sl("text_ids"), sl("kind"), sl("vit_index"))]
 
         # gen slice: noised / clean latent tokens
         if num_gen:
@@ -147,8 +157,7 @@ class Bagel(nnx.Module):
                 eps = r.sort(noise.astype(jnp.float32))[:, lu:]
             t = shift_timesteps(sg("timesteps"), cfg.bagel.timestep_shift)
             x_t = (1.0 - t[..., None]) * x0 + t[..., None] * eps
-            pos = jnp.take(self.latent_pos_embed[...], sg("latent_position_ids"), axis=0)
-            parts.append(self.vae2llm(x_t) + self.time_embedder(t) + pos.astype(self.dtype))
+            parts.append(self.embed_latents(x_t, t, sg("latent_position_ids")))
         x = jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
 
         hs = self.language_model.decode(x, tok["position_ids"], seg, num_gen if mot else 0)

@@ -139,20 +139,36 @@ class DecoderLayer(nnx.Module):
         return [(e, self.gen if e == GEN else self.und, a, b)
                 for e, a, b in expert_slices(length, num_gen, self.mot)]
 
-    def __call__(self, x, cos, sin, seg: attn_lib.Segments, num_gen: int):
-        parts = self._experts(x.shape[1], num_gen)
+    def _stop(self):
         # freeze_und (BAGEL): und rows are detached at the input, after q/k(-norm)/v, after o_proj
         # and after the MLP, so no gradient reaches und weights or flows through und tokens.
-        sg = (lambda e, t: jax.lax.stop_gradient(t) if e == UND else t) if self.freeze_und else (lambda e, t: t)
-        cat = lambda ts: jnp.concatenate(ts, axis=1) if len(ts) > 1 else ts[0]
+        return (lambda e, t: jax.lax.stop_gradient(t) if e == UND else t) if self.freeze_und else (lambda e, t: t)
+
+    def project_qkv(self, x, cos, sin, num_gen: int):
+        """Per-expert input norm, q/k/v projections, qk-norm and RoPE over the expert-sorted
+        ``x`` (B, L, H) -> q (B, L, nh, hd), k, v (B, L, nkv, hd)."""
+        sg = self._stop()
         qkv = [tuple(sg(e, t) for t in w.qkv(sg(e, x[:, a:b]), cos[:, a:b], sin[:, a:b]))
-               for e, w, a, b in parts]
-        q, k, v = (cat(list(t)) for t in zip(*qkv))
+               for e, w, a, b in self._experts(x.shape[1], num_gen)]
+        return tuple(_cat(list(t)) for t in zip(*qkv))
+
+    def finish(self, x, o, num_gen: int):
+        """The rest of the layer after attention: per-expert o_proj + residual, MLP + residual;
+        ``o`` (B, L, nh*hd) is the attention output."""
+        sg = self._stop()
+        parts = self._experts(x.shape[1], num_gen)
+        x = x + _cat([sg(e, checkpoint_name(w.o_proj(o[:, a:b]), "out_proj")) for e, w, a, b in parts])
+        return x + _cat([sg(e, w.mlp(x[:, a:b])) for e, w, a, b in parts])
+
+    def __call__(self, x, cos, sin, seg: attn_lib.Segments, num_gen: int):
+        q, k, v = self.project_qkv(x, cos, sin, num_gen)
         o = checkpoint_name(attn_lib.attention(q, k, v, seg, self.attention_impl, self.attention_blocks),
                             "context")
-        o = o.reshape(x.shape[:2] + (-1,))
-        x = x + cat([sg(e, checkpoint_name(w.o_proj(o[:, a:b]), "out_proj")) for e, w, a, b in parts])
-        return x + cat([sg(e, w.mlp(x[:, a:b])) for e, w, a, b in parts])
+        return self.finish(x, o.reshape(x.shape[:2] + (-1,)), num_gen)
+
+
+def _cat(ts):
+    return jnp.concatenate(ts, axis=1) if len(ts) > 1 else ts[0]
 
 
 class Qwen2MoT(nnx.Module):
@@ -193,11 +209,15 @@ class Qwen2MoT(nnx.Module):
         else:
             for i in range(c.num_layers):
                 x, _ = body(x, jax.tree.map(lambda a: a[i], stacked))
+        return self.final_norm(x, num_gen)
+
+    def final_norm(self, x: jax.Array, num_gen: int) -> jax.Array:
+        """The per-expert final RMSNorm of an expert-sorted sequence."""
         outs = []
         for e, a, b in expert_slices(x.shape[1], num_gen, self.mot):
             y = (self.norm_gen if e == GEN else self.norm)(x[:, a:b])
-            outs.append(jax.lax.stop_gradient(y) if c.freeze_und and e == UND else y)
-        return jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
+            outs.append(jax.lax.stop_gradient(y) if self.cfg.llm.freeze_und and e == UND else y)
+        return _cat(outs)
 
     def __call__(self, x: jax.Array, positions: jax.Array, seg: attn_lib.Segments,
                  expert: jax.Array, num_gen: int) -> jax.Array:
