@@ -251,8 +251,8 @@ def test_remote_tar_index_reads_headers_not_the_shard(tmp_path, mem, reads, monk
     url = mem + "/s.tar"
     fileio.copy(str(path), url)
     size = path.stat().st_size
-    monkeypatch.setattr(sources, "TAR_READAHEAD", 2048)
-    monkeypatch.setattr(sources, "TAR_STREAM_BELOW", 0)      # per-member reads (no streaming)
+    monkeypatch.setattr(sources.tar, "TAR_READAHEAD", 2048)
+    monkeypatch.setattr(sources.tar, "TAR_STREAM_BELOW", 0)      # per-member reads (no streaming)
     reads.clear()
     got = sources._tar_members(url, None)
     assert got == sources._tar_members(str(path), None)
@@ -268,7 +268,7 @@ def test_remote_tar_index_reads_headers_not_the_shard(tmp_path, mem, reads, monk
 
 
 def test_remote_tar_index_streams_small_members(tmp_path, mem, reads, monkeypatch):
-    """Streaming mode (sources.TAR_STREAM_BELOW): a shard that fits one window is one GET; in a
+    """Streaming mode (sources.tar.TAR_STREAM_BELOW): a shard that fits one window is one GET; in a
     larger one, after TAR_PROBE members read one by one, small members are read in big windows
     (few GETs, about the shard's bytes) and a member larger than a window is skipped, not read;
     big members keep the per-member reads. Same index as tarfile's local scan every time."""
@@ -284,13 +284,13 @@ def test_remote_tar_index_streams_small_members(tmp_path, mem, reads, monkeypatc
     fileio.copy(str(path), url)
     size = path.stat().st_size
     want = sources._tar_members(str(path), None)
-    monkeypatch.setattr(sources, "TAR_READAHEAD", 1024)
-    monkeypatch.setattr(sources, "TAR_PROBE", 8)
+    monkeypatch.setattr(sources.tar, "TAR_READAHEAD", 1024)
+    monkeypatch.setattr(sources.tar, "TAR_PROBE", 8)
     monkeypatch.setenv("SGT_JAX_CACHE_DIR", str(tmp_path / "cache"))
 
     def scan(window, below):
-        monkeypatch.setattr(sources, "TAR_STREAM_WINDOW", window)
-        monkeypatch.setattr(sources, "TAR_STREAM_BELOW", below)
+        monkeypatch.setattr(sources.tar, "TAR_STREAM_WINDOW", window)
+        monkeypatch.setattr(sources.tar, "TAR_STREAM_BELOW", below)
         shutil.rmtree(tmp_path / "cache", ignore_errors=True)      # no cached index
         reads.clear()
         st = {}
@@ -372,7 +372,7 @@ def test_llava_from_urls_equal_local(data, fake_gcs, mem):
 
 
 def test_llava_jsonl_index_streams_in_bounded_reads(data, mem, reads, monkeypatch):
-    monkeypatch.setattr(sources, "JSONL_BUFFER", 64)
+    monkeypatch.setattr(sources.jsonl, "JSONL_BUFFER", 64)
     mem_upload(str(data / "llava"), mem + "/llava")
     reads.clear()
     src = sources.LlavaSource(mem + "/llava/data.jsonl", mem + "/llava/images")

@@ -398,7 +398,7 @@ def main(argv=None) -> int:
     def _main(args):
         del args
         F = flags.FLAGS
-        from sgt_jax.data.sources import SpecError
+        from sgt_jax.data.sources.base import SpecError
 
         try:
             run(F.config, batches=F.batches, out=F.out, workdir=F.workdir, samples=F.samples,
