@@ -247,13 +247,13 @@ def contact_sheet(docs: list[dict], path: str, title: str = "") -> None:
 
 def check_model(run_cfg, tok) -> list[str]:
     """Data/model mismatches the trainer would refuse (config tables, vocabulary)."""
+    from sgt_jax.data import config as config_lib
+
     if "model" not in run_cfg:
         return []
     problems = []
     try:
-        from sgt_jax.train.loop import check_consistency
-
-        check_consistency(run_cfg)
+        config_lib.check_consistency(run_cfg)
     except ValueError as e:
         problems.append(str(e))
     vs = run_cfg.model.llm.vocab_size

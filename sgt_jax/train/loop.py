@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from sgt_jax import fileio
+from sgt_jax.data.config import check_consistency
 from sgt_jax.models.bagel import Bagel
 from sgt_jax.models.config import validate
 from sgt_jax.models.vae import AutoEncoder
@@ -56,22 +57,6 @@ def compile_count(name: str | None = None) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
-
-
-def check_consistency(cfg) -> None:
-    """The data and model sections must describe the same tables and routing quota."""
-    from sgt_jax.models.config import vae_downsample
-
-    m, d = cfg.model, cfg.data
-    pairs = [("data.vit_max_patches_per_side", d.get("vit_max_patches_per_side"),
-              "model.bagel.vit_max_num_patch_per_side", m.bagel.vit_max_num_patch_per_side),
-             ("data.max_latent_size", d.get("max_latent_size"), "model.bagel.max_latent_size", m.bagel.max_latent_size),
-             ("data.vae_downsample", d.get("vae_downsample"), "VAE downsample x latent_patch_size",
-              vae_downsample(m) * m.bagel.latent_patch_size),
-             ("data.vit_patch_size", d.get("vit_patch_size"), "model.vit.patch_size", m.vit.patch_size)]
-    for a, va, b, vb in pairs:
-        if va is not None and va != vb:
-            raise ValueError(f"config mismatch: {a}={va} but {b}={vb}; set them equal")
 
 
 def check_micro_batches(cfg, mesh) -> None:
