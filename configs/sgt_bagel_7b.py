@@ -30,7 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict()
     cfg.model = bagel_7b()                      # bf16 compute, fp32 masters, remat "full", scanned layers
     cfg.model.llm.attention_impl = "auto"       # flash (Pallas) on TPU: dense 16k rows need >95 GiB/chip
-    cfg.data = default_data_config()
+    cfg.data = default_data_config(cfg.model)   # the model's patch / table sizes derived from it
     cfg.data.rows_per_batch = 64                # 2 rows of 16k tokens per chip on a v5p-64 (32 chips)
     cfg.data.sources.seg = "sgt_pairs:gs://BUCKET/SAM-SGT"          # the released SAM-SGT pairs
     cfg.data.sources.vqa = "llava:gs://BUCKET/llava-ov/sft.jsonl::gs://BUCKET/llava-ov/images"

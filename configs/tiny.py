@@ -14,20 +14,19 @@ from sgt_jax.train.config import default_mesh_config, default_train_config
 def get_config() -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict()
     cfg.model = tiny()
-    cfg.model.llm.vocab_size = 512                  # the tiny tokenizer's vocabulary
-    cfg.data = tiny_data_config()
-    cfg.data.tiny_tokenizer_vocab_size = 512
-    cfg.data.rows_per_batch = 4
-    cfg.data.tokens_per_row = 384
-    cfg.data.gen_tokens_per_row = 96
-    cfg.data.vit_patches_per_row = 192
-    cfg.data.vae_images_per_row = 4
-    cfg.data.vae_image_size = 64                    # 4x4 latent tokens per image at most
-    cfg.data.max_tokens_per_sample = 384
-    cfg.data.transforms.vit_image_size = 56         # 4x4 ViT patches
-    cfg.data.transforms.vae_min, cfg.data.transforms.vae_max = 64, 64
-    cfg.data.transforms.vqa_vit_min, cfg.data.transforms.vqa_vit_max = 56, 84
-    cfg.data.transforms.target_resample = "nearest"
+    cfg.data = tiny_data_config(cfg.model)          # the model's patch / table sizes derived from it
+    # the model's vocabulary is the tiny tokenizer's (512; tiny() keeps the golden fixture's 160)
+    cfg.model.llm.vocab_size = cfg.data.get_ref("tiny_tokenizer_vocab_size")
+    # shorter rows and smaller images than tiny_data_config(), for a fast CPU training run
+    # (docs/training.md's main-job numbers are for these)
+    cfg.data.update(tokens_per_row=384, gen_tokens_per_row=96, vit_patches_per_row=192,
+                    max_tokens_per_sample=384,
+                    vae_image_size=64)                  # 4x4 latent tokens per image at most
+    t = cfg.data.transforms
+    t.vit_image_size = 56                           # 4x4 ViT patches
+    t.vae_max = 64                                  # every generation target 64 px (vae_min is 64)
+    t.vqa_vit_max = 84
+    t.target_resample = "nearest"
     cfg.data.sources.seg = "synthetic_seg:{workdir}/synthetic?n=256&size=48-80"
     cfg.data.sources.vqa = "synthetic_vqa:{workdir}/synthetic?n=256&size=48-80"
     cfg.train = default_train_config()

@@ -636,7 +636,7 @@ def analyse(cfg, topology: str | Topology, *, costs: bool = True, components: bo
             "llm_layers": int(m.llm.num_layers), "vit_layers": int(m.vit.num_layers),
             "llm_remat_policy": m.llm.remat_policy, "vit_remat_policy": m.vit.remat_policy,
             "attention_impl": _attention(m, devices[0].platform), "ce_chunk_size": int(m.llm.ce_chunk_size),
-            "compute_dtype": m.compute_dtype, "param_dtype": m.param_dtype,
+            "compute_dtype": m.compute_dtype, "param_dtype": "float32",   # the master weights, always
         },
         "versions": {"jax": jax.__version__, "libtpu": _version("libtpu")},
         "compiler_options": compiler_options or {},

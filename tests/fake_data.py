@@ -1,8 +1,24 @@
-"""A deterministic, resumable stream of random PackedBatches satisfying the routing invariants
-(for trainer tests that must not depend on the data pipeline)."""
+"""Shared test helpers: a deterministic, resumable stream of random PackedBatches satisfying the
+routing invariants (``FakeIterator``, for trainer tests that must not depend on the data
+pipeline), and the builders of on-disk test data (images, tar shards, SA-1B JSON, LLaVA turns)
+and record comparisons the data tests share."""
+import io
+import json
+import os
+import struct
+import sys
+import tarfile
+import zlib
+from pathlib import Path
+
 import numpy as np
+from PIL import Image
 
 from sgt_jax import batch as B
+from sgt_jax.data import render
+from sgt_jax.data.records import BadRecord
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 class FakeIterator:
@@ -81,3 +97,105 @@ class FakeIterator:
             vae_images=rng.uniform(-1, 1, (self.images, self.px, self.px, 3)).astype(np.float32),
             latents=None)
         return {k: v for k, v in out.items() if v is not None}
+
+
+# ------------------------------------------------------------------------------------------------
+# on-disk data for the data tests
+# ------------------------------------------------------------------------------------------------
+
+def _enc(arr, fmt="JPEG", **kw) -> bytes:
+    b = io.BytesIO()
+    (arr if isinstance(arr, Image.Image) else Image.fromarray(arr)).save(b, fmt, **kw)
+    return b.getvalue()
+
+
+def _write(path, data: bytes | str):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+
+
+def _tar(path, members):
+    with tarfile.open(path, "w") as tf:
+        for name, data in members:
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    return str(path)
+
+
+def _sa1b_json(image_id, h, w, masks, **image_extra):
+    return json.dumps({"image": {"image_id": image_id, "height": h, "width": w,
+                                 "file_name": f"sa_{image_id}.jpg", **image_extra},
+                       "annotations": [{"id": k, "segmentation": render.rle_encode(m),
+                                        "area": int(m.sum()), "bbox": render.mask_bbox(m)}
+                                       for k, m in enumerate(masks)]})
+
+
+def _huge_png(side=20000) -> bytes:
+    """A PNG whose header says side x side (the pixel data is never reached)."""
+    png = bytearray(_enc(np.zeros((1, 1, 3), np.uint8), "PNG"))
+    ihdr = 8 + 8                                             # signature, chunk length + type
+    png[ihdr:ihdr + 8] = struct.pack(">II", side, side)
+    png[ihdr + 13:ihdr + 17] = struct.pack(">I", zlib.crc32(bytes(png[ihdr - 4:ihdr + 13])))
+    return bytes(png)
+
+
+def _nested(h=40, w=50):
+    big = np.zeros((h, w), np.uint8)
+    big[5:35, 5:45] = 1
+    small = np.zeros((h, w), np.uint8)
+    small[15:20, 20:25] = 1
+    return big, small
+
+
+def _same_record(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], np.ndarray):
+            assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
+        elif isinstance(a[k], list) and a[k] and isinstance(a[k][0], np.ndarray):
+            assert all(np.array_equal(x, y) for x, y in zip(a[k], b[k], strict=True)), k
+        else:
+            assert a[k] == b[k], k
+
+
+def _id2rgb(i):
+    return [i % 256, (i // 256) % 256, i // 65536]
+
+
+def _turns(*vals):
+    return [{"from": "human" if j % 2 == 0 else "gpt", "value": v} for j, v in enumerate(vals)]
+
+
+def outcomes(src):
+    """[(key, record | reason)] over a whole source."""
+    out = []
+    for i in range(len(src)):
+        try:
+            out.append((src.key(i), src[i]))
+        except BadRecord as e:
+            out.append((e.key, e.reason))
+    return out
+
+
+def same_outcomes(a, b):
+    oa, ob = outcomes(a), outcomes(b)
+    assert [k for k, _ in oa] == [k for k, _ in ob]
+    for (k, x), (_, y) in zip(oa, ob):
+        if isinstance(x, dict):
+            assert isinstance(y, dict), (k, y)
+            _same_record(x, y)
+        else:
+            assert x == y, k
+    return oa
+
+
+def tiny_run_config():
+    """configs/tiny.py's run config (the repo root is not on sys.path in tests)."""
+    sys.path.insert(0, str(REPO))
+    try:
+        from configs.tiny import get_config
+    finally:
+        sys.path.remove(str(REPO))
+    return get_config()

@@ -1,10 +1,18 @@
 """Data configs (ml_collections): every knob of sources -> samples -> packer -> Grain pipeline.
 
-``default_data_config()`` has SGT-BAGEL's sizes (ViT 224, VAE long edge 512-1024 stride 16, VQA ViT
-378-980, Seg:VQA = 2:1 by samples in every batch) with static row shapes for a 16k-token row;
-``tiny_data_config()`` shrinks the images and the rows to the tiny CPU model (``models.config.tiny``:
-ViT and latent position tables of 8 per side). Both read the built-in synthetic data generated
-into the workdir unless ``sources`` says otherwise. ``validate`` raises a clear error naming the key.
+``default_data_config(model)`` has SGT-BAGEL's sizes (ViT 224, VAE long edge 512-1024 stride 16, VQA
+ViT 378-980, Seg:VQA = 2:1 by samples in every batch) with static row shapes for a 16k-token row;
+``tiny_data_config(model)`` shrinks the images and the rows to the tiny CPU model
+(``models.config.tiny``: ViT and latent position tables of 8 per side). Both read the built-in
+synthetic data generated into the workdir unless ``sources`` says otherwise. ``validate`` raises a
+clear error naming the key.
+
+The model constants the data lays batches out with (``MODEL_KEYS``: ViT patch size and position
+table, latent downsample and table) are derived once from the model config (``from_model``), as
+references: a command-line override of the model key (``--config.model.bagel.max_latent_size=16``)
+changes the data key with it, and setting the data key sets the model's. Without a model the
+defaults are those of ``bagel_7b()`` / ``tiny()``. ``check_consistency`` catches a data config put
+beside another model.
 
 Strings in ``sources`` and ``tokenizer_path`` may contain ``{workdir}``.
 """
@@ -12,14 +20,52 @@ from __future__ import annotations
 
 import ml_collections
 
+from sgt_jax.models import config as model_config
+
 BAGEL_MAX_PIXELS = 14 * 14 * 9 * 1024          # ImageTransform default (1,806,336)
 VLM_MAX_PIXELS = 2_007_040                      # BAGEL / SGT VLM config
 MIX_MODES = ("samples", "tokens", "weights")
 RESAMPLE = ("bicubic", "bilinear", "nearest")
 
+# data key -> where it comes from in the model config
+MODEL_KEYS = {
+    "vit_patch_size": "model.vit.patch_size",
+    "vit_max_patches_per_side": "model.bagel.vit_max_num_patch_per_side",   # the ViT position table
+    "vae_downsample": "VAE downsample x model.bagel.latent_patch_size",     # pixels per latent token
+    "max_latent_size": "model.bagel.max_latent_size",                        # the latent position table
+}
 
-def default_data_config() -> ml_collections.ConfigDict:
-    """SGT-BAGEL sizes (paper recipe / official code), rows of 16k tokens."""
+
+def from_model(model: ml_collections.ConfigDict) -> dict:
+    """The ``MODEL_KEYS`` of a data config, derived from ``model``: references into it (the VAE's
+    downsample factor is fixed here: ``vae.ch_mult`` is a tuple)."""
+    return {
+        "vit_patch_size": model.vit.get_ref("patch_size"),
+        "vit_max_patches_per_side": model.bagel.get_ref("vit_max_num_patch_per_side"),
+        "vae_downsample": model.bagel.get_ref("latent_patch_size") * model_config.vae_downsample(model),
+        "max_latent_size": model.bagel.get_ref("max_latent_size"),
+    }
+
+
+def check_consistency(cfg) -> None:
+    """A run config's ``data`` must describe the tables and patch sizes of its ``model``: true of
+    configs built with ``from_model`` (unless a derived key was overridden on its own, such as
+    ``data.vae_downsample``); raises ValueError naming both keys."""
+    m, d = cfg.model, cfg.data
+    want = {"vit_patch_size": m.vit.patch_size,
+            "vit_max_patches_per_side": m.bagel.vit_max_num_patch_per_side,
+            "vae_downsample": model_config.vae_downsample(m) * m.bagel.latent_patch_size,
+            "max_latent_size": m.bagel.max_latent_size}
+    for k, vb in want.items():
+        va = d.get(k)
+        if va is not None and va != vb:
+            raise ValueError(f"config mismatch: data.{k}={va} but {MODEL_KEYS[k]}={vb}; set them equal "
+                             f"(data.{k} is derived from the model: set the model's key only)")
+
+
+def default_data_config(model: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
+    """SGT-BAGEL sizes (paper recipe / official code), rows of 16k tokens; the ``MODEL_KEYS`` from
+    ``model`` (default ``bagel_7b()``)."""
     c = ml_collections.ConfigDict()
     c.seed = 0
 
@@ -34,16 +80,13 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.vae_images_dtype = "float32"     # "float32" or "bfloat16" (halves host memory / transfer)
     c.max_tokens_per_sample = 16384    # BAGEL's max_num_tokens_per_sample: longer samples are dropped
 
-    # ---- constants shared with the model config (the trainer checks they agree) ----
-    c.vit_patch_size = 14
-    c.vit_max_patches_per_side = 70    # bagel.vit_max_num_patch_per_side
-    c.vae_downsample = 16              # VAE 8x * latent patch 2: one latent token = 16x16 px
-    c.max_latent_size = 64             # bagel.max_latent_size (latent position table side)
+    # ---- the model's constants (MODEL_KEYS), references into the model config ----
+    c.update(from_model(model if model is not None else model_config.bagel_7b()))
 
     # ---- image transforms (BAGEL's MaxLongEdgeMinShortEdgeResize) ----
     t = ml_collections.ConfigDict()
     t.vit_image_size = 224             # seg / recon ViT input: ImageTransform(224, 224, 14) as in SGT
-    t.vit_stride = 14
+    t.vit_stride = c.get_ref("vit_patch_size")   # the ViT patch size (one reference)
     t.vae_min = 512                    # generation target: short edge >= 512 ...
     t.vae_max = 1024                   # ... long edge <= 1024
     t.vae_stride = 16
@@ -102,9 +145,10 @@ def default_data_config() -> ml_collections.ConfigDict:
     return c
 
 
-def tiny_data_config() -> ml_collections.ConfigDict:
-    """CPU sizes for ``models.config.tiny()`` (8x8 ViT and latent position tables)."""
-    c = default_data_config()
+def tiny_data_config(model: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
+    """CPU sizes for ``models.config.tiny()`` (8x8 ViT and latent position tables): the
+    ``MODEL_KEYS`` from ``model`` (default ``tiny()``)."""
+    c = default_data_config(model if model is not None else model_config.tiny())
     c.rows_per_batch = 4
     c.tokens_per_row = 512
     c.gen_tokens_per_row = 128
@@ -112,8 +156,6 @@ def tiny_data_config() -> ml_collections.ConfigDict:
     c.vae_images_per_row = 4
     c.vae_image_size = 128
     c.max_tokens_per_sample = 512
-    c.vit_max_patches_per_side = 8
-    c.max_latent_size = 8
     t = c.transforms
     t.vit_image_size = 112
     t.vae_min, t.vae_max = 64, 128

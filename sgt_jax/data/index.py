@@ -20,7 +20,7 @@ their record counts are reported.
 
 Prints a progress line (stderr) and a JSON summary (stdout): ``indexed`` / ``already_cached``
 (counts), ``streamed`` (tars read in big windows: small members, see
-``sources.TAR_STREAM_BELOW``), ``members`` (tar members + jsonl lines), ``bytes_read`` / ``reads`` (of the data, for
+``sources.tar.TAR_STREAM_BELOW``), ``members`` (tar members + jsonl lines), ``bytes_read`` / ``reads`` (of the data, for
 the indexes built now), ``failed`` (path -> error), ``records`` (per stream, with ``--check``),
 ``seconds``. Exit status 1 if an index failed.
 """
@@ -36,25 +36,26 @@ import time
 
 def targets(cfg, workdir: str | None) -> list[tuple[str, str]]:
     """Unique (kind, path) indexes of the data config's sources, in config order."""
-    from sgt_jax.data import sources
+    from sgt_jax.data.sources.registry import index_targets
 
     out: dict[tuple[str, str], None] = {}
     for spec in cfg.sources.values():
         for part in [p.strip().format(workdir=workdir or "") for p in spec.split(";") if p.strip()]:
-            out.update(dict.fromkeys(sources.index_targets(part)))
+            out.update(dict.fromkeys(index_targets(part)))
     return list(out)
 
 
 def run(run_cfg, *, workdir: str, workers: int = 16, check: bool = True, log=None) -> dict:
     """Build the indexes (see the module doc); returns the summary."""
-    from sgt_jax.data import sources
+    from sgt_jax import fileio
+    from sgt_jax.data.sources.registry import build_index
 
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     cfg = run_cfg.data if "data" in run_cfg else run_cfg
     t0 = time.perf_counter()
     todo = targets(cfg, workdir)
     log(f"sgt-jax data index: {len(todo)} index(es) for {len(cfg.sources)} stream(s) -> "
-        f"{sources.fileio.join(workdir, 'index_cache')} ({workers} workers)")
+        f"{fileio.join(workdir, 'index_cache')} ({workers} workers)")
     tot = {"indexed": 0, "already_cached": 0, "streamed": 0, "members": 0, "bytes_read": 0,
            "reads": 0}
     failed: dict[str, str] = {}
@@ -74,7 +75,7 @@ def run(run_cfg, *, workdir: str, workers: int = 16, check: bool = True, log=Non
     def one(t):
         kind, path = t
         try:
-            st = sources.build_index(kind, path, workdir=workdir)
+            st = build_index(kind, path, workdir=workdir)
         except Exception as e:  # noqa: BLE001 -- reported per path, the others go on
             with lock:
                 failed[path] = f"{type(e).__name__}: {e}"
@@ -124,7 +125,7 @@ def main(argv=None) -> int:
     def _main(args):
         del args
         F = flags.FLAGS
-        from sgt_jax.data.sources import SpecError
+        from sgt_jax.data.sources.base import SpecError
 
         try:
             s = run(F.config, workdir=F.workdir, workers=F.workers, check=F.check)

@@ -124,7 +124,7 @@ class Concat(tuple):
 
 def make_sources(cfg, workdir: str | None) -> dict[str, object]:
     """name -> source, from the spec strings (``;`` joins several specs of one stream)."""
-    from sgt_jax.data.sources import make_source    # lazy: sources pull in optional readers
+    from sgt_jax.data.sources.registry import make_source    # lazy: sources pull in optional readers
 
     out = {}
     for name, spec in cfg.sources.items():

@@ -247,13 +247,13 @@ def contact_sheet(docs: list[dict], path: str, title: str = "") -> None:
 
 def check_model(run_cfg, tok) -> list[str]:
     """Data/model mismatches the trainer would refuse (config tables, vocabulary)."""
+    from sgt_jax.data import config as config_lib
+
     if "model" not in run_cfg:
         return []
     problems = []
     try:
-        from sgt_jax.train.loop import check_consistency
-
-        check_consistency(run_cfg)
+        config_lib.check_consistency(run_cfg)
     except ValueError as e:
         problems.append(str(e))
     vs = run_cfg.model.llm.vocab_size
@@ -398,7 +398,7 @@ def main(argv=None) -> int:
     def _main(args):
         del args
         F = flags.FLAGS
-        from sgt_jax.data.sources import SpecError
+        from sgt_jax.data.sources.base import SpecError
 
         try:
             run(F.config, batches=F.batches, out=F.out, workdir=F.workdir, samples=F.samples,

@@ -1,9 +1,9 @@
 """Model configs (ml_collections) and their validation.
 
 A model config has four parts, named as in BAGEL: ``llm`` (Qwen2 MoT), ``vit`` (SigLIP-NaViT),
-``vae`` (FLUX autoencoder) and the top-level ``bagel`` settings, plus the dtypes. ``tiny()`` is the
-CPU preset; ``bagel_7b()`` has BAGEL-7B-MoT's shapes. ``validate`` raises a clear error on
-inconsistent shapes; every model constructor calls it.
+``vae`` (FLUX autoencoder) and the top-level ``bagel`` settings, plus ``compute_dtype`` (parameters
+are always float32 masters). ``tiny()`` is the CPU preset; ``bagel_7b()`` has BAGEL-7B-MoT's
+shapes. ``validate`` raises a clear error on inconsistent shapes; every model constructor calls it.
 """
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def tiny() -> ml_collections.ConfigDict:
     """The CPU preset: the shapes of the golden fixture ``tiny_v1``."""
     return ml_collections.ConfigDict(dict(
         llm=_llm(), vit=_vit(), vae=_vae(), bagel=_bagel(),
-        compute_dtype="float32", param_dtype="float32",
+        compute_dtype="float32",
     ))
 
 
@@ -84,7 +84,7 @@ def bagel_7b() -> ml_collections.ConfigDict:
                  patch_size=14, max_patches_per_side=70, remat_policy="full"),
         vae=_vae(ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, z_channels=16),
         bagel=_bagel(max_latent_size=64, vit_max_num_patch_per_side=70),
-        compute_dtype="bfloat16", param_dtype="float32",
+        compute_dtype="bfloat16",
     ))
 
 

@@ -7,6 +7,8 @@ import math
 
 import ml_collections
 
+from sgt_jax.data.config import check_consistency
+
 
 def default_train_config() -> ml_collections.ConfigDict:
     """BAGEL's TrainingArguments defaults where they exist (reference/bagel.md 4.1)."""
@@ -40,22 +42,6 @@ class ConfigError(ValueError):
 
 # ------------------------------------------------------------------------------------------------
 # validation
-
-
-def check_consistency(cfg) -> None:
-    """The data and model sections must describe the same tables and routing quota."""
-    from sgt_jax.models.config import vae_downsample
-
-    m, d = cfg.model, cfg.data
-    pairs = [("data.vit_max_patches_per_side", d.get("vit_max_patches_per_side"),
-              "model.bagel.vit_max_num_patch_per_side", m.bagel.vit_max_num_patch_per_side),
-             ("data.max_latent_size", d.get("max_latent_size"), "model.bagel.max_latent_size", m.bagel.max_latent_size),
-             ("data.vae_downsample", d.get("vae_downsample"), "VAE downsample x latent_patch_size",
-              vae_downsample(m) * m.bagel.latent_patch_size),
-             ("data.vit_patch_size", d.get("vit_patch_size"), "model.vit.patch_size", m.vit.patch_size)]
-    for a, va, b, vb in pairs:
-        if va is not None and va != vb:
-            raise ValueError(f"config mismatch: {a}={va} but {b}={vb}; set them equal")
 
 
 def check_micro_batches(cfg, mesh) -> None:

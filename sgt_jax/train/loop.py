@@ -22,7 +22,7 @@ from sgt_jax.parallel import mesh as mesh_lib
 from sgt_jax.train import config as run_config
 from sgt_jax.train import metrics as metrics_lib
 from sgt_jax.train.checkpoint import Checkpointer, ConfigChangeError, config_json
-from sgt_jax.train.config import check_consistency, check_micro_batches  # noqa: F401 -- aot, preview
+from sgt_jax.train.config import check_consistency, check_micro_batches  # noqa: F401 -- aot
 from sgt_jax.train.optimizer import copy_init_moe, make_tx, trainable_filter
 from sgt_jax.train.step import TrainState, make_train_step
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fake_data import REPO, tiny_run_config
 from PIL import Image
 
 from sgt_jax import fileio
@@ -21,7 +22,6 @@ from sgt_jax.data import pipeline as PL
 from sgt_jax.data import render, sources, synthetic
 from sgt_jax.data.records import BadRecord
 
-ROOT = Path(__file__).resolve().parents[1]
 
 # ------------------------------------------------------------------------------------------------
 # every file opened while recording (the hook stays installed for the session; it records only
@@ -253,22 +253,13 @@ def test_preview_never_delivers_an_outside_image(tmp_path, outside):
     os.symlink(outside / "secret.jpg", root / "images" / "link.jpg")
     _write(root / "data.jsonl", _llava_rows(["real.jpg", "../../outside/secret.jpg",
                                              str(outside / "secret.jpg"), "link.jpg"]))
-    cfg = _tiny()
+    cfg = tiny_run_config()
     cfg.data.sources.vqa = f"llava:{root}/data.jsonl::{root}/images"
     with opened() as seen:
         s = preview.run(cfg, batches=2, out=str(tmp_path / "out"), samples=2, log=lambda *_: None)
     assert _under(seen, outside) == [] and _under(seen, root / "images")
     sk = s["counters"]["skipped"]
     assert sk.get("path_outside_root", 0) >= 3 and not any(k.startswith("error_") for k in sk), sk
-
-
-def _tiny():
-    sys.path.insert(0, str(ROOT))
-    try:
-        from configs.tiny import get_config
-    finally:
-        sys.path.remove(str(ROOT))
-    return get_config()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -324,7 +315,7 @@ def test_preview_json_reports_orphans(tmp_path):
     synthetic.generate(str(sa), 8, seed=0, size=(48, 64))
     for j in sorted(sa.glob("sa_*.jpg"))[:2]:
         j.unlink()
-    cfg = _tiny()
+    cfg = tiny_run_config()
     cfg.data.sources.seg = f"sa1b:{sa}"
     lines = []
     s = preview.run(cfg, batches=1, out=str(tmp_path / "out"), samples=2, log=lines.append)
@@ -513,7 +504,7 @@ def test_spec_error_is_one_line(tmp_path, module, extra):
     args = [a.replace("OUT", str(tmp_path / "o")) for a in extra]
     p = subprocess.run([sys.executable, "-m", module, "--config", "configs/tiny.py",
                         f"--config.data.sources.seg=sa1b:{tmp_path}/nothing_here", *args],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       cwd=REPO, capture_output=True, text=True, timeout=300,
                        env={**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
                             "JAX_PLATFORMS": "cpu"})            # one CPU device, as a user runs it
     assert p.returncode == 2, p.stderr[-2000:]

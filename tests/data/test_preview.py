@@ -6,10 +6,10 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from fake_data import REPO, tiny_run_config
 from PIL import Image
 
 from sgt_jax.batch import VIT
@@ -19,16 +19,6 @@ from sgt_jax.data.packer import RowSpec, assemble
 from sgt_jax.data.samples import SampleBuilder
 from sgt_jax.data.tokenizer import Tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _tiny_cfg():
-    sys.path.insert(0, str(ROOT))
-    try:
-        from configs.tiny import get_config
-    finally:
-        sys.path.remove(str(ROOT))
-    return get_config()
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +27,7 @@ def cli(tmp_path_factory):
     p = subprocess.run([sys.executable, "-m", "sgt_jax.data.preview", "--config", "configs/tiny.py",
                         "--batches", "2", "--out", str(out), "--samples", "4",
                         "--config.data.seed=3"],
-                       check=False, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       check=False, cwd=REPO, capture_output=True, text=True, timeout=120,
                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert p.returncode == 0, p.stderr[-3000:]
     return out, p.stdout, json.loads((out / "preview.json").read_text())
@@ -87,7 +77,7 @@ def test_reconstructed_vit_image_is_the_unpatchified_batch(cli):
     """The PNGs equal the ViT patches / VAE images of the very batch the pipeline yields (pulled
     again here with the same config and workdir), un-patchified independently of preview.py."""
     out, _, summary = cli
-    cfg = _tiny_cfg().data
+    cfg = tiny_run_config().data
     cfg.seed = 3
     it = pipeline.make_train_iterator(cfg, workdir=str(out / "work"))
     batches = [next(it)[0] for _ in range(2)]
@@ -127,7 +117,7 @@ def test_reconstruct_recovers_the_resized_inputs_and_text(cli):
     """Pack known records and reconstruct: ViT image == the ViT transform of the RGB, target ==
     the VAE transform of the mask, text == the instruction / the Q and A."""
     out, _, _ = cli
-    cfg = _tiny_cfg().data
+    cfg = tiny_run_config().data
     for k in ("text_cond_dropout_prob", "vit_cond_dropout_prob", "vae_cond_dropout_prob"):
         cfg.samples[k] = 0.0
     tok = Tokenizer(str(out / "work" / "tokenizer"))
@@ -174,7 +164,7 @@ def test_counters_name_the_reasons_of_bad_records(cli, tmp_path):
     synthetic.generate(str(d), 6, size=(48, 80), num_shapes=(1, 4))
     (d / "sa_1.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")      # corrupt_image
     (d / "sa_2.json").unlink()                                                 # missing_file
-    cfg = _tiny_cfg()
+    cfg = tiny_run_config()
     cfg.data.sources.seg = f"sa1b:{d}"
     lines = []
     summary = preview.run(cfg, batches=2, out=str(tmp_path / "out"), workdir=str(out / "work"), samples=2,

@@ -21,17 +21,9 @@ from pathlib import Path
 import fsspec
 import numpy as np
 import pytest
+from fake_data import _enc, _same_record, _tar, _write, outcomes, same_outcomes
 from fsspec.implementations.memory import MemoryFileSystem
 from remote_fs import FakeGCS, upload_tree
-from test_data_sources import (
-    _enc,
-    _nested,
-    _sa1b_json,
-    _same_record,
-    _tar,
-    _turns,
-    _write,
-)
 
 from sgt_jax import batch as B
 from sgt_jax import fileio
@@ -39,32 +31,8 @@ from sgt_jax.data import config as C
 from sgt_jax.data import pipeline as PL
 from sgt_jax.data import sources, synthetic
 from sgt_jax.data import tokenizer as T
-from sgt_jax.data.records import BadRecord
 
 FSSPEC_REGISTRY = __import__("importlib").import_module("fsspec.registry")
-
-
-def outcomes(src):
-    """[(key, record | reason)] over a whole source."""
-    out = []
-    for i in range(len(src)):
-        try:
-            out.append((src.key(i), src[i]))
-        except BadRecord as e:
-            out.append((e.key, e.reason))
-    return out
-
-
-def same_outcomes(a, b):
-    oa, ob = outcomes(a), outcomes(b)
-    assert [k for k, _ in oa] == [k for k, _ in ob]
-    for (k, x), (_, y) in zip(oa, ob):
-        if isinstance(x, dict):
-            assert isinstance(y, dict), (k, y)
-            _same_record(x, y)
-        else:
-            assert x == y, k
-    return oa
 
 
 @pytest.fixture
@@ -95,76 +63,6 @@ def reads(monkeypatch):
             return data
         monkeypatch.setattr(cls, "cat_file", cat_file)
     return seen
-
-
-# ------------------------------------------------------------------------------------------------
-# data, built once (tiny)
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """SA-1B folder (good + bad records) and its tar shards, SAM-SGT pairs (folder, tars, list),
-    a LLaVA jsonl / json + images."""
-    root = tmp_path_factory.mktemp("remote_data")
-    sa = root / "sa1b"
-    synthetic.generate(str(sa / "folder"), 4, seed=5, size=(32, 48))
-    h, w = 40, 50
-    big, small = _nested(h, w)
-    img = np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8)
-    jpg = _enc(img)
-    f = sa / "folder"
-    _write(f"{f}/sub/sa_900.jpg", jpg)
-    _write(f"{f}/sub/sa_900.json", _sa1b_json(900, h, w, [small, big]))
-    _write(f"{f}/sa_901.jpg", jpg[: len(jpg) // 2])                      # corrupt image
-    _write(f"{f}/sa_901.json", _sa1b_json(901, h, w, [big]))
-    _write(f"{f}/sa_902.jpg", jpg)
-    _write(f"{f}/sa_902.json", "{broken")                                # bad annotation
-    _write(f"{f}/sa_903.jpg", jpg)                                       # missing JSON
-    _write(f"{f}/sa_904.jpg", jpg)
-    _write(f"{f}/sa_904.json", _sa1b_json(904, h, w, []))                # no masks
-    names = fileio.walk_files(str(f))
-    (sa / "shards").mkdir()
-    rd = lambda n: (f / n).read_bytes()
-    _tar(sa / "shards" / "sa_000000.tar", [(f"./{n}", rd(n)) for n in names if n.endswith(".jpg")])
-    _tar(sa / "shards" / "sa_000001.tar", [(n, rd(n)) for n in names if n.endswith(".json")])
-
-    pairs = root / "pairs"
-    src = sources.SA1BSource([str(f)], seed=0)
-    members = []
-    for i in range(len(src)):
-        try:
-            r = src[i]
-        except BadRecord:
-            continue
-        jpg_b = rd(r["id"] + ".jpg")
-        png_b = _enc(r["target"], "PNG")
-        _write(f"{pairs}/SAM-SGT/sam_selection/{r['id']}.jpg", jpg_b)
-        _write(f"{pairs}/SAM-SGT/sam_mask/{r['id']}.png", png_b)
-        members += [(f"sam_selection/{r['id']}.jpg", jpg_b), (f"sam_mask/{r['id']}.png", png_b)]
-    _write(f"{pairs}/SAM-SGT/sam_selection/lonely.jpg", members[0][1])   # no mask: missing_file
-    _write(f"{pairs}/SAM-SGT/sam_mask/sa_2.png", b"not a png")          # corrupt mask
-    (pairs / "tars").mkdir()
-    _tar(pairs / "tars" / "part0.tar", members[::2])
-    _tar(pairs / "tars" / "part1.tar", members[1::2])
-    _write(f"{pairs}/list.txt", "x/sam_selection/sa_1.jpg\nsa_3.jpg\nsub/sa_900.jpg\n")
-
-    lv = root / "llava"
-    a = np.random.default_rng(3).integers(0, 255, (20, 30, 3), dtype=np.uint8)
-    _write(f"{lv}/images/sub/a.png", _enc(a, "PNG"))
-    _write(f"{lv}/images/b.png", b"\x89PNG broken")
-    rows = [{"id": "one", "image": "sub/a.png", "conversations": _turns("<image>\nWhat?", "A cat.")},
-            {"id": "text", "conversations": _turns("Hi", "Hello")},
-            {"id": "missing", "image": "nope.png", "conversations": _turns("<image>\nQ", "A")},
-            {"id": "corrupt", "image": "b.png", "conversations": _turns("<image>\nQ", "A")},
-            {"id": "roles", "conversations": _turns("Q", "A", "Q2")}]
-    with open(lv / "data.jsonl", "w") as fh:
-        for r in rows[:2]:
-            fh.write(json.dumps(r) + "\n")
-        fh.write("{broken json\n\n")
-        for r in rows[2:]:
-            fh.write(json.dumps(r) + "\n")
-    (lv / "data.json").write_text(json.dumps(rows))
-    (lv / "images" / "data.jsonl").write_text((lv / "data.jsonl").read_text())   # default root
-    return root
 
 
 # ------------------------------------------------------------------------------------------------
@@ -251,8 +149,8 @@ def test_remote_tar_index_reads_headers_not_the_shard(tmp_path, mem, reads, monk
     url = mem + "/s.tar"
     fileio.copy(str(path), url)
     size = path.stat().st_size
-    monkeypatch.setattr(sources, "TAR_READAHEAD", 2048)
-    monkeypatch.setattr(sources, "TAR_STREAM_BELOW", 0)      # per-member reads (no streaming)
+    monkeypatch.setattr(sources.tar, "TAR_READAHEAD", 2048)
+    monkeypatch.setattr(sources.tar, "TAR_STREAM_BELOW", 0)      # per-member reads (no streaming)
     reads.clear()
     got = sources._tar_members(url, None)
     assert got == sources._tar_members(str(path), None)
@@ -268,7 +166,7 @@ def test_remote_tar_index_reads_headers_not_the_shard(tmp_path, mem, reads, monk
 
 
 def test_remote_tar_index_streams_small_members(tmp_path, mem, reads, monkeypatch):
-    """Streaming mode (sources.TAR_STREAM_BELOW): a shard that fits one window is one GET; in a
+    """Streaming mode (sources.tar.TAR_STREAM_BELOW): a shard that fits one window is one GET; in a
     larger one, after TAR_PROBE members read one by one, small members are read in big windows
     (few GETs, about the shard's bytes) and a member larger than a window is skipped, not read;
     big members keep the per-member reads. Same index as tarfile's local scan every time."""
@@ -284,13 +182,13 @@ def test_remote_tar_index_streams_small_members(tmp_path, mem, reads, monkeypatc
     fileio.copy(str(path), url)
     size = path.stat().st_size
     want = sources._tar_members(str(path), None)
-    monkeypatch.setattr(sources, "TAR_READAHEAD", 1024)
-    monkeypatch.setattr(sources, "TAR_PROBE", 8)
+    monkeypatch.setattr(sources.tar, "TAR_READAHEAD", 1024)
+    monkeypatch.setattr(sources.tar, "TAR_PROBE", 8)
     monkeypatch.setenv("SGT_JAX_CACHE_DIR", str(tmp_path / "cache"))
 
     def scan(window, below):
-        monkeypatch.setattr(sources, "TAR_STREAM_WINDOW", window)
-        monkeypatch.setattr(sources, "TAR_STREAM_BELOW", below)
+        monkeypatch.setattr(sources.tar, "TAR_STREAM_WINDOW", window)
+        monkeypatch.setattr(sources.tar, "TAR_STREAM_BELOW", below)
         shutil.rmtree(tmp_path / "cache", ignore_errors=True)      # no cached index
         reads.clear()
         st = {}
@@ -372,7 +270,7 @@ def test_llava_from_urls_equal_local(data, fake_gcs, mem):
 
 
 def test_llava_jsonl_index_streams_in_bounded_reads(data, mem, reads, monkeypatch):
-    monkeypatch.setattr(sources, "JSONL_BUFFER", 64)
+    monkeypatch.setattr(sources.jsonl, "JSONL_BUFFER", 64)
     mem_upload(str(data / "llava"), mem + "/llava")
     reads.clear()
     src = sources.LlavaSource(mem + "/llava/data.jsonl", mem + "/llava/images")

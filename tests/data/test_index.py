@@ -14,18 +14,16 @@ import shutil
 import subprocess
 import sys
 import tarfile
-from pathlib import Path
 
 import pytest
+from fake_data import REPO, same_outcomes
 from remote_fs import upload_tree
-from test_data_remote import data, same_outcomes  # noqa: F401 -- `data` is a fixture
 
 from sgt_jax import fileio
 from sgt_jax.data import config as C
 from sgt_jax.data import index, sources
 from sgt_jax.data import pipeline as PL
 
-REPO = Path(__file__).resolve().parents[1]
 SEG = "sa1b:{r}/sa1b/shards/*.tar; sgt_pairs:{r}/pairs/tars"
 VQA = "llava:{r}/llava/data.jsonl::{r}/llava/images"
 

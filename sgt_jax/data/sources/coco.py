@@ -1,0 +1,199 @@
+"""COCO panoptic and COCO instances -> seg records.
+
+    coco_panoptic:JSON::PNG_DIR::IMAGE_DIR[?colors=coco|render&max_pixels=N&max_side=N]
+    coco_instances:JSON::IMAGE_DIR[?by=instance|category&crowd=0|1&background=R,G,B
+                                   &max_pixels=N&max_side=N]
+
+``colors``: the target colours are the panoptic PNG's own, or our renderer's. Instances JSON
+(polygons / RLE) is decoded by pycocotools.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from sgt_jax import fileio
+from sgt_jax.data import render
+from sgt_jax.data.sources.base import (SEG_OPTIONS, Spec, _image_size_or_bad, _read_path, _seg_record,
+                                       _Source)
+from sgt_jax.data.sources.images import DEFAULT_MAX_PIXELS, _fit_size
+
+
+class CocoPanopticSource(_Source):
+    """COCO panoptic: ``images/X.jpg`` + the panoptic PNG -> seg (target = the PNG's colours).
+
+    ``colors='render'`` re-colours the segments (id = R + 256 G + 256^2 B, 0 = void) with our
+    renderer instead (largest first, distinct, seeded per image) -- class-agnostic like SA-1B.
+    """
+    name = "coco_panoptic"
+    options = SEG_OPTIONS | {"colors"}
+    usage = "coco_panoptic:/ann/panoptic_train2017.json::/ann/panoptic_train2017::/train2017"
+
+    @classmethod
+    def from_spec(cls, spec: Spec) -> "CocoPanopticSource":
+        seg = spec.seg()
+        js, png_dir, img_dir = spec.paths(3, 3)
+        return cls(js, png_dir, img_dir, seed=spec.seed, colors=spec.opts.get("colors", "coco"), **seg)
+
+    def __init__(self, json_path: str, png_dir: str, image_dir: str, *, seed: int = 0,
+                 colors: str = "coco", max_pixels: int = DEFAULT_MAX_PIXELS,
+                 max_side: int | None = None):
+        if colors not in ("coco", "render"):
+            raise ValueError(f"colors must be 'coco' or 'render', got {colors!r}")
+        self.json_path, self.png_dir, self.image_dir = json_path, png_dir, image_dir
+        self.seed, self.colors = int(seed), colors
+        self.max_pixels, self.max_side = int(max_pixels), max_side
+        meta = fileio.read_json(json_path)
+        if not isinstance(meta, dict) or "annotations" not in meta or "images" not in meta:
+            raise ValueError(f"{json_path}: not a COCO panoptic JSON (needs 'images' and "
+                             f"'annotations')")
+        files = {im["id"]: im["file_name"] for im in meta["images"]}
+        self._entries = []    # (image file, png file, number of segments)
+        for a in meta["annotations"]:
+            self._entries.append((files.get(a.get("image_id")), a.get("file_name"),
+                                  len(a.get("segments_info") or [])))
+        self._keys = [os.path.splitext(png or "")[0] or f"ann{j}"
+                      for j, (_, png, _) in enumerate(self._entries)]
+
+    def _describe(self) -> str:
+        return f"json={self.json_path!r}, colors={self.colors!r}, max_side={self.max_side}"
+
+    def __getitem__(self, i) -> dict:
+        i = self._index(i)
+        key = self._keys[i]
+        image_file, png_file, n_segments = self._entries[i]
+        if image_file is None or png_file is None:
+            raise self._bad("bad_annotation", key, "annotation without image entry / file_name")
+        if n_segments == 0:
+            raise self._bad("no_masks", key)
+        img_bytes = _read_path(self, self.image_dir, image_file, key)
+        png_bytes = _read_path(self, self.png_dir, png_file, key)
+        h, w = _image_size_or_bad(self, img_bytes, key)
+        ph, pw = _image_size_or_bad(self, png_bytes, key)
+        if (ph, pw) != (h, w):
+            raise self._bad("bad_annotation", key, f"panoptic PNG {ph}x{pw} != image {h}x{w}")
+        oh, ow = _fit_size(h, w, self.max_side)
+        image, _ = self._decode(img_bytes, key, max_pixels=self.max_pixels, out_hw=(oh, ow))
+        if self.colors == "coco":
+            target, _ = self._decode(png_bytes, key, max_pixels=self.max_pixels, out_hw=(oh, ow),
+                                     composite=False, resample=Image.NEAREST)
+        else:
+            rgb, _ = self._decode(png_bytes, key, max_pixels=self.max_pixels, composite=False)
+            rgb = rgb.astype(np.int64)
+            ids = rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
+            uniq = np.unique(ids)
+            uniq = uniq[uniq != 0]
+            masks = [ids == u for u in uniq]
+            target = render.render_masks(masks, (h, w), seed=self.seed, image_id=key,
+                                         out_hw=(oh, ow))
+        return _seg_record(key, image, target)
+
+
+
+class CocoInstancesSource(_Source):
+    """COCO instances JSON (polygons / RLE / crowd RLE) -> seg, masks via pycocotools.
+
+    ``by='instance'``: every annotation is a mask, rendered like SA-1B (class-agnostic).
+    ``by='category'``: masks of a category are merged and coloured with one colour per category,
+    fixed for the run (semantic target). Crowd annotations are skipped unless ``crowd=True``.
+    """
+    name = "coco_instances"
+    options = SEG_OPTIONS | {"background", "by", "crowd"}
+    usage = "coco_instances:/ann/instances_train2017.json::/train2017"
+
+    @classmethod
+    def from_spec(cls, spec: Spec) -> "CocoInstancesSource":
+        kw = {**spec.seg(), **spec.background()}
+        js, img_dir = spec.paths(2, 2)
+        return cls(js, img_dir, seed=spec.seed, by=spec.opts.get("by", "instance"),
+                   crowd=spec.flag("crowd"), **kw)
+
+    def __init__(self, json_path: str, image_dir: str, *, seed: int = 0, by: str = "instance",
+                 crowd: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 max_side: int | None = None, background: Sequence[int] = (0, 0, 0)):
+        if by not in ("instance", "category"):
+            raise ValueError(f"by must be 'instance' or 'category', got {by!r}")
+        try:
+            from pycocotools import mask as _  # noqa: F401
+        except ImportError:
+            raise ImportError("coco_instances needs pycocotools (pip install -r requirements.txt)")
+        self.json_path, self.image_dir, self.seed, self.by = json_path, image_dir, int(seed), by
+        self.crowd, self.max_pixels, self.max_side = bool(crowd), int(max_pixels), max_side
+        self.background = tuple(int(c) for c in background)
+        meta = fileio.read_json(json_path)
+        if not isinstance(meta, dict) or "images" not in meta or "annotations" not in meta:
+            raise ValueError(f"{json_path}: not a COCO instances JSON (needs 'images' and "
+                             f"'annotations')")
+        per_image: dict[Any, list] = collections.defaultdict(list)
+        for a in meta["annotations"]:
+            if not self.crowd and a.get("iscrowd", 0):
+                continue
+            per_image[a.get("image_id")].append(
+                [a.get("segmentation"), a.get("category_id", 0), a.get("id")])
+        self._images = [(im.get("id"), im.get("file_name"), im.get("height"), im.get("width"),
+                         json.dumps(per_image.get(im.get("id"), []), separators=(",", ":")))
+                        for im in meta["images"]]
+        self._keys = [os.path.splitext(im[1] or "")[0] or f"img{im[0]}" for im in self._images]
+        cats = sorted({c["id"] for c in meta.get("categories", [])} |
+                      {c for anns in per_image.values() for _, c, _ in anns})
+        self._cat_index = {c: j for j, c in enumerate(cats)}
+        self._cat_colors = render.distinct_colors(len(cats), render.render_seed(seed, "categories"),
+                                                  background=self.background)
+
+    def _describe(self) -> str:
+        return f"json={self.json_path!r}, by={self.by!r}, crowd={self.crowd}, max_side={self.max_side}"
+
+    def __getitem__(self, i) -> dict:
+        from pycocotools import mask as mask_utils
+        i = self._index(i)
+        key = self._keys[i]
+        image_id, file_name, jh, jw, anns_json = self._images[i]
+        anns = json.loads(anns_json)
+        if not anns:
+            raise self._bad("no_masks", key)
+        img_bytes = _read_path(self, self.image_dir, file_name or "", key)
+        h, w = _image_size_or_bad(self, img_bytes, key)
+        if (jh, jw) != (h, w):
+            raise self._bad("bad_annotation", key, f"JSON size {jh}x{jw} != image {h}x{w}")
+        masks, cats = [], []
+        try:
+            for seg, cat, _ in anns:
+                if isinstance(seg, list):                      # polygons
+                    rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
+                elif isinstance(seg, dict) and isinstance(seg.get("counts"), list):
+                    rle = mask_utils.frPyObjects(seg, h, w)    # uncompressed RLE
+                elif isinstance(seg, dict):
+                    rle = dict(seg)
+                    if list(rle.get("size", [])) != [h, w]:
+                        raise ValueError(f"RLE size {rle.get('size')} != image [{h}, {w}]")
+                    if isinstance(rle["counts"], str):
+                        rle["counts"] = rle["counts"].encode("ascii")
+                else:
+                    raise ValueError(f"unsupported segmentation {type(seg).__name__}")
+                masks.append(mask_utils.decode(rle))
+                cats.append(cat)
+        except Exception as e:  # noqa: BLE001 -- pycocotools raises assorted types
+            raise self._bad("bad_annotation", key, f"{type(e).__name__}: {e}") from None
+        oh, ow = _fit_size(h, w, self.max_side)
+        image, _ = self._decode(img_bytes, key, max_pixels=self.max_pixels, out_hw=(oh, ow))
+        if self.by == "instance":
+            target = render.render_masks(masks, (h, w), seed=self.seed, image_id=image_id,
+                                         background=self.background, out_hw=(oh, ow))
+        else:
+            merged: dict[int, np.ndarray] = {}
+            for m, c in zip(masks, cats):
+                merged[c] = merged[c] | (m != 0) if c in merged else (m != 0)
+            order_cats = list(merged)
+            labels, order = render.label_map([merged[c] for c in order_cats], (h, w))
+            if (oh, ow) != (h, w):
+                labels = render.resize_labels(labels, (oh, ow))
+            colors = np.stack([self._cat_colors[self._cat_index[order_cats[j]]] for j in order])
+            target = render.colorize(labels, colors, self.background)
+        return _seg_record(key, image, target)
+
