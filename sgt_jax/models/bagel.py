@@ -72,12 +72,15 @@ def patchify_latents(latents: jax.Array, p: int) -> jax.Array:
 
 
 class Bagel(nnx.Module):
-    def __init__(self, cfg, *, rngs: nnx.Rngs):
+    """``rules``: the logical-axis rules table (sgt_jax/parallel/mesh.py RULES) the attention
+    kernel's shard_map follows; the caller passes it (models never import parallel)."""
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs, rules=None):
         validate(cfg)
         self.cfg = cfg
         dtype = _dtype(cfg.compute_dtype)
         h = cfg.llm.hidden_size
-        self.language_model = Qwen2MoT(cfg, rngs=rngs, dtype=dtype)
+        self.language_model = Qwen2MoT(cfg, rngs=rngs, dtype=dtype, rules=rules)
         b = cfg.bagel
         if b.visual_und:
             self.vit_model = SiglipNaViT(cfg, rngs=rngs, dtype=dtype)

@@ -19,11 +19,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sgt_jax.batch import GEN, UND
 from sgt_jax.models import attention as attn_lib
 from sgt_jax.models.config import head_dim, validate
 from sgt_jax.models.layers import Dense, Embed, RMSNorm, apply_rope, rope_cos_sin
-
-UND, GEN = 0, 1
 from jax.ad_checkpoint import checkpoint_name  # noqa: E402
 
 # Remat policies, named as in MaxText (tensors tagged with checkpoint_name in the layer body).
@@ -121,9 +120,11 @@ class ExpertWeights(nnx.Module):
 
 class DecoderLayer(nnx.Module):
     """``Qwen2MoTDecoderLayer`` (und + gen experts, one joint attention) or, with
-    ``layer_module="dense"``, ``Qwen2DecoderLayer`` (one copy of the weights for every token)."""
+    ``layer_module="dense"``, ``Qwen2DecoderLayer`` (one copy of the weights for every token).
+    ``rules``: the logical-axis rules table (parallel/mesh.py RULES) the flash kernel's shard_map
+    takes its batch / kv-head mesh axes from; None: not split."""
 
-    def __init__(self, cfg, *, rngs: nnx.Rngs, dtype):
+    def __init__(self, cfg, *, rngs: nnx.Rngs, dtype, rules=None):
         self.mot = cfg.llm.layer_module == "mot"
         self.und = ExpertWeights(cfg, rngs=rngs, dtype=dtype)
         self.gen = ExpertWeights(cfg, rngs=rngs, dtype=dtype) if self.mot else None
@@ -133,6 +134,7 @@ class DecoderLayer(nnx.Module):
             from sgt_jax.models.flash_attention import BlockSizes
 
             self.attention_blocks = BlockSizes.from_config(cfg.llm)
+        self.attention_mesh_axes = attn_lib.mesh_axes_from_rules(rules)
         self.freeze_und = bool(cfg.llm.freeze_und)
 
     def _experts(self, length: int, num_gen: int):
@@ -148,7 +150,8 @@ class DecoderLayer(nnx.Module):
         qkv = [tuple(sg(e, t) for t in w.qkv(sg(e, x[:, a:b]), cos[:, a:b], sin[:, a:b]))
                for e, w, a, b in parts]
         q, k, v = (cat(list(t)) for t in zip(*qkv))
-        o = checkpoint_name(attn_lib.attention(q, k, v, seg, self.attention_impl, self.attention_blocks),
+        o = checkpoint_name(attn_lib.attention(q, k, v, seg, self.attention_impl, self.attention_blocks,
+                                               self.attention_mesh_axes),
                             "context")
         o = o.reshape(x.shape[:2] + (-1,))
         x = x + cat([sg(e, checkpoint_name(w.o_proj(o[:, a:b]), "out_proj")) for e, w, a, b in parts])
@@ -158,7 +161,7 @@ class DecoderLayer(nnx.Module):
 class Qwen2MoT(nnx.Module):
     """BAGEL's ``language_model``: embeddings, stacked decoder layers, final norms, lm_head."""
 
-    def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32, rules=None):
         validate(cfg)
         c = cfg.llm
         self.cfg = cfg
@@ -168,7 +171,7 @@ class Qwen2MoT(nnx.Module):
         @nnx.split_rngs(splits=c.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def make_layers(r):
-            return DecoderLayer(cfg, rngs=r, dtype=dtype)
+            return DecoderLayer(cfg, rngs=r, dtype=dtype, rules=rules)
 
         self.layers = make_layers(rngs)
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, ("norm",), rngs=rngs)

@@ -17,11 +17,10 @@ Layers are stored stacked (leading logical axis "layers") and run with ``jax.lax
 (``cfg.vit.scan_layers``); ``cfg.vit.remat_policy`` selects the ``jax.checkpoint`` policy.
 
 Weights convert to and from BAGEL / HF key names through one declarative table,
-``torch_key_table`` (used by ``load_torch_state`` and ``export_torch_state``).
+``torch_key_table``; loading and exporting go through it in sgt_jax/convert/keymap.py
+(``load_vit`` / ``export_vit``).
 """
 from __future__ import annotations
-
-from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -244,30 +243,3 @@ def torch_key_table(cfg) -> list[tuple[str, tuple[str, ...], str, int | None]]:
         ("post_layernorm.bias", ("post_layernorm", "bias"), "copy", None),
     ]
     return table
-
-
-def _prefixed_table(model, prefix: str) -> list:
-    from sgt_jax.models.keymap import Entry
-
-    return [Entry(prefix + key, path, kind, layer) for key, path, kind, layer in torch_key_table(model)]
-
-
-def load_torch_state(model: SiglipNaViT, tensors: Mapping[str, Any],
-                     prefix: str = BAGEL_VIT_PREFIX) -> None:
-    """Load torch-layout tensors (e.g. BAGEL's ``model.safetensors``) into ``model`` in place,
-    through the one key table (keymap.load_state). Keys outside ``prefix`` are ignored (a whole
-    BAGEL state dict may be passed); missing, unexpected and mis-shaped keys raise a ValueError
-    listing them, and nothing is written in that case."""
-    from sgt_jax.models import keymap
-
-    mine = {k: v for k, v in tensors.items() if k.startswith(prefix)}
-    keymap.load_state(model, mine, _prefixed_table(model, prefix), what="SigLIP-NaViT state dict")
-
-
-def export_torch_state(model: SiglipNaViT, prefix: str = BAGEL_VIT_PREFIX) -> dict[str, np.ndarray]:
-    """The inverse of ``load_torch_state``: {prefix + torch key: float32 numpy array} in the
-    torch layout (Linear weights (out, in), the patch embedding in BAGEL's Linear form)."""
-    from sgt_jax.models import keymap
-
-    return keymap.export_state(model, _prefixed_table(model, prefix))
-

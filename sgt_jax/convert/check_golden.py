@@ -1,6 +1,6 @@
 """Run the port on a BAGEL golden fixture set and report the error of every compared quantity.
 
-    python -m sgt_jax.models.check_golden DIR [--factor 4] [--no-grads] [--json OUT]
+    python -m sgt_jax.convert.check_golden DIR [--factor 4] [--no-grads] [--json OUT]
 
 DIR is a fixture set produced by running the unmodified BAGEL PyTorch code: the ``tiny_v1``
 format (``meta.json``, ``model.safetensors``, ``ae.safetensors``, ``batch.safetensors``,
@@ -31,7 +31,7 @@ from safetensors.numpy import load_file
 from sgt_jax import batch as B
 from sgt_jax.models import attention as attn_lib
 from sgt_jax.models import config as config_lib
-from sgt_jax.models import keymap
+from sgt_jax.convert import keymap
 
 MODES = {"causal": attn_lib.CAUSAL, "full": attn_lib.FULL, "noise": attn_lib.NOISE}
 
@@ -250,10 +250,10 @@ def _check_model(fx: dict, cfg, with_grads: bool) -> dict:
 
 def _check_ae(ae_tensors: dict, t: dict, cfg, compute_dtype: str) -> dict:
     """VAE encoder moments, sampling, decoder, compiled (jit) as the trainer runs them."""
-    from sgt_jax.models.vae import AutoEncoder, load_torch_state
+    from sgt_jax.models.vae import AutoEncoder
 
     ae = nnx.eval_shape(lambda: AutoEncoder(cfg, rngs=nnx.Rngs(0), dtype=jnp.dtype(compute_dtype)))
-    load_torch_state(ae, ae_tensors)
+    keymap.load_vae(ae, ae_tensors)
     nhwc = lambda a: jnp.asarray(a).transpose(0, 2, 3, 1)
     nchw = lambda a: np.asarray(a, np.float64).transpose(0, 3, 1, 2)
     mom, lat, dec = nnx.jit(lambda m, x, e, z: (m.encode_moments(x), m.encode(x, eps=e), m.decode(z)))(
