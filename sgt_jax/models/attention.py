@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from sgt_jax.batch import CAUSAL, FULL, NOISE, Segments  # noqa: F401  (the mask vocabulary)
 from sgt_jax.models import flash_attention as fa
+from sgt_jax.models.config import ATTENTION_IMPLS
 
 
 def bagel_mask(qs: Segments, ks: Segments | None = None) -> jax.Array:
@@ -50,9 +51,6 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     probs = jnp.where(m, probs, 0.0).astype(v.dtype)
     out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v, preferred_element_type=jnp.float32)
     return out.reshape(b, lq, nh, hd).astype(q.dtype)
-
-
-IMPLS = ("dense", "flash", "auto")
 
 
 def mesh_axes_from_rules(rules) -> tuple[tuple[str, ...], str | None]:
@@ -94,4 +92,4 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, seg: Segments, impl: str
     if impl == "flash":
         return fa.flash_attention(q, k, v, seg, block_sizes=block_sizes, batch_axes=mesh_axes[0],
                                   kv_head_axis=mesh_axes[1])
-    raise ValueError(f"unknown attention_impl {impl!r}; available: {IMPLS}")
+    raise ValueError(f"unknown attention_impl {impl!r}; available: {ATTENTION_IMPLS}")

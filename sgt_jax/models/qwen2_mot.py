@@ -22,28 +22,8 @@ from flax import nnx
 from sgt_jax.batch import GEN, UND
 from sgt_jax.models import attention as attn_lib
 from sgt_jax.models.config import head_dim, validate
-from sgt_jax.models.layers import Dense, Embed, RMSNorm, apply_rope, rope_cos_sin
+from sgt_jax.models.layers import Dense, Embed, RMSNorm, apply_rope, remat, rope_cos_sin
 from jax.ad_checkpoint import checkpoint_name  # noqa: E402
-
-# Remat policies, named as in MaxText (tensors tagged with checkpoint_name in the layer body).
-_SAVED_NAMES = {
-    "save_qkv_proj": ("query_proj", "key_proj", "value_proj"),
-    "save_out_proj": ("out_proj",),
-    "save_dot_except_mlp": ("query_proj", "key_proj", "value_proj", "out_proj"),
-    "minimal": ("query_proj", "key_proj", "value_proj", "out_proj", "context",
-                "mlpwi_0", "mlpwi_1", "mlpwo"),
-}
-
-
-def remat(fn, policy: str):
-    """Wrap a layer body ``fn`` with jax.checkpoint according to a MaxText-named policy."""
-    if policy == "none":
-        return fn
-    if policy == "full":
-        return jax.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable)
-    if policy in _SAVED_NAMES:
-        return jax.checkpoint(fn, policy=jax.checkpoint_policies.save_only_these_names(*_SAVED_NAMES[policy]))
-    raise ValueError(f"unknown remat policy {policy!r}")
 
 
 class Routing(NamedTuple):
@@ -189,7 +169,7 @@ class Qwen2MoT(nnx.Module):
         def body(h, layer_state):
             return nnx.merge(graphdef, layer_state)(h, cos, sin, seg, num_gen), None
 
-        body = remat(body, c.remat_policy)
+        body = remat(body, c.remat_policy, "llm.remat_policy")
         x = x.astype(self.dtype)
         if c.scan_layers:
             x, _ = jax.lax.scan(body, x, stacked)

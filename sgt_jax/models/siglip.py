@@ -29,33 +29,11 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from sgt_jax.models.attention import dot_product_attention
-from sgt_jax.models.layers import Dense, LayerNorm, gelu_tanh, normal_init, param
+from sgt_jax.models.layers import Dense, LayerNorm, gelu_tanh, normal_init, param, remat
 
 
 BAGEL_VIT_PREFIX = "vit_model.vision_model."
 HF_VIT_PREFIX = "vision_model."
-
-# Remat policies (MaxText names); the saved names are tagged with checkpoint_name in the layer body.
-_SAVED_NAMES = {
-    "save_qkv_proj": ("query_proj", "key_proj", "value_proj"),
-    "save_out_proj": ("out_proj",),
-    "save_dot_except_mlp": ("query_proj", "key_proj", "value_proj", "out_proj"),
-    "minimal": ("query_proj", "key_proj", "value_proj", "out_proj", "context", "mlpwi", "mlpwo"),
-}
-
-
-def remat_body(fn, policy: str):
-    """Wrap a layer body with jax.checkpoint according to a MaxText-named remat policy."""
-    if policy == "none":
-        return fn
-    if policy == "full":
-        return jax.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable)
-    if policy in _SAVED_NAMES:
-        return jax.checkpoint(
-            fn, policy=jax.checkpoint_policies.save_only_these_names(*_SAVED_NAMES[policy]))
-    raise ValueError(f"unknown vit.remat_policy {policy!r}; expected one of "
-                     f"{('none', 'full') + tuple(_SAVED_NAMES)}")
-
 
 # ------------------------------------------------------------------------------------------------
 # Input helpers (numpy or jax arrays)
@@ -155,7 +133,7 @@ class SiglipNaViT(nnx.Module):
         self.num_layers = vit.num_layers
         self.scan_layers = bool(vit.scan_layers)
         self.remat_policy = str(vit.remat_policy)
-        remat_body(lambda: None, self.remat_policy)  # validate the policy name early
+        remat(lambda: None, self.remat_policy, "vit.remat_policy")  # validate the policy name early
         self.dtype = dtype
 
         self.patch_embedding = Dense(3 * p * p, d, (None, "embed"), use_bias=True, rngs=rngs,
@@ -183,7 +161,7 @@ class SiglipNaViT(nnx.Module):
         def body(h, layer_state):
             return nnx.merge(graphdef, layer_state)(h, mask), None
 
-        body = remat_body(body, self.remat_policy)
+        body = remat(body, self.remat_policy, "vit.remat_policy")
         if self.scan_layers:
             x, _ = jax.lax.scan(body, x, stacked)
         else:
