@@ -195,3 +195,20 @@ def test_every_module_imports_in_a_fresh_interpreter():
     r = subprocess.run([sys.executable, "-c", _FRESH, *mods], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, f"modules that fail to import on their own:\n{r.stdout[-2000:]}\n{r.stderr[-6000:]}"
+
+
+def closure(start: str, root: Path = ROOT) -> list[str]:
+    """Every sgt_jax module ``start`` imports, directly or not (itself included)."""
+    g, seen, todo = import_graph(modules(root)), set(), [start]
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo += g.get(m, ())
+    return sorted(seen)
+
+
+if __name__ == "__main__":     # python tests/test_imports.py [CHECKOUT] MODULE: its import closure
+    *root, start = sys.argv[1:]
+    found = closure(start, Path(root[0]) if root else ROOT)
+    print(len(found), " ".join(found))
