@@ -124,15 +124,15 @@ class Bagel(nnx.Module):
         seg = attn_lib.Segments(batch.doc_ids, batch.split_ids, batch.split_mode,
                                 jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (bsz, length))
                                 ).permute(r.perm)
-        sl = lambda f: tok[f][:, :lu]    # und slice
-        sg = lambda f: tok[f][:, lu:]    # gen slice
+        und = lambda f: tok[f][:, :lu]    # und slice of a token field
+        gen = lambda f: tok[f][:, lu:]    # gen slice
 
         # und slice: text (and special) tokens, ViT tokens
-        x_und = self.language_model.embed_tokens(sl("text_ids"))
+        x_und = self.language_model.embed_tokens(und("text_ids"))
         if cfg.bagel.visual_und:
             vit = self.vit_embeddings(batch)
-            vit_tok = jnp.take_along_axis(vit, sl("vit_index")[..., None], axis=1)
-            x_und = jnp.where((sl("kind") == VIT)[..., None], vit_tok, x_und)
+            vit_tok = jnp.take_along_axis(vit, und("vit_index")[..., None], axis=1)
+            x_und = jnp.where((und("kind") == VIT)[..., None], vit_tok, x_und)
         parts = [x_und]
 
         # gen slice: noised / clean latent tokens
@@ -141,29 +141,29 @@ class Bagel(nnx.Module):
                 raise ValueError("num_gen > 0 but bagel.visual_gen is False")
             p = cfg.bagel.latent_patch_size
             lat = patchify_latents(batch.latents.astype(jnp.float32), p)
-            x0 = jnp.take_along_axis(lat, sg("vae_token_index")[..., None], axis=1)
+            x0 = jnp.take_along_axis(lat, gen("vae_token_index")[..., None], axis=1)
             if noise is None:
                 if key is None:
                     raise ValueError("pass the flow noise or a key to draw it from")
                 eps = row_normal(key, x0.shape, row_ids)
             else:
                 eps = r.sort(noise.astype(jnp.float32))[:, lu:]
-            t = shift_timesteps(sg("timesteps"), cfg.bagel.timestep_shift)
+            t = shift_timesteps(gen("timesteps"), cfg.bagel.timestep_shift)
             x_t = (1.0 - t[..., None]) * x0 + t[..., None] * eps
-            pos = jnp.take(self.latent_pos_embed[...], sg("latent_position_ids"), axis=0)
+            pos = jnp.take(self.latent_pos_embed[...], gen("latent_position_ids"), axis=0)
             parts.append(self.vae2llm(x_t) + self.time_embedder(t) + pos.astype(self.dtype))
         x = jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
 
         hs = self.language_model.decode(x, tok["position_ids"], seg, num_gen if mot else 0)
-        ce = token_cross_entropy(self.language_model.lm_head, hs[:, :lu], sl("ce_labels"),
+        ce = token_cross_entropy(self.language_model.lm_head, hs[:, :lu], und("ce_labels"),
                                  cfg.llm.ce_chunk_size)
-        ce = jnp.where(sl("ce_mask"), ce, 0.0)
+        ce = jnp.where(und("ce_mask"), ce, 0.0)
         outs = {"ce": [ce]}
         if num_gen:
             pred = self.llm2vae(hs[:, lu:]).astype(jnp.float32)
             mse = jnp.square(pred - (eps - x0))
             outs["mse"] = [jnp.zeros((bsz, lu) + mse.shape[2:], jnp.float32),
-                           jnp.where(sg("mse_mask")[..., None], mse, 0.0)]
+                           jnp.where(gen("mse_mask")[..., None], mse, 0.0)]
             outs["ce"].append(jnp.zeros((bsz, num_gen), jnp.float32))
         else:
             outs["mse"] = [jnp.zeros((bsz, length, patch_latent_dim(cfg)), jnp.float32)]

@@ -125,17 +125,17 @@ class DecoderLayer(nnx.Module):
         parts = self._experts(x.shape[1], num_gen)
         # freeze_und (BAGEL): und rows are detached at the input, after q/k(-norm)/v, after o_proj
         # and after the MLP, so no gradient reaches und weights or flows through und tokens.
-        sg = (lambda e, t: jax.lax.stop_gradient(t) if e == UND else t) if self.freeze_und else (lambda e, t: t)
+        detach = (lambda e, y: jax.lax.stop_gradient(y) if e == UND else y) if self.freeze_und else (lambda e, y: y)
         cat = lambda ts: jnp.concatenate(ts, axis=1) if len(ts) > 1 else ts[0]
-        qkv = [tuple(sg(e, t) for t in w.qkv(sg(e, x[:, a:b]), cos[:, a:b], sin[:, a:b]))
+        qkv = [tuple(detach(e, y) for y in w.qkv(detach(e, x[:, a:b]), cos[:, a:b], sin[:, a:b]))
                for e, w, a, b in parts]
         q, k, v = (cat(list(t)) for t in zip(*qkv))
         o = checkpoint_name(attn_lib.attention(q, k, v, seg, self.attention_impl, self.attention_blocks,
                                                self.attention_mesh_axes),
                             "context")
         o = o.reshape(x.shape[:2] + (-1,))
-        x = x + cat([sg(e, checkpoint_name(w.o_proj(o[:, a:b]), "out_proj")) for e, w, a, b in parts])
-        return x + cat([sg(e, w.mlp(x[:, a:b])) for e, w, a, b in parts])
+        x = x + cat([detach(e, checkpoint_name(w.o_proj(o[:, a:b]), "out_proj")) for e, w, a, b in parts])
+        return x + cat([detach(e, w.mlp(x[:, a:b])) for e, w, a, b in parts])
 
 
 class Qwen2MoT(nnx.Module):
