@@ -31,9 +31,10 @@ from safetensors.numpy import load_file
 from sgt_jax import batch as B
 from sgt_jax.models import attention as attn_lib
 from sgt_jax.models import config as config_lib
+from sgt_jax.models import siglip
 from sgt_jax.convert import keymap
 
-MODES = {"causal": attn_lib.CAUSAL, "full": attn_lib.FULL, "noise": attn_lib.NOISE}
+MODES = {"causal": B.CAUSAL, "full": B.FULL, "noise": B.NOISE}
 
 
 def config_from_meta(meta: dict, compute_dtype: str = "float32") -> ml_collections.ConfigDict:
@@ -142,7 +143,7 @@ def packed_batch_from_golden(meta: dict, gb: dict, cfg, pad_to: int | None = Non
         latent_position_ids=latent_pos, timesteps=timesteps,
         vit_patches=np.asarray(gb["packed_vit_tokens"], np.float32),
         vit_position_ids=np.asarray(gb["packed_vit_position_ids"], np.int32),
-        vit_image_ids=np.repeat(np.arange(len(seqlens)), seqlens).astype(np.int32),
+        vit_image_ids=siglip.image_ids_from_lengths(seqlens),
         vae_images=np.asarray(gb["padded_images"], np.float32).transpose(0, 2, 3, 1),
         latents=lat.astype(np.float32))
     batch = jax.tree.map(lambda a: jnp.asarray(a)[None], batch)
@@ -215,8 +216,8 @@ def _check_model(fx: dict, cfg, with_grads: bool) -> dict:
     err["loss"] = abs(float(loss) - float(gb["loss"]))
 
     # the mask, from the per-token vectors
-    seg = attn_lib.Segments(batch.doc_ids, batch.split_ids, batch.split_mode,
-                            jnp.arange(batch.kind.shape[1])[None])
+    seg = B.Segments(batch.doc_ids, batch.split_ids, batch.split_mode,
+                     jnp.arange(batch.kind.shape[1])[None])
     mask = np.asarray(attn_lib.bagel_mask(seg)[0])
     err["mask_mismatches"] = float((mask != gb["attn_mask_dense"][:n, :n]).sum())
 
