@@ -32,7 +32,7 @@ from sgt_jax import batch as B
 from sgt_jax.models import attention as attn_lib
 from sgt_jax.models import config as config_lib
 from sgt_jax.models import siglip
-from sgt_jax.convert import keymap
+import sgt_jax.convert.keymap as keymap
 
 MODES = {"causal": B.CAUSAL, "full": B.FULL, "noise": B.NOISE}
 
