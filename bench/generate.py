@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     from sgt_jax.infer.context import Image, Text, cfg_contexts
     from sgt_jax.infer.engine import Engine
     from sgt_jax.infer.image import FlowConfig
-    from sgt_jax.models import check_golden as G
+    from sgt_jax.convert import check_golden as G
     from sgt_jax.models.vae import AutoEncoder, load_torch_state
 
     with open(os.path.join(args.weights, "meta.json")) as f:

@@ -188,7 +188,7 @@ sees the padding.
 
 | file | content |
 | --- | --- |
-| `ae.safetensors` | the AE state dict under the FLUX key names ({len(meta['ae_weight_exponents'])} tensors) as **int8 codes**: the fp32 weight is `float32(code) * 2**meta.json["ae_weight_exponents"][key]` (exact; `sgt_jax.models.check_golden.load_fixture` decodes it). The weights are torch's default init as BAGEL constructs the model, GroupNorm affine `1 + 0.1 N(0,1)` / `0.1 N(0,1)`, each tensor rounded to int8 x a power of two before BAGEL ran: 1.3 MB instead of 5 MB. |
+| `ae.safetensors` | the AE state dict under the FLUX key names ({len(meta['ae_weight_exponents'])} tensors) as **int8 codes**: the fp32 weight is `float32(code) * 2**meta.json["ae_weight_exponents"][key]` (exact; `sgt_jax.convert.check_golden.load_fixture` decodes it). The weights are torch's default init as BAGEL constructs the model, GroupNorm affine `1 + 0.1 N(0,1)` / `0.1 N(0,1)`, each tensor rounded to int8 x a power of two before BAGEL ran: 1.3 MB instead of 5 MB. |
 | `batch.safetensors` | inputs and BAGEL's outputs (below). |
 | `meta.json` | config (`config.ae`), the weight exponents, RNG recipe, image sizes, `tensors` (one line each), `self_check`. |
 
@@ -222,7 +222,7 @@ Per GroupNorm (output of the layer inside the fp32 network vs float64; decoder r
 
 ## Tolerances
 
-`python -m sgt_jax.models.check_golden tests/fixtures/bagel_golden/{meta['preset']}`: port fp32 vs the
+`python -m sgt_jax.convert.check_golden tests/fixtures/bagel_golden/{meta['preset']}`: port fp32 vs the
 stored fp32 outputs within 4x the yardstick above (never below two fp32 ulps of the values'
 magnitude); port fp32 `vae_moments` vs `vae_moments_f64` within 2x BAGEL's own error (and the
 port in bf16 within 2x BAGEL's bf16 autocast error, tests/test_vae.py). The

@@ -45,7 +45,8 @@ import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import make_vae_golden as MG  # noqa: E402
-from sgt_jax.models import check_golden as G  # noqa: E402
+from sgt_jax.convert import check_golden as G  # noqa: E402
+from sgt_jax.convert import keymap  # noqa: E402
 from sgt_jax.models import vae as V  # noqa: E402
 
 
@@ -159,7 +160,7 @@ def measure(bagel_src: str, fixture: str) -> dict:
 
     cfg = G.config_from_meta(meta)
     port = nnx.eval_shape(lambda: V.AutoEncoder(cfg, rngs=nnx.Rngs(0)))
-    V.load_torch_state(port, sd)
+    keymap.load_vae(port, sd)
     mom, gn_enc = port_groupnorm_outputs(port, lambda m, a: m.encode_moments(a), nhwc(t["padded_images"]))
     dec, gn_dec = port_groupnorm_outputs(port, lambda m, a: m.decode(a), nhwc(t["padded_latent"]))
     gn_port = {**gn_enc, **gn_dec}
@@ -217,7 +218,7 @@ def measure_canvas(bagel_src: str, fixture: str, canvas: int) -> dict:
     cfg = G.config_from_meta(fx["meta"])
     for dtype in ("float32", "bfloat16"):
         port = nnx.eval_shape(lambda: V.AutoEncoder(cfg, rngs=nnx.Rngs(0), dtype=jnp.dtype(dtype)))
-        V.load_torch_state(port, fx["ae"])
+        keymap.load_vae(port, fx["ae"])
         mom = nnx.jit(lambda m, a: m.encode_moments(a))(port, nhwc(x.numpy()))
         out[f"port_{dtype}"] = float(np.abs(nchw(mom) - m64).max())
     return out

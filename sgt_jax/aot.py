@@ -223,23 +223,10 @@ def make_topology_mesh(spec: dict, topo: Topology, devices):
 
 
 def abstract_batch(cfg, sharding=None):
-    """The PackedBatch of ``jax.ShapeDtypeStruct`` the data pipeline yields (packer.assemble)."""
-    import jax
-    import jax.numpy as jnp
+    """The PackedBatch of ``jax.ShapeDtypeStruct`` the data pipeline yields (``batch.batch_spec``)."""
+    from sgt_jax.batch import batch_spec
 
-    from sgt_jax.batch import PackedBatch, TOKEN_FIELDS
-    from sgt_jax.data.config import vae_hw
-
-    d = cfg.data
-    b, length, p, n = int(d.rows_per_batch), int(d.tokens_per_row), int(d.vit_patches_per_row), int(d.vae_images_per_row)
-    h, w = vae_hw(d)
-    s = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=sharding)  # noqa: E731
-    dtypes = {"ce_mask": jnp.bool_, "mse_mask": jnp.bool_, "ce_weights": jnp.float32, "timesteps": jnp.float32}
-    tok = {f: s((b, length), dtypes.get(f, jnp.int32)) for f in TOKEN_FIELDS}
-    img_dt = jnp.bfloat16 if d.get("vae_images_dtype", "float32") == "bfloat16" else jnp.float32
-    return PackedBatch(**tok, vit_patches=s((b, p, 3 * int(d.vit_patch_size) ** 2), jnp.float32),
-                       vit_position_ids=s((b, p), jnp.int32), vit_image_ids=s((b, p), jnp.int32),
-                       vae_images=s((b, n, h, w, 3), img_dt))
+    return batch_spec(cfg.data, sharding=sharding)
 
 
 def _with_shardings(tree, shardings):

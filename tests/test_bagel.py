@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 from sgt_jax import batch as B
-from sgt_jax.models import check_golden as G
+from sgt_jax.convert import check_golden as G
 from sgt_jax.models import config as C
 from sgt_jax.models.bagel import Bagel
 

@@ -4,7 +4,7 @@ import pytest
 from flax import nnx
 
 from sgt_jax.models import config as C
-from sgt_jax.models import keymap
+from sgt_jax.convert import keymap
 from sgt_jax.models.bagel import Bagel
 from sgt_jax.models.vae import AutoEncoder
 

@@ -32,9 +32,9 @@ from sgt_jax.convert import bagel_io
 from sgt_jax.convert import model_dir as md
 from sgt_jax.convert import safetensors_io as sio
 from sgt_jax.convert import synthetic
-from sgt_jax.models import check_golden as G
+from sgt_jax.convert import check_golden as G
 from sgt_jax.models import config as C
-from sgt_jax.models import keymap
+from sgt_jax.convert import keymap
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN_OPTS = dict(preset="tiny", max_latent_size=8, vit_max_patches_per_side=8)

@@ -221,7 +221,7 @@ def test_empty_query_rows_give_zero():
 
 
 def _golden_segments(golden_dir):
-    from sgt_jax.models import check_golden as G
+    from sgt_jax.convert import check_golden as G
     from sgt_jax.models.qwen2_mot import Routing
 
     fx = G.load_fixture(str(golden_dir))
@@ -249,7 +249,7 @@ def test_golden_layout_matches_dense(golden_dir):
 @pytest.mark.golden
 def test_golden_model_forward_with_flash(golden_dir, monkeypatch):
     """The whole model with attention_impl="flash" (interpret mode) passes the golden forward check."""
-    from sgt_jax.models import check_golden as G
+    from sgt_jax.convert import check_golden as G
 
     orig = G.config_from_meta
 
@@ -314,16 +314,19 @@ def test_dispatch_and_config():
 
 
 def test_under_a_mesh_runs_in_shard_map():
-    from sgt_jax.parallel.mesh import make_mesh
+    from sgt_jax.parallel.mesh import RULES, make_mesh
 
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    batch_axes, head_axis = A.mesh_axes_from_rules(RULES)
+    assert (batch_axes, head_axis) == (("data", "fsdp"), "tensor")
     b, length, nh, nkv, hd = 4, 48, 4, 2, 16
     seg = random_segments(6, b, length)
     q, k, v, ct = random_qkv(6, b, length, nh, nkv, hd)
     blocks = F.BlockSizes(16, 16, 16, 16)
 
     def loss(q, k, v, seg):
-        return jnp.sum(F.flash_attention(q, k, v, seg, block_sizes=blocks) * ct)
+        return jnp.sum(F.flash_attention(q, k, v, seg, block_sizes=blocks, batch_axes=batch_axes,
+                                         kv_head_axis=head_axis) * ct)
 
     with jax.set_mesh(mesh):
         fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))

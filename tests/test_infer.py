@@ -12,7 +12,7 @@ from sgt_jax.infer.cache import bucket
 from sgt_jax.infer.context import Image, Text, cfg_contexts, layout_spec
 from sgt_jax.infer.engine import Engine, compile_counts
 from sgt_jax.infer.image import FlowConfig
-from sgt_jax.models import check_golden as G
+from sgt_jax.convert import check_golden as G
 from sgt_jax.models.bagel import patchify_latents
 from sgt_jax.models.vae import AutoEncoder, load_torch_state
 from sgt_jax.parallel import mesh as mesh_lib

@@ -12,7 +12,7 @@ from safetensors.numpy import load_file
 from sgt_jax.infer.context import Image, Text
 from sgt_jax.infer.engine import Engine
 from sgt_jax.infer.image import FlowConfig, schedule
-from sgt_jax.models import check_golden as G
+from sgt_jax.convert import check_golden as G
 from sgt_jax.models.vae import AutoEncoder, load_torch_state
 
 pytestmark = pytest.mark.golden

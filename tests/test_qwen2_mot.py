@@ -8,7 +8,7 @@ from flax import nnx
 
 from sgt_jax.models import attention as A
 from sgt_jax.models import config as C
-from sgt_jax.models import keymap
+from sgt_jax.convert import keymap
 from sgt_jax.models.qwen2_mot import Qwen2MoT, token_cross_entropy
 
 torch = pytest.importorskip("torch")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from sgt_jax.convert import keymap
 from sgt_jax.models import siglip
 from sgt_jax.models.config import tiny
 
@@ -27,7 +28,7 @@ def _load(name: str) -> dict[str, np.ndarray]:
 
 def _golden_model(cfg=None) -> siglip.SiglipNaViT:
     model = siglip.SiglipNaViT(cfg or tiny(), rngs=nnx.Rngs(0))
-    siglip.load_torch_state(model, _load("model.safetensors"))
+    keymap.load_vit(model, _load("model.safetensors"))
     return model
 
 
@@ -117,7 +118,7 @@ def test_matches_hf_siglip_vision_model():
     cfg.vit.update(dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
                         patch_size=14, max_patches_per_side=4))
     model = siglip.SiglipNaViT(cfg, rngs=nnx.Rngs(1))
-    siglip.load_torch_state(model, sd, prefix=siglip.HF_VIT_PREFIX)
+    keymap.load_vit(model, sd, prefix=siglip.HF_VIT_PREFIX)
 
     img = np.random.default_rng(0).uniform(-1, 1, (3, 56, 56)).astype(np.float32)
     with torch.no_grad():
@@ -179,8 +180,9 @@ def test_scan_loop_and_remat_equivalence():
 
 def test_every_config_remat_policy_is_accepted():
     from sgt_jax.models.config import REMAT_POLICIES
+    from sgt_jax.models.layers import remat
     for policy in REMAT_POLICIES:
-        f = siglip.remat_body(lambda x: jnp.tanh(x) * 2.0, policy)
+        f = remat(lambda x: jnp.tanh(x) * 2.0, policy)
         assert float(jax.grad(lambda x: f(x))(0.0)) == 2.0
     with pytest.raises(ValueError, match="remat_policy"):
         _model_with(remat_policy="bogus")
@@ -202,7 +204,7 @@ def test_export_roundtrip_and_load_errors():
     full = _load("model.safetensors")
     vit = {k: v for k, v in full.items() if k.startswith(siglip.BAGEL_VIT_PREFIX)}
     model = _golden_model()
-    exported = siglip.export_torch_state(model)
+    exported = keymap.export_vit(model)
     assert set(exported) == set(vit)
     for k, v in vit.items():
         assert exported[k].dtype == v.dtype and exported[k].shape == v.shape, k
@@ -214,12 +216,12 @@ def test_export_roundtrip_and_load_errors():
     bad["vit_model.vision_model.encoder.layers.2.mlp.fc2.bias"] = np.zeros(32, np.float32)
     bad["vit_model.vision_model.encoder.layers.0.self_attn.q_proj.weight"] = np.zeros((32, 16), np.float32)
     fresh = siglip.SiglipNaViT(tiny(), rngs=nnx.Rngs(0))
-    before = siglip.export_torch_state(fresh)
+    before = keymap.export_vit(fresh)
     with pytest.raises(ValueError) as e:
-        siglip.load_torch_state(fresh, bad)
+        keymap.load_vit(fresh, bad)
     msg = str(e.value)
     assert "missing" in msg and "encoder.layers.1.mlp.fc2.bias" in msg
     assert "unexpected" in msg and "encoder.layers.2.mlp.fc2.bias" in msg
     assert "mis-shaped" in msg and "layers.0.self_attn.q_proj.weight" in msg
-    after = siglip.export_torch_state(fresh)
+    after = keymap.export_vit(fresh)
     assert all(np.array_equal(before[k], after[k]) for k in before)  # nothing written on error

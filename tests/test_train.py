@@ -287,7 +287,7 @@ def test_init_from_imported_model_dir(golden_dir, tmp_path):
 
     from sgt_jax.convert.__main__ import main as convert_main
     from sgt_jax.convert.model_dir import read_config
-    from sgt_jax.models import keymap
+    from sgt_jax.convert import keymap
 
     out = tmp_path / "imported"
     assert convert_main(["import", "--from", str(golden_dir), "--to", str(out), "--max-latent-size", "8",

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sgt_jax.models import check_golden as G
+from sgt_jax.convert import check_golden as G
+from sgt_jax.convert import keymap
 from sgt_jax.models import vae as V
 from sgt_jax.models.config import tiny
 
@@ -35,7 +36,7 @@ def nhwc(a: np.ndarray) -> jax.Array:
 def build(cfg, tensors, dtype=jnp.float32) -> V.AutoEncoder:
     """Abstract construction (no random init) + load, as a real-size AE would be loaded."""
     model = nnx.eval_shape(lambda: V.AutoEncoder(cfg, rngs=nnx.Rngs(0), dtype=dtype))
-    V.load_torch_state(model, tensors)
+    keymap.load_vae(model, tensors)
     return model
 
 
@@ -132,7 +133,7 @@ def test_decode_matches_golden(golden, out32, tol):
 
 def test_export_round_trip_is_bit_exact(golden, ae32):
     ae, _ = golden
-    out = V.export_torch_state(ae32)
+    out = keymap.export_vae(ae32)
     assert sorted(out) == sorted(ae)
     for k, v in ae.items():
         assert out[k].dtype == v.dtype == np.float32, k
@@ -149,7 +150,7 @@ def test_load_reports_every_problem(golden):
     bad["decoder.norm_out.bias"] = np.zeros((16,), np.float32)
     model = nnx.eval_shape(lambda: V.AutoEncoder(tiny(), rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError) as exc:
-        V.load_torch_state(model, bad)
+        keymap.load_vae(model, bad)
     msg = str(exc.value)
     for name in ["decoder.mid.attn_1.q.bias", "encoder.mid.attn_2.q.weight",
                  "encoder.conv_in.weight", "decoder.norm_out.bias"]:
@@ -389,11 +390,11 @@ def test_matches_torch_functional_reference():
     assert "decoder.up.1.upsample.conv.weight" in {k for k, _, _ in table}
 
     rng = np.random.default_rng(0)
-    shapes = V.expected_torch_shapes(model)
+    shapes = keymap.vae_torch_shapes(model)
     sd = {k: (rng.standard_normal(s) * (0.3 if len(s) == 4 else 1.0)).astype(np.float32)
           for k, s in shapes.items()}
-    V.load_torch_state(model, sd)
-    exported = V.export_torch_state(model)
+    keymap.load_vae(model, sd)
+    exported = keymap.export_vae(model)
     assert all(np.array_equal(exported[k], sd[k]) for k in sd)
 
     x = rng.uniform(-1, 1, (2, 3, 8, 12)).astype(np.float32)

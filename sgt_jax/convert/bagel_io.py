@@ -19,7 +19,7 @@ used depth + 1 because BAGEL drops the last layer) and the tokenizer files.
 SRC, DST and MODEL_DIR may be ``gs://`` URLs: every file operation outside the Orbax checkpoint
 goes through ``sgt_jax.fileio`` (ranged reads and streamed writes of bounded size).
 
-Names and layouts come only from ``sgt_jax.models.keymap`` (``bagel_table``, ``vae_entries``,
+Names and layouts come only from ``sgt_jax.convert.keymap`` (``bagel_table``, ``vae_entries``,
 ``group_entries``, ``FIXED_KEYS``).
 """
 from __future__ import annotations
@@ -33,12 +33,12 @@ import ml_collections
 import numpy as np
 
 from sgt_jax import fileio
-from sgt_jax.convert import model_dir as md
+import sgt_jax.convert.model_dir as md
 from sgt_jax.convert.safetensors_io import (PICKLE_EXPLANATION, PICKLE_SUFFIXES, ConversionError,
                                             PlannedTensor, SafetensorsPlanWriter, SafetensorsSource,
                                             _listing, parse_size)
 from sgt_jax.models import config as config_lib
-from sgt_jax.models import keymap
+import sgt_jax.convert.keymap as keymap
 
 BAGEL_7B_SETTINGS = dict(latent_patch_size=2, max_latent_size=64, vit_max_num_patch_per_side=70,
                          timestep_shift=1.0)

@@ -19,7 +19,7 @@ import numpy as np
 
 from sgt_jax.convert.bagel_io import bagel_config_files
 from sgt_jax.convert.safetensors_io import PlannedTensor, SafetensorsPlanWriter, SafetensorsSource
-from sgt_jax.models import keymap
+import sgt_jax.convert.keymap as keymap
 
 GEN_BLOCK_BYTES = 64 * 2 ** 20
 

@@ -25,8 +25,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from sgt_jax.batch import PAD, TEXT, VAE_CLEAN, VAE_NOISED, VIT, PackedBatch
-from sgt_jax.data.samples import CAUSAL, Sample, normalize
+from sgt_jax.batch import CAUSAL, PAD, TEXT, VAE_CLEAN, VAE_NOISED, VIT, TOKEN_FIELDS, PackedBatch, batch_spec
+from sgt_jax.data.samples import Sample, normalize
 
 KIND_NAMES = {PAD: "pad", TEXT: "text", VIT: "vit", VAE_CLEAN: "vae_clean", VAE_NOISED: "vae_noised"}
 
@@ -175,29 +175,17 @@ class BestFitPacker:
 # ------------------------------------------------------------------------------------------------
 # rows -> PackedBatch
 
-def _vae_dtype(name: str):
-    if name == "bfloat16":
-        import ml_dtypes
-
-        return ml_dtypes.bfloat16
-    return np.float32
-
-
 def assemble(rows: Sequence[Sequence[Sample]], spec: RowSpec) -> PackedBatch:
     """Concatenate each row's documents, pad, route padding to fill the gen quota -> numpy PackedBatch."""
     B, L, G = len(rows), spec.tokens_per_row, spec.gen_tokens_per_row
     P, N = spec.vit_patches_per_row, spec.vae_images_per_row
-    H, W = spec.vae_hw
-    d3 = 3 * spec.vit_patch_size ** 2
-    i32 = lambda: np.zeros((B, L), np.int32)   # noqa: E731
-    f = dict(kind=i32(), text_ids=i32(), position_ids=i32(), doc_ids=i32(), split_ids=i32(),
-             split_mode=i32(), expert=i32(), ce_mask=np.zeros((B, L), bool), ce_labels=i32(),
-             ce_weights=np.ones((B, L), np.float32), mse_mask=np.zeros((B, L), bool), vit_index=i32(),
-             vae_token_index=i32(), latent_position_ids=i32(), timesteps=np.zeros((B, L), np.float32))
-    vit_patches = np.zeros((B, P, d3), np.float32)
-    vit_pos = np.zeros((B, P), np.int32)
-    vit_ids = np.full((B, P), -1, np.int32)
-    vae_images = np.zeros((B, N, H, W, 3), _vae_dtype(spec.vae_images_dtype))
+    W = spec.vae_hw[1]
+    zeros = {k: np.zeros(x.shape, x.dtype) for k, x in vars(batch_spec(spec, rows=B)).items() if x is not None}
+    zeros["ce_weights"][:] = 1.0
+    zeros["vit_image_ids"][:] = -1
+    f = {k: zeros.pop(k) for k in TOKEN_FIELDS}
+    vit_patches, vit_pos, vit_ids, vae_images = (zeros.pop(k) for k in ("vit_patches", "vit_position_ids",
+                                                                        "vit_image_ids", "vae_images"))
     cells = spec.latent_cells
     grid_w = W // spec.vae_downsample
     for r, docs in enumerate(rows):

@@ -33,13 +33,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from sgt_jax.batch import PAD, TEXT, VAE_CLEAN, VAE_NOISED, VIT  # noqa: F401  (PAD re-exported)
+from sgt_jax.batch import CAUSAL, FULL, NOISE, PAD, TEXT, VAE_CLEAN, VAE_NOISED, VIT  # noqa: F401  (PAD, CAUSAL re-exported)
 from sgt_jax.data.instructions import RECON_INSTRUCTIONS, SEGMENT_INSTRUCTION, SEGMENT_INSTRUCTIONS
 from sgt_jax.data.records import BadRecord
 from sgt_jax.data.tokenizer import SpecialTokens
 from sgt_jax.models.siglip import patchify, position_ids
 
-CAUSAL, FULL, NOISE = 0, 1, 2          # split modes (models/attention.py)
+
 _RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
 TOKEN_KEYS = ("kind", "text_ids", "position_ids", "split_ids", "split_mode", "ce_mask", "ce_labels",
               "ce_weights", "mse_mask", "vit_index", "vae_image", "vae_row", "vae_col",

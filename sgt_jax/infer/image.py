@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sgt_jax.infer.cache import KVCache, block_segments, run_block
-from sgt_jax.models.attention import NOISE
+from sgt_jax.batch import NOISE
 from sgt_jax.models.config import patch_latent_dim, vae_downsample
 
 RENORM_TYPES = ("global", "channel", "text_channel")

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from sgt_jax.infer.cache import KVCache, block_segments, run_block
-from sgt_jax.models.attention import CAUSAL
+from sgt_jax.batch import CAUSAL
 
 
 def lm_logits(lm, h: jax.Array) -> jax.Array:

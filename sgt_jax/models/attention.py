@@ -1,6 +1,6 @@
 """Packed attention with BAGEL's mask, computed from per-token vectors (never stored as L x L).
 
-Per token (all int32, shape (B, L)):
+Per token (all int32, shape (B, L); ``Segments`` and the split modes live in sgt_jax/batch.py):
   ``doc``    document (sample) id; padding gets its own id(s) so it sees nothing real;
   ``split``  split id, unique within a row;
   ``mode``   split mode: CAUSAL=0, FULL=1, NOISE=2;
@@ -17,24 +17,12 @@ when compiling for TPU, also ahead of time for a TPU topology from a CPU host (`
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 
-CAUSAL, FULL, NOISE = 0, 1, 2
-
-
-class Segments(NamedTuple):
-    """The per-token vectors the mask is computed from, each (B, L) int32."""
-    doc: jax.Array
-    split: jax.Array
-    mode: jax.Array
-    order: jax.Array
-
-    def permute(self, perm: jax.Array) -> "Segments":
-        """Reorder tokens by ``perm`` (B, L) -- the mask is unchanged up to that permutation."""
-        return Segments(*(jnp.take_along_axis(v, perm, axis=1) for v in self))
+from sgt_jax.batch import CAUSAL, FULL, NOISE, Segments  # noqa: F401  (the mask vocabulary)
+from sgt_jax.models import flash_attention as fa
+from sgt_jax.models.config import ATTENTION_IMPLS
 
 
 def bagel_mask(qs: Segments, ks: Segments | None = None) -> jax.Array:
@@ -65,7 +53,13 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     return out.reshape(b, lq, nh, hd).astype(q.dtype)
 
 
-IMPLS = ("dense", "flash", "auto")
+def mesh_axes_from_rules(rules) -> tuple[tuple[str, ...], str | None]:
+    """(batch mesh axes, kv-head mesh axis) from a logical-axis rules table (name -> mesh axis or
+    axes, e.g. sgt_jax/parallel/mesh.py RULES); None or a table without them: ((), None)."""
+    rules = dict(rules or ())
+    batch = rules.get("batch") or ()
+    head = rules.get("kv_heads")
+    return ((batch,) if isinstance(batch, str) else tuple(batch)), (head if isinstance(head, str) else None)
 
 
 def resolve_impl(impl: str, head_dim: int, platform: str | None = None) -> str:
@@ -77,7 +71,6 @@ def resolve_impl(impl: str, head_dim: int, platform: str | None = None) -> str:
     if impl != "auto":
         return impl
     if platform is None:
-        from sgt_jax.models import flash_attention as fa
         tpu = fa.target_is_tpu()
     else:
         tpu = platform == "tpu"
@@ -85,16 +78,18 @@ def resolve_impl(impl: str, head_dim: int, platform: str | None = None) -> str:
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, seg: Segments, impl: str = "dense",
-              block_sizes=None) -> jax.Array:
+              block_sizes=None, mesh_axes: tuple = ((), None)) -> jax.Array:
     """BAGEL's packed attention. q (B, L, nh, hd), k/v (B, L, nkv, hd) -> (B, L, nh, hd).
 
     ``impl``: "dense" (XLA, materialises the mask per row), "flash" (the Pallas kernel of
     flash_attention.py; interpret mode off TPU), "auto" (``resolve_impl``: flash when compiling
-    for TPU, else dense). ``block_sizes``: a ``flash_attention.BlockSizes`` (None: its defaults)."""
+    for TPU, else dense). ``block_sizes``: a ``flash_attention.BlockSizes`` (None: its defaults).
+    ``mesh_axes``: (batch mesh axes, kv-head mesh axis) the flash kernel's shard_map splits rows and
+    kv heads over (``mesh_axes_from_rules``; the caller resolves them from its rules table)."""
     impl = resolve_impl(impl, q.shape[-1])
     if impl == "dense":
         return dot_product_attention(q, k, v, bagel_mask(seg))
     if impl == "flash":
-        from sgt_jax.models import flash_attention as fa
-        return fa.flash_attention(q, k, v, seg, block_sizes=block_sizes)
-    raise ValueError(f"unknown attention_impl {impl!r}; available: {IMPLS}")
+        return fa.flash_attention(q, k, v, seg, block_sizes=block_sizes, batch_axes=mesh_axes[0],
+                                  kv_head_axis=mesh_axes[1])
+    raise ValueError(f"unknown attention_impl {impl!r}; available: {ATTENTION_IMPLS}")

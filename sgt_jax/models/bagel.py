@@ -72,12 +72,15 @@ def patchify_latents(latents: jax.Array, p: int) -> jax.Array:
 
 
 class Bagel(nnx.Module):
-    def __init__(self, cfg, *, rngs: nnx.Rngs):
+    """``rules``: the logical-axis rules table (sgt_jax/parallel/mesh.py RULES) the attention
+    kernel's shard_map follows; the caller passes it (models never import parallel)."""
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs, rules=None):
         validate(cfg)
         self.cfg = cfg
         dtype = _dtype(cfg.compute_dtype)
         h = cfg.llm.hidden_size
-        self.language_model = Qwen2MoT(cfg, rngs=rngs, dtype=dtype)
+        self.language_model = Qwen2MoT(cfg, rngs=rngs, dtype=dtype, rules=rules)
         b = cfg.bagel
         if b.visual_und:
             self.vit_model = SiglipNaViT(cfg, rngs=rngs, dtype=dtype)
@@ -136,11 +139,11 @@ class Bagel(nnx.Module):
         seg = attn_lib.Segments(batch.doc_ids, batch.split_ids, batch.split_mode,
                                 jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (bsz, length))
                                 ).permute(r.perm)
-        sl = lambda f: tok[f][:, :lu]    # und slice
-        sg = lambda f: tok[f][:, lu:]    # gen slice
+        und = lambda f: tok[f][:, :lu]    # und slice of a token field
+        gen = lambda f: tok[f][:, lu:]    # gen slice
 
         # und slice: text (and special) tokens, ViT tokens
-        parts = [self.embed_und(batch, sl("text_ids"), sl("kind"), sl("vit_index"))]
+        parts = [self.embed_und(batch, und("text_ids"), und("kind"), und("vit_index"))]
 
         # gen slice: noised / clean latent tokens
         if num_gen:
@@ -148,28 +151,28 @@ class Bagel(nnx.Module):
                 raise ValueError("num_gen > 0 but bagel.visual_gen is False")
             p = cfg.bagel.latent_patch_size
             lat = patchify_latents(batch.latents.astype(jnp.float32), p)
-            x0 = jnp.take_along_axis(lat, sg("vae_token_index")[..., None], axis=1)
+            x0 = jnp.take_along_axis(lat, gen("vae_token_index")[..., None], axis=1)
             if noise is None:
                 if key is None:
                     raise ValueError("pass the flow noise or a key to draw it from")
                 eps = row_normal(key, x0.shape, row_ids)
             else:
                 eps = r.sort(noise.astype(jnp.float32))[:, lu:]
-            t = shift_timesteps(sg("timesteps"), cfg.bagel.timestep_shift)
+            t = shift_timesteps(gen("timesteps"), cfg.bagel.timestep_shift)
             x_t = (1.0 - t[..., None]) * x0 + t[..., None] * eps
-            parts.append(self.embed_latents(x_t, t, sg("latent_position_ids")))
+            parts.append(self.embed_latents(x_t, t, gen("latent_position_ids")))
         x = jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
 
         hs = self.language_model.decode(x, tok["position_ids"], seg, num_gen if mot else 0)
-        ce = token_cross_entropy(self.language_model.lm_head, hs[:, :lu], sl("ce_labels"),
+        ce = token_cross_entropy(self.language_model.lm_head, hs[:, :lu], und("ce_labels"),
                                  cfg.llm.ce_chunk_size)
-        ce = jnp.where(sl("ce_mask"), ce, 0.0)
+        ce = jnp.where(und("ce_mask"), ce, 0.0)
         outs = {"ce": [ce]}
         if num_gen:
             pred = self.llm2vae(hs[:, lu:]).astype(jnp.float32)
             mse = jnp.square(pred - (eps - x0))
             outs["mse"] = [jnp.zeros((bsz, lu) + mse.shape[2:], jnp.float32),
-                           jnp.where(sg("mse_mask")[..., None], mse, 0.0)]
+                           jnp.where(gen("mse_mask")[..., None], mse, 0.0)]
             outs["ce"].append(jnp.zeros((bsz, num_gen), jnp.float32))
         else:
             outs["mse"] = [jnp.zeros((bsz, length, patch_latent_dim(cfg)), jnp.float32)]

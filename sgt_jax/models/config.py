@@ -12,7 +12,16 @@ import os
 
 import ml_collections
 
-REMAT_POLICIES = ("none", "full", "save_dot_except_mlp", "save_qkv_proj", "save_out_proj", "minimal")
+# Remat policies (MaxText names), for the LLM and the ViT alike: "none", "full" (save nothing) or
+# save only the tensors a layer body tags with these checkpoint_name()s (layers.remat).
+REMAT_SAVED_NAMES = {
+    "save_dot_except_mlp": ("query_proj", "key_proj", "value_proj", "out_proj"),
+    "save_qkv_proj": ("query_proj", "key_proj", "value_proj"),
+    "save_out_proj": ("out_proj",),
+    "minimal": ("query_proj", "key_proj", "value_proj", "out_proj", "context",
+                "mlpwi", "mlpwi_0", "mlpwi_1", "mlpwo"),     # ViT: mlpwi; LLM: mlpwi_0/1 (gate, up)
+}
+REMAT_POLICIES = ("none", "full") + tuple(REMAT_SAVED_NAMES)
 LAYER_MODULES = ("mot", "dense")
 ATTENTION_IMPLS = ("dense", "flash", "auto")   # "auto": flash when compiling for TPU, else dense
 

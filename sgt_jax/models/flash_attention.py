@@ -2,7 +2,7 @@
 
     o = flash_attention(q, k, v, seg)          # == dot_product_attention(q, k, v, bagel_mask(seg))
 
-q (B, L, nh, hd), k/v (B, L, nkv, hd), ``seg`` the per-token ``Segments`` of attention.py (doc,
+q (B, L, nh, hd), k/v (B, L, nkv, hd), ``seg`` the per-token ``Segments`` of sgt_jax/batch.py (doc,
 split, mode, order; the row may be physically permuted -- causality follows ``order``). The L x L
 mask is never built: every kernel computes it per (q block, kv block) from the token vectors.
 
@@ -42,7 +42,8 @@ and over the q blocks in VMEM).
 Constraints on TPU: hd % 128 == 0 (BAGEL: 128) and block sizes multiples of 128; L is padded to a
 multiple of the blocks with one extra padding document (any L works). In interpret mode (CPU) any
 sizes work. Under a mesh, the call is wrapped in ``shard_map`` (rows over the ``batch`` mesh axes,
-kv heads over the ``kv_heads`` axis, from sgt_jax/parallel/mesh.py RULES).
+kv heads over the kv-head axis; the caller passes both (``batch_axes``, ``kv_head_axis``,
+resolved from its rules table, e.g. ``attention.mesh_axes_from_rules(parallel.mesh.RULES)``).
 """
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from sgt_jax.models.attention import CAUSAL, NOISE, Segments
+from sgt_jax.batch import CAUSAL, NOISE, Segments
 
 SKIP, PARTIAL, FULL_BLOCK = 0, 1, 2        # block kinds (low 2 bits of a compacted code)
 _DOC, _SPLIT, _ORDER, _KO_SAME, _KO_OTHER = range(5)
@@ -530,20 +531,16 @@ def _auto_axes(mesh) -> set:
     return {a for a in mesh.axis_names if mesh._name_to_type[a] == AxisType.Auto and mesh.shape[a] > 1}
 
 
-def _mesh_specs(mesh, b: int, nkv: int):
-    """(batch axes, kv-head axis) of the auto mesh axes that divide the shapes (RULES names)."""
-    from sgt_jax.parallel.mesh import RULES
-
-    rules = dict(RULES)
+def _mesh_specs(mesh, b: int, nkv: int, batch_axes: tuple[str, ...], kv_head_axis: str | None):
+    """(batch axes, kv-head axis): those of the wanted ones that are auto mesh axes and divide
+    the shapes."""
     auto = _auto_axes(mesh)
-    want = rules.get("batch") or ()
-    want = (want,) if isinstance(want, str) else tuple(want)
     batch, size = [], 1
-    for a in want:
+    for a in batch_axes:
         if a in auto and b % (size * mesh.shape[a]) == 0:
             batch.append(a)
             size *= mesh.shape[a]
-    head = rules.get("kv_heads")
+    head = kv_head_axis
     head = head if isinstance(head, str) and head in auto and nkv % mesh.shape[head] == 0 else None
     return tuple(batch), head
 
@@ -551,14 +548,17 @@ def _mesh_specs(mesh, b: int, nkv: int):
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, seg: Segments, *,
                     block_sizes: BlockSizes | None = None, sm_scale: float | None = None,
                     interpret: bool | None = None, vmem_limit_bytes: int | None = None,
-                    grid_buckets: int | None = None) -> jax.Array:
+                    grid_buckets: int | None = None, batch_axes: tuple[str, ...] = (),
+                    kv_head_axis: str | None = None) -> jax.Array:
     """BAGEL's packed attention with the Pallas kernels; same contract as
     ``attention.dot_product_attention(q, k, v, bagel_mask(seg))``.
 
     ``interpret=None``: interpret mode unless compiling for TPU. ``grid_buckets``: compile the
     kernels for this many grid lengths (n, n/2, n/4, ... steps per q / kv block; the smallest that
     holds the batch's longest live-block list runs); None: 4 on TPU, 1 in interpret mode.
-    Under an active mesh with auto axes, runs inside shard_map."""
+    Under an active mesh with auto axes, runs inside shard_map with rows split over
+    ``batch_axes`` and kv heads over ``kv_head_axis`` (those of them that divide the shapes; the
+    rest replicated)."""
     interpret = (not target_is_tpu()) if interpret is None else interpret
     fn = functools.partial(_flash_local, block_sizes=block_sizes, sm_scale=sm_scale,
                            interpret=interpret, vmem_limit_bytes=vmem_limit_bytes,
@@ -566,7 +566,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, seg: Segments, *,
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or not _auto_axes(mesh):      # no mesh, or already inside shard_map
         return fn(q, k, v, seg)
-    batch, head = _mesh_specs(mesh, q.shape[0], k.shape[2])
+    batch, head = _mesh_specs(mesh, q.shape[0], k.shape[2], tuple(batch_axes), kv_head_axis)
     from jax.sharding import PartitionSpec as P
 
     bspec = batch if len(batch) > 1 else (batch[0] if batch else None)

@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sgt_jax.models.config import REMAT_POLICIES, REMAT_SAVED_NAMES
+
 Names = tuple[str | None, ...]
 
 
@@ -139,3 +141,15 @@ def timestep_frequencies(t: jax.Array, dim: int = 256, max_period: float = 10000
     freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
     args = t.astype(jnp.float32)[..., None] * freqs
     return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def remat(fn, policy: str, key: str = "remat_policy"):
+    """Wrap a layer body ``fn`` with jax.checkpoint according to a MaxText-named policy
+    (config.REMAT_SAVED_NAMES); ``key`` names the config key in the error."""
+    if policy == "none":
+        return fn
+    if policy == "full":
+        return jax.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable)
+    if policy in REMAT_SAVED_NAMES:
+        return jax.checkpoint(fn, policy=jax.checkpoint_policies.save_only_these_names(*REMAT_SAVED_NAMES[policy]))
+    raise ValueError(f"unknown {key} {policy!r}; expected one of {REMAT_POLICIES}")

@@ -19,32 +19,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sgt_jax.batch import GEN, UND
 from sgt_jax.models import attention as attn_lib
 from sgt_jax.models.config import head_dim, validate
-from sgt_jax.models.layers import Dense, Embed, RMSNorm, apply_rope, rope_cos_sin
-
-UND, GEN = 0, 1
+from sgt_jax.models.layers import Dense, Embed, RMSNorm, apply_rope, remat, rope_cos_sin
 from jax.ad_checkpoint import checkpoint_name  # noqa: E402
-
-# Remat policies, named as in MaxText (tensors tagged with checkpoint_name in the layer body).
-_SAVED_NAMES = {
-    "save_qkv_proj": ("query_proj", "key_proj", "value_proj"),
-    "save_out_proj": ("out_proj",),
-    "save_dot_except_mlp": ("query_proj", "key_proj", "value_proj", "out_proj"),
-    "minimal": ("query_proj", "key_proj", "value_proj", "out_proj", "context",
-                "mlpwi_0", "mlpwi_1", "mlpwo"),
-}
-
-
-def remat(fn, policy: str):
-    """Wrap a layer body ``fn`` with jax.checkpoint according to a MaxText-named policy."""
-    if policy == "none":
-        return fn
-    if policy == "full":
-        return jax.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable)
-    if policy in _SAVED_NAMES:
-        return jax.checkpoint(fn, policy=jax.checkpoint_policies.save_only_these_names(*_SAVED_NAMES[policy]))
-    raise ValueError(f"unknown remat policy {policy!r}")
 
 
 class Routing(NamedTuple):
@@ -121,9 +100,11 @@ class ExpertWeights(nnx.Module):
 
 class DecoderLayer(nnx.Module):
     """``Qwen2MoTDecoderLayer`` (und + gen experts, one joint attention) or, with
-    ``layer_module="dense"``, ``Qwen2DecoderLayer`` (one copy of the weights for every token)."""
+    ``layer_module="dense"``, ``Qwen2DecoderLayer`` (one copy of the weights for every token).
+    ``rules``: the logical-axis rules table (parallel/mesh.py RULES) the flash kernel's shard_map
+    takes its batch / kv-head mesh axes from; None: not split."""
 
-    def __init__(self, cfg, *, rngs: nnx.Rngs, dtype):
+    def __init__(self, cfg, *, rngs: nnx.Rngs, dtype, rules=None):
         self.mot = cfg.llm.layer_module == "mot"
         self.und = ExpertWeights(cfg, rngs=rngs, dtype=dtype)
         self.gen = ExpertWeights(cfg, rngs=rngs, dtype=dtype) if self.mot else None
@@ -133,6 +114,7 @@ class DecoderLayer(nnx.Module):
             from sgt_jax.models.flash_attention import BlockSizes
 
             self.attention_blocks = BlockSizes.from_config(cfg.llm)
+        self.attention_mesh_axes = attn_lib.mesh_axes_from_rules(rules)
         self.freeze_und = bool(cfg.llm.freeze_und)
 
     def _experts(self, length: int, num_gen: int):
@@ -142,27 +124,28 @@ class DecoderLayer(nnx.Module):
     def _stop(self):
         # freeze_und (BAGEL): und rows are detached at the input, after q/k(-norm)/v, after o_proj
         # and after the MLP, so no gradient reaches und weights or flows through und tokens.
-        return (lambda e, t: jax.lax.stop_gradient(t) if e == UND else t) if self.freeze_und else (lambda e, t: t)
+        return (lambda e, y: jax.lax.stop_gradient(y) if e == UND else y) if self.freeze_und else (lambda e, y: y)
 
     def project_qkv(self, x, cos, sin, num_gen: int):
         """Per-expert input norm, q/k/v projections, qk-norm and RoPE over the expert-sorted
         ``x`` (B, L, H) -> q (B, L, nh, hd), k, v (B, L, nkv, hd)."""
-        sg = self._stop()
-        qkv = [tuple(sg(e, t) for t in w.qkv(sg(e, x[:, a:b]), cos[:, a:b], sin[:, a:b]))
+        detach = self._stop()
+        qkv = [tuple(detach(e, t) for t in w.qkv(detach(e, x[:, a:b]), cos[:, a:b], sin[:, a:b]))
                for e, w, a, b in self._experts(x.shape[1], num_gen)]
         return tuple(_cat(list(t)) for t in zip(*qkv))
 
     def finish(self, x, o, num_gen: int):
         """The rest of the layer after attention: per-expert o_proj + residual, MLP + residual;
         ``o`` (B, L, nh*hd) is the attention output."""
-        sg = self._stop()
+        detach = self._stop()
         parts = self._experts(x.shape[1], num_gen)
-        x = x + _cat([sg(e, checkpoint_name(w.o_proj(o[:, a:b]), "out_proj")) for e, w, a, b in parts])
-        return x + _cat([sg(e, w.mlp(x[:, a:b])) for e, w, a, b in parts])
+        x = x + _cat([detach(e, checkpoint_name(w.o_proj(o[:, a:b]), "out_proj")) for e, w, a, b in parts])
+        return x + _cat([detach(e, w.mlp(x[:, a:b])) for e, w, a, b in parts])
 
     def __call__(self, x, cos, sin, seg: attn_lib.Segments, num_gen: int):
         q, k, v = self.project_qkv(x, cos, sin, num_gen)
-        o = checkpoint_name(attn_lib.attention(q, k, v, seg, self.attention_impl, self.attention_blocks),
+        o = checkpoint_name(attn_lib.attention(q, k, v, seg, self.attention_impl, self.attention_blocks,
+                                               self.attention_mesh_axes),
                             "context")
         return self.finish(x, o.reshape(x.shape[:2] + (-1,)), num_gen)
 
@@ -174,7 +157,7 @@ def _cat(ts):
 class Qwen2MoT(nnx.Module):
     """BAGEL's ``language_model``: embeddings, stacked decoder layers, final norms, lm_head."""
 
-    def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32, rules=None):
         validate(cfg)
         c = cfg.llm
         self.cfg = cfg
@@ -184,7 +167,7 @@ class Qwen2MoT(nnx.Module):
         @nnx.split_rngs(splits=c.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def make_layers(r):
-            return DecoderLayer(cfg, rngs=r, dtype=dtype)
+            return DecoderLayer(cfg, rngs=r, dtype=dtype, rules=rules)
 
         self.layers = make_layers(rngs)
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, ("norm",), rngs=rngs)
@@ -202,7 +185,7 @@ class Qwen2MoT(nnx.Module):
         def body(h, layer_state):
             return nnx.merge(graphdef, layer_state)(h, cos, sin, seg, num_gen), None
 
-        body = remat(body, c.remat_policy)
+        body = remat(body, c.remat_policy, "llm.remat_policy")
         x = x.astype(self.dtype)
         if c.scan_layers:
             x, _ = jax.lax.scan(body, x, stacked)

@@ -17,11 +17,10 @@ Layers are stored stacked (leading logical axis "layers") and run with ``jax.lax
 (``cfg.vit.scan_layers``); ``cfg.vit.remat_policy`` selects the ``jax.checkpoint`` policy.
 
 Weights convert to and from BAGEL / HF key names through one declarative table,
-``torch_key_table`` (used by ``load_torch_state`` and ``export_torch_state``).
+``torch_key_table``; loading and exporting go through it in sgt_jax/convert/keymap.py
+(``load_vit`` / ``export_vit``).
 """
 from __future__ import annotations
-
-from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -30,33 +29,11 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from sgt_jax.models.attention import dot_product_attention
-from sgt_jax.models.layers import Dense, LayerNorm, gelu_tanh, normal_init, param
+from sgt_jax.models.layers import Dense, LayerNorm, gelu_tanh, normal_init, param, remat
 
 
 BAGEL_VIT_PREFIX = "vit_model.vision_model."
 HF_VIT_PREFIX = "vision_model."
-
-# Remat policies (MaxText names); the saved names are tagged with checkpoint_name in the layer body.
-_SAVED_NAMES = {
-    "save_qkv_proj": ("query_proj", "key_proj", "value_proj"),
-    "save_out_proj": ("out_proj",),
-    "save_dot_except_mlp": ("query_proj", "key_proj", "value_proj", "out_proj"),
-    "minimal": ("query_proj", "key_proj", "value_proj", "out_proj", "context", "mlpwi", "mlpwo"),
-}
-
-
-def remat_body(fn, policy: str):
-    """Wrap a layer body with jax.checkpoint according to a MaxText-named remat policy."""
-    if policy == "none":
-        return fn
-    if policy == "full":
-        return jax.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable)
-    if policy in _SAVED_NAMES:
-        return jax.checkpoint(
-            fn, policy=jax.checkpoint_policies.save_only_these_names(*_SAVED_NAMES[policy]))
-    raise ValueError(f"unknown vit.remat_policy {policy!r}; expected one of "
-                     f"{('none', 'full') + tuple(_SAVED_NAMES)}")
-
 
 # ------------------------------------------------------------------------------------------------
 # Input helpers (numpy or jax arrays)
@@ -156,7 +133,7 @@ class SiglipNaViT(nnx.Module):
         self.num_layers = vit.num_layers
         self.scan_layers = bool(vit.scan_layers)
         self.remat_policy = str(vit.remat_policy)
-        remat_body(lambda: None, self.remat_policy)  # validate the policy name early
+        remat(lambda: None, self.remat_policy, "vit.remat_policy")  # validate the policy name early
         self.dtype = dtype
 
         self.patch_embedding = Dense(3 * p * p, d, (None, "embed"), use_bias=True, rngs=rngs,
@@ -184,7 +161,7 @@ class SiglipNaViT(nnx.Module):
         def body(h, layer_state):
             return nnx.merge(graphdef, layer_state)(h, mask), None
 
-        body = remat_body(body, self.remat_policy)
+        body = remat(body, self.remat_policy, "vit.remat_policy")
         if self.scan_layers:
             x, _ = jax.lax.scan(body, x, stacked)
         else:
@@ -244,30 +221,3 @@ def torch_key_table(cfg) -> list[tuple[str, tuple[str, ...], str, int | None]]:
         ("post_layernorm.bias", ("post_layernorm", "bias"), "copy", None),
     ]
     return table
-
-
-def _prefixed_table(model, prefix: str) -> list:
-    from sgt_jax.models.keymap import Entry
-
-    return [Entry(prefix + key, path, kind, layer) for key, path, kind, layer in torch_key_table(model)]
-
-
-def load_torch_state(model: SiglipNaViT, tensors: Mapping[str, Any],
-                     prefix: str = BAGEL_VIT_PREFIX) -> None:
-    """Load torch-layout tensors (e.g. BAGEL's ``model.safetensors``) into ``model`` in place,
-    through the one key table (keymap.load_state). Keys outside ``prefix`` are ignored (a whole
-    BAGEL state dict may be passed); missing, unexpected and mis-shaped keys raise a ValueError
-    listing them, and nothing is written in that case."""
-    from sgt_jax.models import keymap
-
-    mine = {k: v for k, v in tensors.items() if k.startswith(prefix)}
-    keymap.load_state(model, mine, _prefixed_table(model, prefix), what="SigLIP-NaViT state dict")
-
-
-def export_torch_state(model: SiglipNaViT, prefix: str = BAGEL_VIT_PREFIX) -> dict[str, np.ndarray]:
-    """The inverse of ``load_torch_state``: {prefix + torch key: float32 numpy array} in the
-    torch layout (Linear weights (out, in), the patch embedding in BAGEL's Linear form)."""
-    from sgt_jax.models import keymap
-
-    return keymap.export_state(model, _prefixed_table(model, prefix))
-

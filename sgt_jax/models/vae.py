@@ -11,8 +11,8 @@ f = 2 ** (len(ch_mult) - 1). Layout of the network (see reference/bagel.md secti
 Module attributes mirror the FLUX state-dict names (``encoder.down[i].block[j].conv1`` is
 ``encoder.down.{i}.block.{j}.conv1``; ``decoder.up[i]`` is ``decoder.up.{i}`` -- the decoder
 stores its levels by index and runs them in reverse). ``torch_key_table`` lists every parameter
-as (FLUX key, nnx state path, conversion kind); ``load_torch_state`` / ``export_torch_state``
-use it.
+as (FLUX key, nnx state path, conversion kind); sgt_jax/convert/keymap.py loads and exports
+through it (``load_vae`` / ``export_vae``).
 
 Conventions as in layers.py: fp32 parameters with logical axis names, cast to ``dtype`` at use;
 GroupNorm statistics and the attention softmax in fp32. Conv kernels are HWIO
@@ -388,20 +388,20 @@ class AutoEncoder(nnx.Module):
 # ------------------------------------------------------------------------------------------------
 # PyTorch (FLUX) state-dict mapping
 
-Entry = tuple[str, tuple, str]
+KeyRow = tuple[str, tuple, str]     # (FLUX key, nnx state path, kind)
 
 
-def _conv_keys(tk: str, path: tuple) -> Iterator[Entry]:
+def _conv_keys(tk: str, path: tuple) -> Iterator[KeyRow]:
     yield f"{tk}.weight", path + ("kernel",), "conv"
     yield f"{tk}.bias", path + ("bias",), "copy"
 
 
-def _norm_keys(tk: str, path: tuple) -> Iterator[Entry]:
+def _norm_keys(tk: str, path: tuple) -> Iterator[KeyRow]:
     yield f"{tk}.weight", path + ("scale",), "copy"
     yield f"{tk}.bias", path + ("bias",), "copy"
 
 
-def _resnet_keys(tk: str, path: tuple, cin: int, cout: int) -> Iterator[Entry]:
+def _resnet_keys(tk: str, path: tuple, cin: int, cout: int) -> Iterator[KeyRow]:
     yield from _norm_keys(f"{tk}.norm1", path + ("norm1",))
     yield from _conv_keys(f"{tk}.conv1", path + ("conv1",))
     yield from _norm_keys(f"{tk}.norm2", path + ("norm2",))
@@ -410,7 +410,7 @@ def _resnet_keys(tk: str, path: tuple, cin: int, cout: int) -> Iterator[Entry]:
         yield from _conv_keys(f"{tk}.nin_shortcut", path + ("nin_shortcut",))
 
 
-def _mid_keys(tk: str, path: tuple, ch: int) -> Iterator[Entry]:
+def _mid_keys(tk: str, path: tuple, ch: int) -> Iterator[KeyRow]:
     yield from _resnet_keys(f"{tk}.block_1", path + ("block_1",), ch, ch)
     yield from _norm_keys(f"{tk}.attn_1.norm", path + ("attn_1", "norm"))
     for name in ("q", "k", "v", "proj_out"):
@@ -418,13 +418,13 @@ def _mid_keys(tk: str, path: tuple, ch: int) -> Iterator[Entry]:
     yield from _resnet_keys(f"{tk}.block_2", path + ("block_2",), ch, ch)
 
 
-def torch_key_table(cfg) -> list[Entry]:
+def torch_key_table(cfg) -> list[KeyRow]:
     """Every AE parameter as (FLUX state-dict key, path in ``nnx.state(model)``, kind);
     kind "conv": torch (out, in, kh, kw) <-> ours (kh, kw, in, out); "copy": same array."""
     c = vae_config(cfg)
     n = len(c.ch_mult)
     top = c.ch * c.ch_mult[-1]
-    table: list[Entry] = []
+    table: list[KeyRow] = []
     e, E = "encoder", ("encoder",)
     table += _conv_keys(f"{e}.conv_in", E + ("conv_in",))
     for i, (block_in, block_out) in enumerate(_encoder_channels(c)):
@@ -452,49 +452,3 @@ def torch_key_table(cfg) -> list[Entry]:
     table += _norm_keys(f"{d}.norm_out", D + ("norm_out",))
     table += _conv_keys(f"{d}.conv_out", D + ("conv_out",))
     return table
-
-
-def _variable(model: nnx.Module, path: tuple) -> nnx.Variable:
-    obj = model
-    for p in path:
-        obj = obj[p] if isinstance(p, int) else getattr(obj, p)
-    if not isinstance(obj, nnx.Variable):
-        raise TypeError(f"path {path} does not lead to an nnx.Variable (got {type(obj).__name__})")
-    return obj
-
-
-def _to_torch_shape(shape: tuple, kind: str) -> tuple:
-    if kind == "conv":
-        kh, kw, cin, cout = shape
-        return (cout, cin, kh, kw)
-    return tuple(shape)
-
-
-def expected_torch_shapes(model: AutoEncoder) -> dict[str, tuple[int, ...]]:
-    """FLUX key -> the torch-layout shape ``load_torch_state`` expects (works on abstract models)."""
-    return {key: _to_torch_shape(tuple(_variable(model, path).get_value().shape), kind)
-            for key, path, kind in torch_key_table(model.config)}
-
-
-def _table(model: AutoEncoder) -> list:
-    from sgt_jax.models.keymap import Entry
-
-    return [Entry(key, path, kind) for key, path, kind in torch_key_table(model.config)]
-
-
-def load_torch_state(model: AutoEncoder, tensors: dict[str, np.ndarray]) -> None:
-    """Assign a FLUX AE state dict (torch layout, any float dtype) to ``model`` (fp32 params)
-    through the one key table (keymap.load_state): every missing key, unexpected key and shape
-    mismatch is listed in a ValueError before anything is assigned. ``model`` may be abstract
-    (``nnx.eval_shape``): every parameter is assigned, so the random init can be skipped."""
-    from sgt_jax.models import keymap
-
-    keymap.load_state(model, tensors, _table(model), what="AutoEncoder state dict")
-
-
-def export_torch_state(model: AutoEncoder) -> dict[str, np.ndarray]:
-    """The inverse of load_torch_state: FLUX key -> fp32 numpy array in torch layout."""
-    from sgt_jax.models import keymap
-
-    return keymap.export_state(model, _table(model))
-

@@ -132,8 +132,8 @@ def state_shardings(abstract_state, mesh: Mesh, rules=RULES):
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Rows of the batch over (data, fsdp); everything else in a row is local."""
-    return NamedSharding(mesh, P(("data", "fsdp")))
+    """Rows of the batch over RULES' ``batch`` axes (data, fsdp); everything else in a row is local."""
+    return NamedSharding(mesh, P(dict(RULES)["batch"]))
 
 
 def initialize_distributed() -> bool:
@@ -155,7 +155,7 @@ def global_batch(local: dict | object, mesh: Mesh):
     """Assemble the global batch from each process's slice (rows), sharded over (data, fsdp)."""
     def one(x):
         x = np.asarray(x)
-        spec = NamedSharding(mesh, P(("data", "fsdp"), *([None] * (x.ndim - 1))))
+        spec = NamedSharding(mesh, P(dict(RULES)["batch"], *([None] * (x.ndim - 1))))
         return jax.make_array_from_process_local_data(spec, x)
 
     return jax.tree.map(one, local)

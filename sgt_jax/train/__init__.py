@@ -1,1 +1,2 @@
-"""Training: losses, optimizer recipe, the pure train step, checkpoints, metrics, the loop."""
+"""Training: the pure train step (it reduces the per-token losses the model returns, models/bagel.py),
+optimizer recipe, checkpoints, metrics, the loop."""

@@ -108,7 +108,7 @@ class Setup:
         self.mesh = mesh if mesh is not None else mesh_lib.make_mesh(cfg.mesh.to_dict())
         self.tx = make_tx(cfg.train)
         self.filter = trainable_filter(cfg.train, cfg.model)
-        abstract = nnx.eval_shape(lambda: Bagel(cfg.model, rngs=nnx.Rngs(0)))
+        abstract = nnx.eval_shape(lambda: Bagel(cfg.model, rngs=nnx.Rngs(0), rules=mesh_lib.RULES))
         self.graphdef, a_params, a_frozen, a_fixed = nnx.split(abstract, self.filter, nnx.Param, ...)
         vae_abs = nnx.eval_shape(lambda: AutoEncoder(cfg.model, rngs=nnx.Rngs(0), dtype=vae_dtype(cfg)))
         self.vae_graphdef, a_vae = nnx.split(vae_abs, nnx.Param)
@@ -138,7 +138,7 @@ class Setup:
         t = cfg.train
 
         def make():
-            model = Bagel(cfg.model, rngs=nnx.Rngs(seed))
+            model = Bagel(cfg.model, rngs=nnx.Rngs(seed), rules=mesh_lib.RULES)
             if t.copy_init_moe:
                 copy_init_moe(nnx.state(model))
             _, params, frozen, fixed = nnx.split(model, self.filter, nnx.Param, ...)

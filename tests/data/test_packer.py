@@ -48,9 +48,9 @@ def _golden(golden_dir):
 @pytest.mark.parametrize("pad", [0, 7, 20])
 def test_golden_packer_equivalence(golden_dir, pad):
     """Our layout + packing of BAGEL's 4 golden samples == BAGEL's packed fields (converted the way
-    models/check_golden.packed_batch_from_golden converts them); pad > 0 appends padding (7 = BAGEL's
+    convert/check_golden.packed_batch_from_golden converts them); pad > 0 appends padding (7 = BAGEL's
     flex padding) and, with num_gen raised, routes some of it to the gen expert."""
-    from sgt_jax.models import check_golden
+    from sgt_jax.convert import check_golden
 
     meta, t, samples, hw = _golden(golden_dir)
     n = meta["batch"]["sequence_length"]

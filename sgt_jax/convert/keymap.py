@@ -1,8 +1,11 @@
 """One declarative table between BAGEL's PyTorch key names and this port's parameters.
 
-An entry says: BAGEL key -> (path of the nnx.Param in ``nnx.state(model)``, how to convert the
-array, which layer slice of a stacked parameter it fills). The checkpoint converter
-(sgt_jax/convert) streams through the same table; nothing else knows BAGEL's names.
+A ``KeyEntry`` says: BAGEL key -> (path of the nnx.Param in ``nnx.state(model)``, how to convert
+the array, which layer slice of a stacked parameter it fills). ``bagel_table`` is the LLM part
+(here) plus the rows the ViT and the AE list beside their modules (``siglip.torch_key_table``,
+``vae.torch_key_table``, plain tuples: the module owns its names); loading (``load_state``,
+``load_vit``, ``load_vae``), exporting and the checkpoint converter (sgt_jax/convert) all go
+through this module -- nothing else converts BAGEL's names.
 
 Conversions: ``linear`` (torch (out, in) <-> kernel (in, out)), ``copy``, ``conv`` (torch
 (out, in, kh, kw) <-> (kh, kw, in, out)). The fixed sin-cos tables ``latent_pos_embed.pos_embed`` /
@@ -16,11 +19,13 @@ from typing import NamedTuple
 import numpy as np
 from flax import nnx
 
+from sgt_jax.models import siglip, vae
+
 FIXED_KEYS = {"latent_pos_embed.pos_embed": ("latent_pos_embed",),
               "vit_pos_embed.pos_embed": ("vit_pos_embed",)}
 
 
-class Entry(NamedTuple):
+class KeyEntry(NamedTuple):
     key: str                 # BAGEL / FLUX key
     path: tuple              # nnx state path
     kind: str                # "linear" | "copy" | "conv"
@@ -44,20 +49,20 @@ def from_torch(kind: str, a: np.ndarray) -> np.ndarray:
 
 
 def _linear(key, path, bias=True, layer=None):
-    out = [Entry(f"{key}.weight", path + ("kernel",), "linear", layer)]
+    out = [KeyEntry(f"{key}.weight", path + ("kernel",), "linear", layer)]
     if bias:
-        out.append(Entry(f"{key}.bias", path + ("bias",), "copy", layer))
+        out.append(KeyEntry(f"{key}.bias", path + ("bias",), "copy", layer))
     return out
 
 
-def llm_table(cfg, prefix: str = "language_model.", root: tuple = ("language_model",)) -> list[Entry]:
+def llm_table(cfg, prefix: str = "language_model.", root: tuple = ("language_model",)) -> list[KeyEntry]:
     """Qwen2 MoT (or dense) LLM keys."""
     mot = cfg.llm.layer_module == "mot"
-    t = [Entry(f"{prefix}model.embed_tokens.weight", root + ("embed_tokens", "embedding"), "copy"),
-         Entry(f"{prefix}model.norm.weight", root + ("norm", "scale"), "copy"),
-         Entry(f"{prefix}lm_head.weight", root + ("lm_head", "kernel"), "linear")]
+    t = [KeyEntry(f"{prefix}model.embed_tokens.weight", root + ("embed_tokens", "embedding"), "copy"),
+         KeyEntry(f"{prefix}model.norm.weight", root + ("norm", "scale"), "copy"),
+         KeyEntry(f"{prefix}lm_head.weight", root + ("lm_head", "kernel"), "linear")]
     if mot:
-        t.append(Entry(f"{prefix}model.norm_moe_gen.weight", root + ("norm_gen", "scale"), "copy"))
+        t.append(KeyEntry(f"{prefix}model.norm_moe_gen.weight", root + ("norm_gen", "scale"), "copy"))
     for i in range(cfg.llm.num_layers):
         base = f"{prefix}model.layers.{i}."
         experts = [("", "und")] + ([("_moe_gen", "gen")] if mot else [])
@@ -66,21 +71,19 @@ def llm_table(cfg, prefix: str = "language_model.", root: tuple = ("language_mod
             for proj, bias in (("q_proj", True), ("k_proj", True), ("v_proj", True), ("o_proj", False)):
                 t += _linear(f"{base}self_attn.{proj}{sfx}", lp + (proj,), bias, i)
             if cfg.llm.qk_norm:
-                t.append(Entry(f"{base}self_attn.q_norm{sfx}.weight", lp + ("q_norm", "scale"), "copy", i))
-                t.append(Entry(f"{base}self_attn.k_norm{sfx}.weight", lp + ("k_norm", "scale"), "copy", i))
+                t.append(KeyEntry(f"{base}self_attn.q_norm{sfx}.weight", lp + ("q_norm", "scale"), "copy", i))
+                t.append(KeyEntry(f"{base}self_attn.k_norm{sfx}.weight", lp + ("k_norm", "scale"), "copy", i))
             mlp = "mlp_moe_gen" if sfx else "mlp"
             for proj in ("gate_proj", "up_proj", "down_proj"):
                 t += _linear(f"{base}{mlp}.{proj}", lp + (proj,), False, i)
-            t.append(Entry(f"{base}input_layernorm{sfx}.weight", lp + ("input_layernorm", "scale"), "copy", i))
-            t.append(Entry(f"{base}post_attention_layernorm{sfx}.weight",
+            t.append(KeyEntry(f"{base}input_layernorm{sfx}.weight", lp + ("input_layernorm", "scale"), "copy", i))
+            t.append(KeyEntry(f"{base}post_attention_layernorm{sfx}.weight",
                            lp + ("post_attention_layernorm", "scale"), "copy", i))
     return t
 
 
-def bagel_table(cfg) -> list[Entry]:
+def bagel_table(cfg) -> list[KeyEntry]:
     """Every trainable tensor of BAGEL's ``Bagel.state_dict()`` (the VAE is separate: vae.py)."""
-    from sgt_jax.models import siglip
-
     t = llm_table(cfg)
     if cfg.bagel.visual_gen:
         t += _linear("time_embedder.mlp.0", ("time_embedder", "fc1"))
@@ -90,7 +93,7 @@ def bagel_table(cfg) -> list[Entry]:
     if cfg.bagel.visual_und:
         t += _linear("connector.fc1", ("connector", "fc1"))
         t += _linear("connector.fc2", ("connector", "fc2"))
-        t += [Entry(siglip.BAGEL_VIT_PREFIX + key, ("vit_model",) + tuple(path), kind, layer)
+        t += [KeyEntry(siglip.BAGEL_VIT_PREFIX + key, ("vit_model",) + tuple(path), kind, layer)
               for key, path, kind, layer in siglip.torch_key_table(cfg)]
     return t
 
@@ -102,7 +105,7 @@ def _flat_params(model) -> dict:
     return {tuple(p): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
-def load_state(model, tensors: dict, table: list[Entry], ignore: tuple = (), what: str = "checkpoint"):
+def load_state(model, tensors: dict, table: list[KeyEntry], ignore: tuple = (), what: str = "checkpoint"):
     """Assign ``tensors`` (BAGEL names -> arrays) into ``model`` via ``table``.
 
     Raises ValueError listing every missing, unexpected and mis-shaped key before changing
@@ -154,7 +157,7 @@ def load_state(model, tensors: dict, table: list[Entry], ignore: tuple = (), wha
     return model
 
 
-def export_state(model, table: list[Entry]) -> dict[str, np.ndarray]:
+def export_state(model, table: list[KeyEntry]) -> dict[str, np.ndarray]:
     """The model's parameters under BAGEL's names (fp32 numpy), in table order."""
     params = _flat_params(model)
     out = {}
@@ -182,17 +185,15 @@ class ParamGroup(NamedTuple):
         return self.entries[0].layer is not None
 
 
-def vae_entries(cfg) -> list[Entry]:
-    """The AE's rows (``vae.torch_key_table``) as Entries (never stacked)."""
-    from sgt_jax.models import vae
-
-    return [Entry(key, tuple(path), kind, None) for key, path, kind in vae.torch_key_table(cfg)]
+def vae_entries(cfg) -> list[KeyEntry]:
+    """The AE's rows (``vae.torch_key_table``) as KeyEntries (never stacked)."""
+    return [KeyEntry(key, tuple(path), kind, None) for key, path, kind in vae.torch_key_table(cfg)]
 
 
-def group_entries(table: list[Entry]) -> list[ParamGroup]:
+def group_entries(table: list[KeyEntry]) -> list[ParamGroup]:
     """Group a table per parameter path, in order of first appearance. Raises ValueError when a
     stacked parameter's layer entries are not exactly 0..n-1 or kinds disagree."""
-    groups: dict[tuple, list[Entry]] = {}
+    groups: dict[tuple, list[KeyEntry]] = {}
     for e in table:
         groups.setdefault(tuple(e.path), []).append(e)
     out = []
@@ -244,3 +245,44 @@ def fixed_table_shapes(cfg) -> dict[str, tuple]:
     if b.visual_und:
         out["vit_pos_embed.pos_embed"] = (b.vit_max_num_patch_per_side ** 2, h)
     return out
+
+
+# -------------------------------------------------------------------------------------------------
+# the ViT and the AE on their own (HF / BAGEL SigLIP keys, FLUX AE keys)
+
+def vit_entries(cfg, prefix: str = siglip.BAGEL_VIT_PREFIX) -> list[KeyEntry]:
+    """``siglip.torch_key_table`` under ``prefix`` (BAGEL's, or ``siglip.HF_VIT_PREFIX``)."""
+    return [KeyEntry(prefix + key, tuple(path), kind, layer) for key, path, kind, layer in siglip.torch_key_table(cfg)]
+
+
+def load_vit(model, tensors: dict, prefix: str = siglip.BAGEL_VIT_PREFIX) -> None:
+    """Load torch-layout tensors (e.g. BAGEL's ``model.safetensors``) into a ``SiglipNaViT`` in
+    place. Keys outside ``prefix`` are ignored (a whole BAGEL state dict may be passed); missing,
+    unexpected and mis-shaped keys raise a ValueError listing them, and nothing is written then."""
+    mine = {k: v for k, v in tensors.items() if k.startswith(prefix)}
+    load_state(model, mine, vit_entries(model, prefix), what="SigLIP-NaViT state dict")
+
+
+def export_vit(model, prefix: str = siglip.BAGEL_VIT_PREFIX) -> dict[str, np.ndarray]:
+    """The inverse of ``load_vit``: {prefix + torch key: float32 numpy array} in the torch layout
+    (Linear weights (out, in), the patch embedding in BAGEL's Linear form)."""
+    return export_state(model, vit_entries(model, prefix))
+
+
+def load_vae(model, tensors: dict) -> None:
+    """Assign a FLUX AE state dict (torch layout, any float dtype) to an ``AutoEncoder`` (fp32
+    params): every missing key, unexpected key and shape mismatch is listed in a ValueError before
+    anything is assigned. ``model`` may be abstract (``nnx.eval_shape``): every parameter is
+    assigned, so the random init can be skipped."""
+    load_state(model, tensors, vae_entries(model.config), what="AutoEncoder state dict")
+
+
+def export_vae(model) -> dict[str, np.ndarray]:
+    """The inverse of ``load_vae``: FLUX key -> fp32 numpy array in torch layout."""
+    return export_state(model, vae_entries(model.config))
+
+
+def vae_torch_shapes(model) -> dict[str, tuple[int, ...]]:
+    """FLUX key -> the torch-layout shape ``load_vae`` expects (works on abstract models)."""
+    params = _flat_params(model)
+    return {e.key: torch_shape(e.kind, params[e.path].shape) for e in vae_entries(model.config)}

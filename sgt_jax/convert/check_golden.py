@@ -1,6 +1,6 @@
 """Run the port on a BAGEL golden fixture set and report the error of every compared quantity.
 
-    python -m sgt_jax.models.check_golden DIR [--factor 4] [--no-grads] [--json OUT]
+    python -m sgt_jax.convert.check_golden DIR [--factor 4] [--no-grads] [--json OUT]
 
 DIR is a fixture set produced by running the unmodified BAGEL PyTorch code: the ``tiny_v1``
 format (``meta.json``, ``model.safetensors``, ``ae.safetensors``, ``batch.safetensors``,
@@ -31,9 +31,10 @@ from safetensors.numpy import load_file
 from sgt_jax import batch as B
 from sgt_jax.models import attention as attn_lib
 from sgt_jax.models import config as config_lib
-from sgt_jax.models import keymap
+from sgt_jax.models import siglip
+import sgt_jax.convert.keymap as keymap
 
-MODES = {"causal": attn_lib.CAUSAL, "full": attn_lib.FULL, "noise": attn_lib.NOISE}
+MODES = {"causal": B.CAUSAL, "full": B.FULL, "noise": B.NOISE}
 
 
 def config_from_meta(meta: dict, compute_dtype: str = "float32") -> ml_collections.ConfigDict:
@@ -77,7 +78,7 @@ def config_from_meta(meta: dict, compute_dtype: str = "float32") -> ml_collectio
     return config_lib.validate(cfg)
 
 
-def packed_batch_from_golden(meta: dict, t: dict, cfg, pad_to: int | None = None):
+def packed_batch_from_golden(meta: dict, gb: dict, cfg, pad_to: int | None = None):
     """BAGEL's flat packed batch (one sequence) -> a one-row PackedBatch, the flow noise in
     packing order (1, L, p*p*C), and num_gen. ``pad_to`` appends padding tokens."""
     mb = meta["batch"]
@@ -97,53 +98,53 @@ def packed_batch_from_golden(meta: dict, t: dict, cfg, pad_to: int | None = None
     doc[:n] = np.repeat(np.arange(len(sample_lens)), sample_lens)
     split[:n] = np.repeat(np.arange(len(split_lens)), split_lens)
     mode[:n] = np.repeat([MODES[m] for m in modes], split_lens)
-    pos[:n] = t["packed_position_ids"]
-    ti = t["packed_text_indexes"]
+    pos[:n] = gb["packed_position_ids"]
+    ti = gb["packed_text_indexes"]
     kind[ti] = B.TEXT
-    text_ids[ti] = t["packed_text_ids"]
-    vi = t["packed_vit_token_indexes"]
+    text_ids[ti] = gb["packed_text_ids"]
+    vi = gb["packed_vit_token_indexes"]
     kind[vi] = B.VIT
     vit_index = z()
     vit_index[vi] = np.arange(len(vi))
-    gi = t["packed_vae_token_indexes"]
-    raw = t["packed_timesteps"]
+    gi = gb["packed_vae_token_indexes"]
+    raw = gb["packed_timesteps"]
     kind[gi] = np.where(np.isfinite(raw), B.VAE_NOISED, B.VAE_CLEAN)
     expert[gi] = 1
     ce_mask, mse_mask = z(bool), z(bool)
     ce_labels, ce_weights = z(), np.ones(length, np.float32)
-    ce_mask[t["ce_loss_indexes"]] = True
-    ce_labels[t["ce_loss_indexes"]] = t["packed_label_ids"]
-    if "ce_loss_weights" in t:
-        ce_weights[t["ce_loss_indexes"]] = t["ce_loss_weights"]
-    mse_mask[t["mse_loss_indexes"]] = True
+    ce_mask[gb["ce_loss_indexes"]] = True
+    ce_labels[gb["ce_loss_indexes"]] = gb["packed_label_ids"]
+    if "ce_loss_weights" in gb:
+        ce_weights[gb["ce_loss_indexes"]] = gb["ce_loss_weights"]
+    mse_mask[gb["mse_loss_indexes"]] = True
     timesteps = np.zeros(length, np.float32)
     timesteps[gi] = raw
     latent_pos = z()
-    latent_pos[gi] = t["packed_latent_position_ids"]
+    latent_pos[gi] = gb["packed_latent_position_ids"]
 
     p = cfg.bagel.latent_patch_size
-    lat = np.asarray(t["padded_latent"]).transpose(0, 2, 3, 1)          # NCHW -> NHWC
+    lat = np.asarray(gb["padded_latent"]).transpose(0, 2, 3, 1)          # NCHW -> NHWC
     hp, wp = lat.shape[1] // p, lat.shape[2] // p
     vae_index = []
-    for img, (h, w) in enumerate(np.asarray(t["patchified_vae_latent_shapes"]).tolist()):
+    for img, (h, w) in enumerate(np.asarray(gb["patchified_vae_latent_shapes"]).tolist()):
         rr, cc = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
         vae_index.append(img * hp * wp + rr.reshape(-1) * wp + cc.reshape(-1))
     vae_token_index = z()
     vae_token_index[gi] = np.concatenate(vae_index)
     d = p * p * cfg.vae.z_channels
     noise = np.zeros((length, d), np.float32)
-    noise[gi] = t["noise"]
+    noise[gi] = gb["noise"]
 
-    seqlens = np.asarray(t["vit_token_seqlens"])
+    seqlens = np.asarray(gb["vit_token_seqlens"])
     batch = B.PackedBatch(
         kind=kind, text_ids=text_ids, position_ids=pos, doc_ids=doc, split_ids=split,
         split_mode=mode, expert=expert, ce_mask=ce_mask, ce_labels=ce_labels, ce_weights=ce_weights,
         mse_mask=mse_mask, vit_index=vit_index, vae_token_index=vae_token_index,
         latent_position_ids=latent_pos, timesteps=timesteps,
-        vit_patches=np.asarray(t["packed_vit_tokens"], np.float32),
-        vit_position_ids=np.asarray(t["packed_vit_position_ids"], np.int32),
-        vit_image_ids=np.repeat(np.arange(len(seqlens)), seqlens).astype(np.int32),
-        vae_images=np.asarray(t["padded_images"], np.float32).transpose(0, 2, 3, 1),
+        vit_patches=np.asarray(gb["packed_vit_tokens"], np.float32),
+        vit_position_ids=np.asarray(gb["packed_vit_position_ids"], np.int32),
+        vit_image_ids=siglip.image_ids_from_lengths(seqlens),
+        vae_images=np.asarray(gb["padded_images"], np.float32).transpose(0, 2, 3, 1),
         latents=lat.astype(np.float32))
     batch = jax.tree.map(lambda a: jnp.asarray(a)[None], batch)
     return batch, jnp.asarray(noise)[None], len(gi)
@@ -186,39 +187,39 @@ def run(path: str, compute_dtype: str = "float32", with_grads: bool = True) -> d
     """All comparisons; returns {quantity: max |error|} (grads: max |d| / max |g| per tensor).
     A set without ``model.safetensors`` (``ae_wide_v1``) checks the AE only."""
     fx = load_fixture(path)
-    meta, t = fx["meta"], fx["batch"]
+    meta, gb = fx["meta"], fx["batch"]
     cfg = config_from_meta(meta, compute_dtype)
     err = {}
     if "model" in fx:
         err.update(_check_model(fx, cfg, with_grads))
     if "ae" in fx:
-        err.update(_check_ae(fx["ae"], t, cfg, compute_dtype))
+        err.update(_check_ae(fx["ae"], gb, cfg, compute_dtype))
     return err
 
 
 def _check_model(fx: dict, cfg, with_grads: bool) -> dict:
-    meta, t = fx["meta"], fx["batch"]
+    meta, gb = fx["meta"], fx["batch"]
     model = build_model(cfg, fx["model"])
-    batch, noise, num_gen = packed_batch_from_golden(meta, t, cfg)
+    batch, noise, num_gen = packed_batch_from_golden(meta, gb, cfg)
     train = meta["config"].get("train", {})
     n = int(meta["batch"]["sequence_length"])
     err = {}
     f32 = lambda a: np.asarray(a, np.float32)
 
     out = nnx.jit(lambda m, b, e: m(b, num_gen=num_gen, noise=e))(model, batch, noise)
-    ce_idx, mse_idx = t["ce_loss_indexes"], t["mse_loss_indexes"]
-    err["input_embeds"] = np.abs(f32(out["input_embeds"][0, :n]) - t["input_embeds"]).max()
-    err["last_hidden_state"] = np.abs(f32(out["hidden"][0, :n]) - t["last_hidden_state"]).max()
-    err["ce_tok"] = np.abs(f32(out["ce"][0, ce_idx]) - t["ce_tok"]).max()
-    err["mse_tok"] = np.abs(f32(out["mse"][0, mse_idx]) - t["mse_tok"]).max()
+    ce_idx, mse_idx = gb["ce_loss_indexes"], gb["mse_loss_indexes"]
+    err["input_embeds"] = np.abs(f32(out["input_embeds"][0, :n]) - gb["input_embeds"]).max()
+    err["last_hidden_state"] = np.abs(f32(out["hidden"][0, :n]) - gb["last_hidden_state"]).max()
+    err["ce_tok"] = np.abs(f32(out["ce"][0, ce_idx]) - gb["ce_tok"]).max()
+    err["mse_tok"] = np.abs(f32(out["mse"][0, mse_idx]) - gb["mse_tok"]).max()
     loss, ce, mse = reduced_loss(out, batch, train)
-    err["loss"] = abs(float(loss) - float(t["loss"]))
+    err["loss"] = abs(float(loss) - float(gb["loss"]))
 
     # the mask, from the per-token vectors
-    seg = attn_lib.Segments(batch.doc_ids, batch.split_ids, batch.split_mode,
-                            jnp.arange(batch.kind.shape[1])[None])
+    seg = B.Segments(batch.doc_ids, batch.split_ids, batch.split_mode,
+                     jnp.arange(batch.kind.shape[1])[None])
     mask = np.asarray(attn_lib.bagel_mask(seg)[0])
-    err["mask_mismatches"] = float((mask != t["attn_mask_dense"][:n, :n]).sum())
+    err["mask_mismatches"] = float((mask != gb["attn_mask_dense"][:n, :n]).sum())
 
     # ViT alone
     if "vit_single" in fx:
@@ -248,21 +249,21 @@ def _check_model(fx: dict, cfg, with_grads: bool) -> dict:
     return err
 
 
-def _check_ae(ae_tensors: dict, t: dict, cfg, compute_dtype: str) -> dict:
+def _check_ae(ae_tensors: dict, gb: dict, cfg, compute_dtype: str) -> dict:
     """VAE encoder moments, sampling, decoder, compiled (jit) as the trainer runs them."""
-    from sgt_jax.models.vae import AutoEncoder, load_torch_state
+    from sgt_jax.models.vae import AutoEncoder
 
     ae = nnx.eval_shape(lambda: AutoEncoder(cfg, rngs=nnx.Rngs(0), dtype=jnp.dtype(compute_dtype)))
-    load_torch_state(ae, ae_tensors)
+    keymap.load_vae(ae, ae_tensors)
     nhwc = lambda a: jnp.asarray(a).transpose(0, 2, 3, 1)
     nchw = lambda a: np.asarray(a, np.float64).transpose(0, 3, 1, 2)
     mom, lat, dec = nnx.jit(lambda m, x, e, z: (m.encode_moments(x), m.encode(x, eps=e), m.decode(z)))(
-        ae, nhwc(t["padded_images"]), nhwc(t["vae_eps"]), nhwc(t["padded_latent"]))
-    err = {"vae_moments": np.abs(nchw(mom) - t["vae_moments"]).max(),
-           "padded_latent": np.abs(nchw(lat) - t["padded_latent"]).max(),
-           "decoded": np.abs(nchw(dec) - t["decoded"]).max()}
-    if "vae_moments_f64" in t:                 # the exact answer: our error next to BAGEL's own
-        err["vae_moments_vs_f64"] = np.abs(nchw(mom) - t["vae_moments_f64"]).max()
+        ae, nhwc(gb["padded_images"]), nhwc(gb["vae_eps"]), nhwc(gb["padded_latent"]))
+    err = {"vae_moments": np.abs(nchw(mom) - gb["vae_moments"]).max(),
+           "padded_latent": np.abs(nchw(lat) - gb["padded_latent"]).max(),
+           "decoded": np.abs(nchw(dec) - gb["decoded"]).max()}
+    if "vae_moments_f64" in gb:                # the exact answer: our error next to BAGEL's own
+        err["vae_moments_vs_f64"] = np.abs(nchw(mom) - gb["vae_moments_f64"]).max()
     return err
 
 
@@ -321,10 +322,10 @@ def limits(fx: dict, factor: float = FACTOR) -> dict:
         if kind == "zero":
             out[q] = (0.0, 0.0, scale)
         elif kind == "f64":
-            t = fx["batch"]
-            if "vae_moments_f64" in t:
-                own = float(np.abs(t["vae_moments"].astype(np.float64) - t["vae_moments_f64"]).max())
-                out[q] = (F64_FACTOR * own, own, float(np.abs(t["vae_moments_f64"]).max()))
+            gb = fx["batch"]
+            if "vae_moments_f64" in gb:
+                own = float(np.abs(gb["vae_moments"].astype(np.float64) - gb["vae_moments_f64"]).max())
+                out[q] = (F64_FACTOR * own, own, float(np.abs(gb["vae_moments_f64"]).max()))
         elif q in y:
             floor = ULP * (max(1.0, scale) if kind == "fwd" else 1.0)
             out[q] = (factor * max(y[q], floor), y[q], scale)
