@@ -8,6 +8,7 @@ import re
 
 from sgt_jax.aot.compile import _cfg_copy, _compile, _setup, loop_free_seconds, vae_encode_phase
 from sgt_jax.aot.topology import Topology, make_topology_mesh
+from sgt_jax.parallel.tpu import CHIPS
 
 def nominal_batch(cfg, doc_tokens: int = 3000, vit_image_patches: int = 256):
     """A fully packed numpy stand-in (kind, doc_ids, vit_image_ids) for ``step_flops``: every token
@@ -126,10 +127,40 @@ def combine_probes(probes: dict, small_vae: dict, vae: dict, llm_n: int, vit_n: 
             "vae_encode_per_micro_batch": vae_per_micro_batch,
             "small_vae_encode": small_vae, "probes": probes,
             "probe_while_loops": loops,
-            "note": ("the probes hold while loops (the SPMD partitioner's collective / windowed-einsum loops "
-                     "outside the layers: they cancel in the per-layer differences): the compiler does not "
-                     "estimate their time and counts their FLOPs once, so the step time is a lower bound"
+            "note": ("the probes hold while loops (their count grows with the layers, so they sit inside the "
+                     "layers and do not cancel in the per-layer differences): XLA's cost analysis counts a while "
+                     "body once and the compiler does not estimate its time, so FLOPs and step time are lower bounds"
                      if has_loops else "")}
+
+# the packer's padding at the recipe's 16k row spec (bench/results/packing.json: sgt.results.ours.padding)
+PADDING = 0.189
+
+
+def roofline(report: dict) -> dict:
+    """An estimate independent of the compiler's time, per chip and phase: matmul FLOPs at the
+    chip's peak, HBM bytes (the probes' bytes accessed) at its bandwidth, and the FSDP collectives
+    (parameter all-gathers in forward, remat forward and backward, gradient reduce-scatter, per
+    micro-batch; fp32 parameters as stored) at the chip's ICI bandwidth. ``low`` assumes perfect
+    overlap (the slowest phase), ``high`` none (the sum). Phases unknown are None; None for a
+    report without the chip family, mesh or state sizes."""
+    t, f, c = report["topology"], report["flops"], report["config"]
+    if "family" not in t or "mesh" not in c or "state_per_chip_gib" not in report:
+        return None
+    spec = CHIPS[t["family"]]
+    flops = (f.get("compiler_flops_per_chip") or f["model_flops_per_chip"])
+    pc = (report.get("costs") or {}).get("per_chip") or {}
+    compute = flops / (t["peak_tflops_per_chip"] * 1e12)
+    hbm = pc["bytes_accessed"] / (spec["hbm_gbps"] * 1e9) if pc.get("bytes_accessed") else None
+    n = c["mesh"]["fsdp"]
+    params = report["state_per_chip_gib"]["params"] * (1 << 30) * n      # bytes of the sharded parameters
+    gathers = 3 if c["llm_remat_policy"] != "none" else 2
+    ici_bytes = c["grad_accum"] * (gathers + 1) * params * (n - 1) / n
+    ici = ici_bytes / (spec["ici_gbps"] * 1e9) if spec["ici_gbps"] and n > 1 else None
+    known = [x for x in (compute, hbm, ici) if x is not None]
+    return {"compute_s": compute, "hbm_s": hbm, "ici_s": ici, "low_s": max(known), "high_s": sum(known),
+            "flops_basis": "compiler" if f.get("compiler_flops_per_chip") else "model",
+            "ici_bytes_per_chip": ici_bytes}
+
 
 def estimate(report: dict) -> dict | None:
     """The step-time estimate and MFU of a report from its combined probe costs."""
@@ -143,6 +174,7 @@ def estimate(report: dict) -> dict | None:
     return {"step_time_s": est, "source": "compiler cost analysis optimal_seconds of unrolled probes, "
                                           "extrapolated over layers" + ("; " + c["note"] if c.get("note") else ""),
             "mfu": f["model_flops_per_step"] / (est * chips * peak),
+            "mfu_real_tokens": (1 - f.get("padding", PADDING)) * f["model_flops_per_step"] / (est * chips * peak),
             "model_tflops_per_chip": f["model_flops_per_chip"] / est / 1e12,
             "tokens_per_s_per_chip": f["tokens_per_step"] / est / chips,
             "hardware_flops_utilisation": (pc["flops"] / (est * peak)) if pc.get("flops") else None}
@@ -160,4 +192,5 @@ def reestimate(report: dict) -> dict:
         f["compiler_flops_per_chip"] = c["per_chip"]["flops"]
         f["compiler_over_model"] = c["per_chip"]["flops"] / f["model_flops_per_chip"]
     report["estimate"] = estimate(report)
+    report["roofline"] = roofline(report)
     return report

@@ -11,9 +11,12 @@ from sgt_jax.aot.advice import advise
 from sgt_jax.aot.compile import (GiB, _bytes_per_device, _compile, _memory, _setup,
                                  _with_shardings, abstract_batch, component_memory, parse_oom)
 from sgt_jax.aot.compile import _costs
-from sgt_jax.aot.costs import cost_probe, estimate, nominal_batch
+from sgt_jax.aot.costs import PADDING, cost_probe, estimate, nominal_batch, roofline
 from sgt_jax.aot.topology import AotError, Topology, make_topology_mesh, parse_topology, topology_devices
 from sgt_jax.train.executable import save_compiled, step_fingerprint, version as _version
+
+HBM_HEADROOM = 0.05     # "fits" leaves this fraction of the chip's nominal HBM free
+
 
 def analyse(cfg, topology: str | Topology, *, costs: bool = True, components: bool | None = None,
             doc_tokens: int = 3000, compiler_options: dict | None = None, serialize: str | None = None,
@@ -91,7 +94,9 @@ def analyse(cfg, topology: str | Topology, *, costs: bool = True, components: bo
     if mem is not None:
         mem["hbm_gib"] = hbm
         mem["fraction_of_hbm"] = mem["total_gib"] / hbm
-    report["fits"] = report["oom"] is None
+    # "fits": compiled, and the total below HBM minus HBM_HEADROOM (runtime buffers, fragmentation)
+    report["fits"] = report["oom"] is None and mem["total_gib"] <= (1 - HBM_HEADROOM) * hbm
+    report["hbm_headroom"] = HBM_HEADROOM
     report["components_per_chip"] = None
     if components or (components is None and (not report["fits"] or mem["fraction_of_hbm"] > 0.8)):
         log("[aot] compiling the VAE encode and the model fwd+bwd alone to attribute the memory ...")
@@ -102,7 +107,7 @@ def analyse(cfg, topology: str | Topology, *, costs: bool = True, components: bo
     report["flops"] = {"model_flops_per_step": model_flops, "model_flops_per_chip": model_flops / topo.chips,
                        "model_basis": f"train.metrics.step_flops on a fully packed batch: every token real, "
                                       f"documents of {doc_tokens} tokens, every ViT slot used",
-                       "tokens_per_step": real_tokens}
+                       "tokens_per_step": real_tokens, "padding": PADDING}
     report["costs"] = None
     if costs == "always" or (costs and report["fits"]):
         try:
@@ -114,6 +119,7 @@ def analyse(cfg, topology: str | Topology, *, costs: bool = True, components: bo
         report["flops"]["compiler_flops_per_chip"] = pc["flops"]
         report["flops"]["compiler_over_model"] = pc["flops"] / report["flops"]["model_flops_per_chip"]
     report["estimate"] = estimate(report)
+    report["roofline"] = roofline(report)
     report["advice"] = advise(cfg, report)
     report["knob"] = report["advice"][0]["knob"] if report["advice"] else None
     if serialize and compiled is not None:
@@ -159,9 +165,15 @@ def format_report(r: dict) -> str:
                      f"({f['compiler_over_model']:.2f} x the model count)")
     e = r.get("estimate")
     if e:
-        lines.append(f"   compiler-estimated step {e['step_time_s']:.3f} s -> MFU {100 * e['mfu']:.1f}%, "
+        lines.append(f"   compiler-estimated step {e['step_time_s']:.3f} s -> MFU {100 * e['mfu']:.1f}% "
+                     f"({100 * e.get('mfu_real_tokens', float('nan')):.1f}% on real tokens), "
                      f"{e['model_tflops_per_chip']:.0f} model TFLOP/s/chip, {e['tokens_per_s_per_chip']:.0f} tok/s/chip")
-    elif r.get("costs") and "error" in r["costs"]:
+    rl = r.get("roofline")
+    if rl:
+        fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+        lines.append(f"   roofline step {rl['low_s']:.2f}-{rl['high_s']:.2f} s (compute {fmt(rl['compute_s'])}, HBM "
+                     f"{fmt(rl['hbm_s'])}, ICI {fmt(rl['ici_s'])} s; {rl['flops_basis']} FLOPs)")
+    if r.get("costs") and "error" in r["costs"]:
         lines.append(f"   cost probes failed: {r['costs']['error']}")
     comp = r.get("components_per_chip") or {}
     for k, v in comp.items():
