@@ -55,6 +55,8 @@ join_cmd() {
 }
 
 # ---- topology facts ------------------------------------------------------------------------
+# These mirror sgt_jax/parallel/tpu.py (CHIPS: per_chip, accelerator, runtime) and
+# sgt_jax/aot/topology.py (hosts); tests/test_tpu_facts.py fails when the two disagree.
 # ACCELERATOR is a slice type as gcloud names it (v4-32, v5p-64, v5litepod-16, v6e-64; v5e-N is
 # accepted for v5litepod-N), optionally prefixed "Kx" for K slices (2xv5p-64).
 

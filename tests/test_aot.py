@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 from sgt_jax import aot
+from sgt_jax.aot import compile as aot_compile
+from sgt_jax.aot import report as aot_report
 
 HAVE_TPU_COMPILER, WHY = aot.libtpu_available()
 needs_libtpu = pytest.mark.skipif(not HAVE_TPU_COMPILER, reason=f"no TPU compiler: {WHY}")
@@ -163,12 +165,12 @@ def test_cost_probes_extrapolate_exactly():
     topo = aot.parse_topology("v5e-4")
     devs = aot.topology_devices(topo)
     probe = aot.cost_probe(cfg, topo, devs, log=lambda s: None)
-    full = aot._cfg_copy(cfg)
+    full = aot_compile._cfg_copy(cfg)
     full.model.llm.scan_layers = full.model.vit.scan_layers = False
     full.model.llm.ce_chunk_size = 0
-    setup = aot._setup(full, aot.make_topology_mesh(full.mesh.to_dict(), topo, devs))
-    compiled = aot._compile(setup, full)[0]
-    want = aot._costs(compiled)
+    setup = aot_compile._setup(full, aot.make_topology_mesh(full.mesh.to_dict(), topo, devs))
+    compiled = aot_compile._compile(setup, full)[0]
+    want = aot_compile._costs(compiled)
     assert probe["per_chip"]["flops"] == pytest.approx(want["flops"], rel=1e-2)
     assert probe["per_llm_layer"]["flops"] > 0 and probe["per_vit_layer"]["flops"] > 0
     assert math.isfinite(probe["per_chip"]["optimal_seconds"])
@@ -228,16 +230,16 @@ def test_auto_attention_is_the_pallas_kernel_for_a_tpu_topology():
     texts = {}
     for impl in ("auto", "dense"):
         cfg = _head128_cfg(impl)
-        setup = aot._setup(cfg, aot.make_topology_mesh(cfg.mesh.to_dict(), topo, devs))
-        state = aot._with_shardings(setup.abstract_state, setup.state_shardings)
-        consts = aot._with_shardings(setup.abstract_consts, setup.consts_shardings)
+        setup = aot_compile._setup(cfg, aot.make_topology_mesh(cfg.mesh.to_dict(), topo, devs))
+        state = aot_compile._with_shardings(setup.abstract_state, setup.state_shardings)
+        consts = aot_compile._with_shardings(setup.abstract_consts, setup.consts_shardings)
         with jax.set_mesh(setup.mesh):
             texts[impl] = setup.step_fn.lower(state, consts, aot.abstract_batch(cfg, setup.batch_sharding)).as_text()
     assert "tpu_custom_call" in texts["auto"] and "tpu_custom_call" not in texts["dense"]
-    assert aot._attention(_head128_cfg("auto").model, devs[0].platform) == "flash (auto)"
+    assert aot_report._attention(_head128_cfg("auto").model, devs[0].platform) == "flash (auto)"
     small = tiny_cfg()
     small.model.llm.attention_impl = "auto"
-    assert aot._attention(small.model, devs[0].platform) == "dense (auto)"        # head_dim 16
+    assert aot_report._attention(small.model, devs[0].platform) == "dense (auto)"        # head_dim 16
 
 
 def _presets():

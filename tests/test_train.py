@@ -371,7 +371,7 @@ def test_train_loads_an_ahead_of_time_compiled_step(tmp_path):
     """train.executable: the step serialised by sgt_jax.aot (here compiled for this CPU's devices
     by the same code path) runs instead of a compile, with the same losses; an executable of
     another run config is refused at start."""
-    from sgt_jax import aot
+    from sgt_jax.train import executable
 
     cfg = tiny_run_config(steps=3)
     cfg.data.rows_per_batch = 8
@@ -383,14 +383,14 @@ def test_train_loads_an_ahead_of_time_compiled_step(tmp_path):
         f"import sys; sys.path[:0] = [{HERE!r}, {os.path.dirname(HERE)!r}]",
         "from fake_data import FakeIterator",
         "from test_train import tiny_run_config",
-        "from sgt_jax import aot",
+        "from sgt_jax.train import executable",
         "from sgt_jax.train import loop",
         "cfg = tiny_run_config(steps=3)",
         "cfg.data.rows_per_batch = 8",
         "setup = loop.Setup(cfg)",
         "b, _ = next(FakeIterator(cfg, rows=8, vary=True))",
         "c = setup.step_fn.lower(setup.abstract_state, setup.abstract_consts, setup.global_batch(b)).compile()",
-        f"aot.save_compiled(c, {path!r}, fingerprint=loop.step_fingerprint(cfg))"])
+        f"executable.save_compiled(c, {path!r}, fingerprint=loop.step_fingerprint(cfg))"])
     env = dict(os.environ, JAX_ENABLE_COMPILATION_CACHE="false")
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
@@ -406,10 +406,10 @@ def test_train_loads_an_ahead_of_time_compiled_step(tmp_path):
     for bad, why in ((blob[:-10], "truncated"), (b"x" + blob, "not an executable")):
         with open(path + ".bad", "wb") as f:
             f.write(bad)
-        with pytest.raises(aot.AotError, match=why):
-            aot.load_compiled(path + ".bad", None)
+        with pytest.raises(executable.ExecutableError, match=why):
+            executable.load_compiled(path + ".bad", None)
     cfg.train.lr = 2e-3                                  # baked into the executable
-    with pytest.raises(aot.AotError, match="another run config"):
+    with pytest.raises(executable.ExecutableError, match="another run config"):
         loop.train(cfg, str(tmp_path / "bad"), data_iterator=FakeIterator(cfg, rows=8, vary=True), quiet=True)
 
 

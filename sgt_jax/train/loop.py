@@ -2,8 +2,6 @@
 global batch, log, checkpoint, and stop cleanly on SIGTERM (TPU preemption)."""
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import signal
 import threading
@@ -22,7 +20,8 @@ from sgt_jax.parallel import mesh as mesh_lib
 from sgt_jax.train import config as run_config
 from sgt_jax.train import metrics as metrics_lib
 from sgt_jax.train.checkpoint import Checkpointer, ConfigChangeError, config_json
-from sgt_jax.train.config import check_consistency, check_micro_batches  # noqa: F401 -- aot
+from sgt_jax.train.config import check_consistency
+from sgt_jax.train.executable import load_compiled, step_fingerprint  # noqa: F401 (step_fingerprint: loop's API)
 from sgt_jax.train.optimizer import copy_init_moe, make_tx, trainable_filter
 from sgt_jax.train.step import TrainState, make_train_step
 
@@ -60,28 +59,11 @@ def compile_count(name: str | None = None) -> int:
 # ------------------------------------------------------------------------------------------------
 
 
-# train.* keys the loop reads; every other train key is baked into the compiled step
-_LOOP_ONLY = ("save_every", "keep", "async_checkpointing", "log_every", "init_from", "nan_max_streak",
-              "executable", "copy_init_moe", "allow_config_change")
-_BATCH_SHAPE = ("rows_per_batch", "tokens_per_row", "gen_tokens_per_row", "vit_patches_per_row",
-                "vae_images_per_row", "vae_image_size", "vae_images_dtype")
-
-
-def step_fingerprint(cfg) -> str:
-    """What a compiled train step depends on: the model, the train settings it bakes in (lr
-    schedule, seed, loss weights, accumulation, ...), the mesh and the batch shapes."""
-    t = {k: v for k, v in cfg.train.to_dict().items() if k not in _LOOP_ONLY}
-    d = {k: cfg.data.get(k) for k in _BATCH_SHAPE}
-    blob = json.dumps({"model": cfg.model.to_dict(), "train": t, "mesh": cfg.mesh.to_dict(), "data": d},
-                      sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def load_step_executable(cfg, setup):
     """``train.executable``: the step compiled ahead of time (``python -m sgt_jax.aot --serialize``)
     for this run config, loaded instead of compiling it here."""
-    from sgt_jax.aot import load_compiled
-
     compiled = load_compiled(cfg.train.executable, setup.step_fn, fingerprint=step_fingerprint(cfg))
     log.info("train step loaded from %s (not compiled)", cfg.train.executable)
     return compiled

@@ -20,24 +20,18 @@ import numpy as np
 
 from sgt_jax import batch as B
 from sgt_jax import fileio
-
-# bf16 dense peak TFLOP/s per chip (MaxText's table; BAGEL's has GPUs only)
-PEAK_TFLOPS = {"v4": 275.0, "v5e": 197.0, "v5 lite": 197.0, "v5litepod": 197.0, "v5p": 459.0,
-               "v6e": 918.0, "v6 lite": 918.0, "a100": 312.0, "h100": 989.0}
+from sgt_jax.parallel.tpu import peak_tflops
 
 
 def device_peak_tflops(device=None) -> float | None:
-    """Peak bf16 TFLOP/s of one device, or None where unknown (CPU: MFU is not meaningful)."""
+    """Peak bf16 TFLOP/s of one device (``parallel.tpu``), or None where unknown (CPU: MFU is not
+    meaningful)."""
     import jax
 
     d = device or jax.devices()[0]
     if d.platform == "cpu":
         return None
-    kind = d.device_kind.lower()
-    for name, peak in sorted(PEAK_TFLOPS.items(), key=lambda kv: -len(kv[0])):
-        if name in kind:
-            return peak
-    return None
+    return peak_tflops(d.device_kind)
 
 
 def llm_dense_params(cfg) -> int:
