@@ -27,19 +27,17 @@ LAYERS = {"sgt_jax": 0, "sgt_jax.batch": 0, "sgt_jax.fileio": 0,
           "sgt_jax.models": 1,
           "sgt_jax.data": 2,
           "sgt_jax.parallel": 3,
-          "sgt_jax.train": 4, "sgt_jax.infer": 4,
-          "sgt_jax.aot": 5, "sgt_jax.convert": 5,
+          "sgt_jax.train": 4,
+          # programs over a trained run: inference loads runs through train (Setup, Checkpointer)
+          "sgt_jax.infer": 5, "sgt_jax.aot": 5, "sgt_jax.convert": 5,
+          "sgt_jax.generate": 6,   # the inference CLI
           # the model-dir format (Orbax params + BAGEL config files): the trainer reads it
           # (train.init_from) and writes it (train/export.py), the converter produces it
           "sgt_jax.convert.model_dir": 3}
 
 # Edges other branches of issue 13 remove (the lead deletes a line when its fix merges; a line
 # whose edge is gone fails below, so this list cannot go stale).
-PENDING = {
-    ("sgt_jax.aot", "sgt_jax.train.loop"): "struct-aot: executable load/save -> train/executable.py",
-    ("sgt_jax.train.loop", "sgt_jax.aot"): "struct-aot: executable load/save -> train/executable.py",
-    ("sgt_jax.data.preview", "sgt_jax.train.loop"): "struct-data: data/preview -> train/loop",
-}
+PENDING: dict = {}
 
 
 def modules(root: Path = ROOT) -> dict[str, Path]:

@@ -7,4 +7,5 @@ os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 
 from sgt_jax.aot.cli import main  # noqa: E402 (after the environment it reads at backend init)
 
-main()
+if __name__ == "__main__":
+    main()
