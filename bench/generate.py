@@ -65,7 +65,8 @@ def main(argv=None) -> int:
     from sgt_jax.infer.engine import Engine
     from sgt_jax.infer.image import FlowConfig
     from sgt_jax.convert import check_golden as G
-    from sgt_jax.models.vae import AutoEncoder, load_torch_state
+    from sgt_jax.convert.keymap import load_vae
+    from sgt_jax.models.vae import AutoEncoder
 
     with open(os.path.join(args.weights, "meta.json")) as f:
         wmeta = json.load(f)
@@ -102,7 +103,7 @@ def main(argv=None) -> int:
     fx = G.load_fixture(args.weights)
     cfg = G.config_from_meta(fx["meta"])
     ae = AutoEncoder(cfg, rngs=nnx.Rngs(0))
-    load_torch_state(ae, fx["ae"])
+    load_vae(ae, fx["ae"])
     eng = Engine.from_model(G.build_model(cfg, fx["model"]), ae)
     vit_img = mig.PixelTransform(14)(pil).numpy().transpose(1, 2, 0)
     vae_img = mig.PixelTransform(16)(pil).numpy().transpose(1, 2, 0)

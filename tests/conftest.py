@@ -21,10 +21,8 @@ jax.config.update("jax_compilation_cache_dir", CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
-# The BAGEL golden fixtures (real BAGEL PyTorch outputs; see its README.md) ship with the tests,
-# so the parity tests always run; SGT_GOLDEN_DIR points them at another copy.
-GOLDEN = Path(os.environ.get("SGT_GOLDEN_DIR",
-                             Path(__file__).resolve().parent / "fixtures/bagel_golden/tiny_v1"))
+# The BAGEL golden fixtures ship with the tests, so the parity tests always run (tests/golden.py).
+from golden import GOLDEN  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,8 @@ from sgt_jax.infer.engine import Engine, compile_counts
 from sgt_jax.infer.image import FlowConfig
 from sgt_jax.convert import check_golden as G
 from sgt_jax.models.bagel import patchify_latents
-from sgt_jax.models.vae import AutoEncoder, load_torch_state
+from sgt_jax.convert.keymap import load_vae
+from sgt_jax.models.vae import AutoEncoder
 from sgt_jax.parallel import mesh as mesh_lib
 
 TOL = 1e-5
@@ -27,7 +28,7 @@ def tiny(golden_dir):
     cfg = G.config_from_meta(fx["meta"])
     model = G.build_model(cfg, fx["model"])
     ae = AutoEncoder(cfg, rngs=nnx.Rngs(0))
-    load_torch_state(ae, fx["ae"])
+    load_vae(ae, fx["ae"])
     return cfg, model, ae, Engine.from_model(model, ae)
 
 

@@ -13,7 +13,8 @@ from sgt_jax.infer.context import Image, Text
 from sgt_jax.infer.engine import Engine
 from sgt_jax.infer.image import FlowConfig, schedule
 from sgt_jax.convert import check_golden as G
-from sgt_jax.models.vae import AutoEncoder, load_torch_state
+from sgt_jax.convert.keymap import load_vae
+from sgt_jax.models.vae import AutoEncoder
 
 pytestmark = pytest.mark.golden
 TOL = 1e-5
@@ -28,7 +29,7 @@ def golden(golden_dir):
     cfg = G.config_from_meta(fx["meta"])
     model = G.build_model(cfg, fx["model"])
     ae = AutoEncoder(cfg, rngs=nnx.Rngs(0))
-    load_torch_state(ae, fx["ae"])
+    load_vae(ae, fx["ae"])
     return meta, load_file(str(d / "inference.safetensors")), Engine.from_model(model, ae)
 
 

@@ -12,7 +12,7 @@ from sgt_jax.convert import keymap
 from sgt_jax.models import siglip
 from sgt_jax.models.config import tiny
 
-from conftest import GOLDEN  # noqa: E402  (the shipped golden fixtures)
+from golden import GOLDEN  # noqa: E402  (the shipped golden fixtures)
 TOL = 1e-5
 
 

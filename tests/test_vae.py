@@ -24,7 +24,7 @@ from sgt_jax.convert import keymap
 from sgt_jax.models import vae as V
 from sgt_jax.models.config import tiny
 
-from conftest import GOLDEN  # noqa: E402  (the shipped golden fixtures)
+from golden import GOLDEN  # noqa: E402  (the shipped golden fixtures)
 
 WIDE = Path(__file__).resolve().parent / "fixtures/bagel_golden/ae_wide_v1"
 
