@@ -51,6 +51,7 @@ def cost_probe(cfg, topo: Topology, devices, compiler_options=None, log=print) -
         c.train.grad_accum = 1
         c.data.rows_per_batch = rows // accum
         c.data.vae_image_size = 2 * int(c.data.vae_downsample)
+        c.data.transforms.vae_max = c.data.transforms.vae_min = c.data.vae_image_size   # (never sampled)
         mesh = make_topology_mesh(c.mesh.to_dict(), topo, devices)
         setup = _setup(c, mesh)
         compiled, _, secs, _ = _compile(setup, c, compiler_options)
