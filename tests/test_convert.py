@@ -458,6 +458,18 @@ def test_bagel_7b_widths_round_trip_bit_exact(tmp_path):
     assert (tmp_path / "out" / "tokenizer_config.json").exists()
 
 
+def test_peak_rss_is_the_converters_own_not_its_parents():
+    """A converter started by subprocess from a big parent (the pytest process late in the suite)
+    reports its own peak: ru_maxrss survives vfork + exec and reported the parent's (CI: 8.8 GB)."""
+    big = np.ones(1_000_000_000 // 8)            # 1 GB resident in this process
+    big += 1
+    code = "from sgt_jax.convert.bagel_io import peak_rss_gb; print(peak_rss_gb())"
+    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(REPO)),
+                         check=True, capture_output=True, text=True).stdout
+    assert float(out) < 0.9, out
+    del big
+
+
 def test_conv_form_patch_embedding_is_converted(golden_dir, tmp_path):
     """A stock-SigLIP Conv2d patch weight (hidden, 3, p, p) imports as BAGEL's Linear form."""
     from sgt_jax.models import siglip

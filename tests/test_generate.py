@@ -80,7 +80,8 @@ def test_engine_from_a_model_dir(golden_dir, imported, tmp_path):
 
 @pytest.mark.slow
 def test_engine_from_a_training_run(golden_dir, imported, tmp_path):
-    """A run trained from the import with lr 0 (EMA == params == the import) reproduces BAGEL."""
+    """A run trained from the import with lr 1e-30 (updates below fp32 resolution: EMA == params ==
+    the import; the run config refuses lr 0) reproduces BAGEL."""
     from sgt_jax.convert.model_dir import read_config
     from sgt_jax.train import loop
     from sgt_jax.train.config import default_mesh_config, default_train_config
@@ -89,7 +90,7 @@ def test_engine_from_a_training_run(golden_dir, imported, tmp_path):
                                          data=ml_collections.ConfigDict(dict(gen_tokens_per_row=8)),
                                          train=default_train_config(), mesh=default_mesh_config()))
     cfg.model.compute_dtype = "float32"
-    cfg.train.update(steps=2, warmup_steps=1, log_every=1, save_every=100, lr=0.0, ema_decay=0.5,
+    cfg.train.update(steps=2, warmup_steps=1, log_every=1, save_every=100, lr=1e-30, ema_decay=0.5,
                      init_from=str(imported))
     cfg.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     run = tmp_path / "run"

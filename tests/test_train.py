@@ -18,6 +18,7 @@ from flax import nnx
 from fake_data import FakeIterator
 from sgt_jax.models.config import tiny
 from sgt_jax.parallel import mesh as mesh_lib
+from sgt_jax.train import config as run_config
 from sgt_jax.train import loop
 from sgt_jax.train.config import default_mesh_config, default_train_config
 
@@ -276,9 +277,9 @@ def test_micro_batches_must_divide_over_batch_shards():
     cfg.data.rows_per_batch = 8
     mesh = mesh_lib.make_mesh(dict(data=1, fsdp=4, tensor=1), devices=jax.devices()[:4])
     with pytest.raises(ValueError, match="rows_per_batch=8 must be a multiple of"):
-        loop.check_micro_batches(cfg, mesh)
+        run_config.check_micro_batches(cfg, mesh)
     cfg.train.grad_accum = 2
-    loop.check_micro_batches(cfg, mesh)
+    run_config.check_micro_batches(cfg, mesh)
 
 
 def test_init_from_imported_model_dir(golden_dir, tmp_path):

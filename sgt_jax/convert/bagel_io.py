@@ -75,8 +75,20 @@ VIT_CONFIG_FIELDS = tuple(VIT_CONFIG_TEMPLATE)
 
 
 def peak_rss_gb() -> float:
-    """Peak resident set size of this process so far, in GB (1e9 bytes; ru_maxrss is KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    """Peak resident set size of this process so far, in GB (1e9 bytes).
+
+    Linux: ``VmHWM`` of /proc/self/status, the high-water mark of this process's own address
+    space. ``ru_maxrss`` is not used there: it survives ``execve``, so a converter started by
+    ``subprocess`` (vfork + exec) from a large parent reports the parent's peak instead of its own.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9   # KiB elsewhere
 
 
 def cpu_seconds() -> float:

@@ -106,7 +106,7 @@ class Engine:
         "params"). Raises ``CheckpointNotFound`` naming what was expected."""
         from sgt_jax.convert import model_dir as md
         from sgt_jax.data.tokenizer import Tokenizer
-        from sgt_jax.train.export import find_checkpoint
+        from sgt_jax.train.export import find_checkpoint, restore_weights
 
         if not fileio.exists(path):
             raise CheckpointNotFound(f"{path}: no such file or directory (expected a model dir from "
@@ -136,7 +136,10 @@ class Engine:
                     f"{path}: neither a model dir (no {md.INFO_FILE}; make one with `python -m "
                     "sgt_jax.convert import`) nor a training run with checkpoints "
                     f"(RUN/checkpoints/<step>/state): {e}") from None
-            cfg, params, vae, run_cfg = _restore_run(ckpt_dir, step, weights, mesh)
+            if weights not in ("ema", "params"):
+                raise ValueError(f"weights={weights!r}: 'ema' or 'params'")
+            run_cfg, params, vae = restore_weights(ckpt_dir, step, ema=weights == "ema", mesh=mesh)
+            cfg = run_cfg.model
             if compute_dtype:
                 cfg.compute_dtype = compute_dtype
             data_cfg = run_cfg.data
@@ -303,30 +306,6 @@ class Engine:
         if not self.has_vae:
             raise ValueError(f"{self.source}: no VAE, cannot decode images")
         return self._decode(self.vae_params, latents, h=h, w=w)
-
-
-def _restore_run(ckpt_dir: str, step: int, weights: str, mesh):
-    """(model cfg, params pure dict, vae pure dict, run cfg) of a training checkpoint, restored into
-    the mesh (as train/export.py does for a model dir)."""
-    from sgt_jax.train.checkpoint import Checkpointer
-    from sgt_jax.train.loop import Setup
-
-    if weights not in ("ema", "params"):
-        raise ValueError(f"weights={weights!r}: 'ema' or 'params'")
-    meta = fileio.read_json(fileio.join(ckpt_dir, str(step), "meta", "metadata"))
-    run_cfg = ml_collections.ConfigDict(meta["config"])
-    run_cfg.model.vae.ch_mult = tuple(run_cfg.model.vae.ch_mult)
-    setup = Setup(run_cfg, mesh=mesh)
-    ck = Checkpointer(ckpt_dir, save_every=1, keep=10 ** 6)
-    saved = {"train": setup.abstract_state, "frozen": setup.abstract_consts["frozen"],
-             "vae": setup.abstract_consts["vae"]}
-    sh = {"train": setup.state_shardings, "frozen": setup.consts_shardings["frozen"],
-          "vae": setup.consts_shardings["vae"]}
-    restored, _, _ = ck.restore(step, saved, sh)
-    ck.close()
-    trained = restored["train"].ema if weights == "ema" else restored["train"].params
-    params = nnx.to_pure_dict(nnx.merge_state(trained, restored["frozen"]))
-    return run_cfg.model, params, nnx.to_pure_dict(restored["vae"]), run_cfg
 
 
 def compile_counts() -> dict[str, int]:

@@ -36,16 +36,16 @@ def is_training_checkpoint(path: str) -> bool:
         return False
 
 
-def checkpoint_to_model_dir(path: str, out: str, *, ema: bool = True, overwrite: bool = False) -> dict:
-    """Write the model dir of a training checkpoint; returns {"step", "weights", "model_dir"}."""
-    from sgt_jax.convert.model_dir import save_model_dir
+def restore_weights(ckpt_dir: str, step: int, *, ema: bool = True, mesh=None):
+    """(run config, params pure dict, vae pure dict) of one training checkpoint step: the EMA (or
+    the raw parameters) merged with the frozen ones, restored into ``mesh`` (default: all devices
+    on fsdp). The run's own stored config decides the shapes."""
     from sgt_jax.train.loop import Setup
 
-    ckpt_dir, step = find_checkpoint(path)
     meta = fileio.read_json(fileio.join(ckpt_dir, str(step), "meta", "metadata"))
     cfg = ml_collections.ConfigDict(meta["config"])
     cfg.model.vae.ch_mult = tuple(cfg.model.vae.ch_mult)
-    mesh = mesh_lib.make_mesh(dict(data=1, fsdp=-1, tensor=1))
+    mesh = mesh if mesh is not None else mesh_lib.make_mesh(dict(data=1, fsdp=-1, tensor=1))
     setup = Setup(cfg, mesh=mesh, validate=False)     # the run's own config: only its shapes matter here
     ck = Checkpointer(ckpt_dir, keep=10**6)
     try:
@@ -53,8 +53,15 @@ def checkpoint_to_model_dir(path: str, out: str, *, ema: bool = True, overwrite:
     finally:
         ck.close()
     trained = r.state.ema if ema else r.state.params
-    params = nnx.to_pure_dict(nnx.merge_state(trained, r.consts["frozen"]))
-    vae = nnx.to_pure_dict(r.consts["vae"])
+    return cfg, nnx.to_pure_dict(nnx.merge_state(trained, r.consts["frozen"])), nnx.to_pure_dict(r.consts["vae"])
+
+
+def checkpoint_to_model_dir(path: str, out: str, *, ema: bool = True, overwrite: bool = False) -> dict:
+    """Write the model dir of a training checkpoint; returns {"step", "weights", "model_dir"}."""
+    from sgt_jax.convert.model_dir import save_model_dir
+
+    ckpt_dir, step = find_checkpoint(path)
+    cfg, params, vae = restore_weights(ckpt_dir, step, ema=ema)
     init_from = cfg.train.get("init_from", "")
     tok = fileio.join(init_from, "tokenizer") if init_from else ""
     if not (tok and fileio.isdir(tok)):
