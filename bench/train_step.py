@@ -28,7 +28,7 @@ from sgt_jax.train import loop  # noqa: E402
 
 def run(preset: str, steps: int, workdir: str) -> dict:
     cfg = importlib.import_module(f"configs.{preset}").get_config()
-    setup = loop.Setup(cfg)
+    setup = loop.Program(cfg)
     state, consts = setup.init(0)
     tok = ensure_tokenizer(cfg.data, workdir)
     it = make_train_iterator(cfg.data, workdir=workdir, tokenizer=tok)

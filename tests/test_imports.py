@@ -3,11 +3,12 @@
 A static AST graph of every ``import`` in sgt_jax -- function-local ones included, which is where
 cycles hide -- must have no cycle and no edge against the layer order:
 
-    batch, fileio  ->  models  ->  data  ->  parallel  ->  train | infer  ->  aot | convert
+    batch, fileio, keydiff  ->  models  ->  data  ->  parallel  ->  train  ->  infer | aot | convert
+                                                                                 ->  generate
 
-A module may import its own layer and any layer to its left. ``train`` and ``infer`` sit side by
-side (both above models / data / parallel; neither imports the other), so do ``aot`` and
-``convert``. ``models`` is below ``data`` (the data pipeline patchifies with the ViT's helpers;
+A module may import its own layer and any layer to its left; ``infer``, ``aot`` and ``convert``
+sit side by side above ``train`` (inference loads runs through train's Program and Checkpointer),
+``convert.model_dir`` at the ``parallel`` level (the trainer reads and writes model dirs). ``models`` is below ``data`` (the data pipeline patchifies with the ViT's helpers;
 the model never sees the pipeline, only ``batch.PackedBatch``). Then every module must import in
 a fresh interpreter state (no sgt_jax module loaded before it).
 """
@@ -23,12 +24,12 @@ ROOT = Path(__file__).resolve().parents[1]
 PKG = "sgt_jax"
 
 # layer rank of each top-level room; same rank = side by side (no imports between them)
-LAYERS = {"sgt_jax": 0, "sgt_jax.batch": 0, "sgt_jax.fileio": 0,
+LAYERS = {"sgt_jax": 0, "sgt_jax.batch": 0, "sgt_jax.fileio": 0, "sgt_jax.keydiff": 0,
           "sgt_jax.models": 1,
           "sgt_jax.data": 2,
           "sgt_jax.parallel": 3,
           "sgt_jax.train": 4,
-          # programs over a trained run: inference loads runs through train (Setup, Checkpointer)
+          # programs over a trained run: inference loads runs through train (Program, Checkpointer)
           "sgt_jax.infer": 5, "sgt_jax.aot": 5, "sgt_jax.convert": 5,
           "sgt_jax.generate": 6,   # the inference CLI
           # the model-dir format (Orbax params + BAGEL config files): the trainer reads it

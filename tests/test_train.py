@@ -38,7 +38,7 @@ def flat(tree):
 
 
 def run_steps(cfg, mesh, n, rows=8, **it_kw):
-    setup = loop.Setup(cfg, mesh=mesh)
+    setup = loop.Program(cfg, mesh=mesh)
     state, consts = setup.init(cfg.train.seed)
     it = FakeIterator(cfg, rows=rows, **it_kw)
     losses = []
@@ -82,9 +82,9 @@ def test_sharded_step_equals_single_device(shape):
 def test_warmup_from_zero_ema_and_frozen_parameters():
     cfg = tiny_run_config(freeze_vit=True, ema_decay=0.9)
     mesh = mesh_lib.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
-    setup = loop.Setup(cfg, mesh=mesh)
+    setup = loop.Program(cfg, mesh=mesh)
     state, consts = setup.init(0)
-    p0, f0, v0 = flat(state.params), flat(consts["frozen"]), flat(consts["vae"])
+    p0, f0, v0 = flat(state.params), flat(consts.frozen), flat(consts.vae)
     assert not any("vit_model" in k for k in p0) and any("vit_model" in k for k in f0)
     it = FakeIterator(cfg, rows=2)
     b, _ = next(it)
@@ -100,14 +100,14 @@ def test_warmup_from_zero_ema_and_frozen_parameters():
     for k in p2:   # ema_2 = d (d p0 + (1-d) p1) + (1-d) p2, with p1 == p0
         want = 0.9 * (0.9 * p0[k] + 0.1 * p1[k]) + 0.1 * p2[k]
         np.testing.assert_allclose(e2[k], want, rtol=1e-6, atol=1e-7, err_msg=k)
-    assert all(np.array_equal(f0[k], v) for k, v in flat(consts["frozen"]).items())
-    assert all(np.array_equal(v0[k], v) for k, v in flat(consts["vae"]).items())
+    assert all(np.array_equal(f0[k], v) for k, v in flat(consts.frozen).items())
+    assert all(np.array_equal(v0[k], v) for k, v in flat(consts.vae).items())
 
 
 def test_freeze_und_gives_no_gradient_through_und_tokens():
     cfg = tiny_run_config()
     cfg.model.llm.freeze_und = True
-    setup = loop.Setup(cfg, mesh=mesh_lib.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1]))
+    setup = loop.Program(cfg, mesh=mesh_lib.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1]))
     names = set(flat(setup.abstract_state.params))
     assert not any("'und'" in k or "embed_tokens" in k or "vit_model" in k or "connector" in k for k in names)
     assert any("lm_head" in k for k in names) and any("'gen'" in k for k in names)
@@ -116,7 +116,7 @@ def test_freeze_und_gives_no_gradient_through_und_tokens():
 def test_nan_guard_skips_and_stops(tmp_path):
     cfg = tiny_run_config(steps=6, nan_max_streak=2)
     mesh = mesh_lib.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
-    setup = loop.Setup(cfg, mesh=mesh)
+    setup = loop.Program(cfg, mesh=mesh)
     state, consts = setup.init(0)
     it = FakeIterator(cfg, rows=2, nan_at=(2,))
     ps = []
@@ -220,7 +220,7 @@ def test_grad_accumulation_averages_micro_batches():
     out = []
     for accum in (1, 2):
         cfg = tiny_run_config(grad_accum=accum, warmup_steps=0)
-        setup = loop.Setup(cfg, mesh=mesh)
+        setup = loop.Program(cfg, mesh=mesh)
         state, consts = setup.init(0)
         state, m = setup.step_fn(state, consts, setup.global_batch(b))
         out.append((float(m["loss"]), flat(state.params)))
@@ -249,7 +249,7 @@ def test_micro_batches_stay_on_their_devices():
     counts = {}
     for accum in (1, 2):
         cfg = tiny_run_config(grad_accum=accum, warmup_steps=0)
-        setup = loop.Setup(cfg, mesh=mesh)
+        setup = loop.Program(cfg, mesh=mesh)
         b, _ = next(FakeIterator(cfg, rows=8, vary=True))
         compiled = setup.step_fn.lower(setup.abstract_state, setup.abstract_consts, setup.global_batch(b)).compile()
         counts[accum] = _collectives(compiled.as_text())
@@ -263,12 +263,12 @@ def test_vae_encodes_in_the_compute_dtype():
     for name in ("float32", "bfloat16"):
         cfg = tiny_run_config()
         cfg.model.compute_dtype = name
-        setup = loop.Setup(cfg, mesh=mesh_lib.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1]))
-        vae = nnx.merge(setup.vae_graphdef, setup.abstract_consts["vae"])
+        setup = loop.Program(cfg, mesh=mesh_lib.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1]))
+        vae = nnx.merge(setup.vae_graphdef, setup.abstract_consts.vae)
         assert vae.dtype == jnp.dtype(name)
         images = jax.ShapeDtypeStruct((2, 1, 32, 32, 3), jnp.float32)
         lat = jax.eval_shape(lambda v, im: encode_images(setup.vae_graphdef, v, im, jax.random.key(0)),
-                             setup.abstract_consts["vae"], images)
+                             setup.abstract_consts.vae, images)
         assert lat.dtype == jnp.float32      # latents are fp32 whatever the encoder ran in
 
 
@@ -297,14 +297,14 @@ def test_init_from_imported_model_dir(golden_dir, tmp_path):
     cfg.model = read_config(str(out))
     cfg.model.compute_dtype = "float32"
     mesh = mesh_lib.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
-    setup = loop.Setup(cfg, mesh=mesh)
+    setup = loop.Program(cfg, mesh=mesh)
     state, consts = setup.init(0)
-    model = nnx.merge(setup.graphdef, state.params, consts["frozen"], consts["fixed"])
+    model = nnx.merge(setup.graphdef, state.params, consts.frozen, consts.fixed)
     ours = keymap.export_state(model, keymap.bagel_table(cfg.model))
     golden = load_file(str(golden_dir / "model.safetensors"))
     for k, v in ours.items():      # copy_init_moe must not overwrite imported gen weights
         assert np.array_equal(v, golden[k]), k
-    ema = nnx.merge(setup.graphdef, state.ema, consts["frozen"], consts["fixed"])
+    ema = nnx.merge(setup.graphdef, state.ema, consts.frozen, consts.fixed)
     assert np.array_equal(keymap.export_state(ema, keymap.bagel_table(cfg.model))[
         "language_model.lm_head.weight"], golden["language_model.lm_head.weight"])
 
@@ -388,7 +388,7 @@ def test_train_loads_an_ahead_of_time_compiled_step(tmp_path):
         "from sgt_jax.train import loop",
         "cfg = tiny_run_config(steps=3)",
         "cfg.data.rows_per_batch = 8",
-        "setup = loop.Setup(cfg)",
+        "setup = loop.Program(cfg)",
         "b, _ = next(FakeIterator(cfg, rows=8, vary=True))",
         "c = setup.step_fn.lower(setup.abstract_state, setup.abstract_consts, setup.global_batch(b)).compile()",
         f"executable.save_compiled(c, {path!r}, fingerprint=loop.step_fingerprint(cfg))"])

@@ -4,9 +4,9 @@
         [--config.model.llm.remat_policy=save_qkv_proj ...] [--serialize step.bin]
 
 Needs the TPU PJRT plugin (``pip install -r requirements-tpu.txt``: libtpu matching jax), no TPU:
-``jax.experimental.topologies`` describes the slice's devices, ``train.loop.Setup`` builds the
+``jax.experimental.topologies`` describes the slice's devices, ``train.loop.Program`` builds the
 abstract parameters, optimizer state, EMA and shardings on a mesh of those devices exactly as the
-trainer does, and ``Setup.step_fn`` (the trainer's jitted step, donation included) is lowered on
+trainer does, and ``Program.step_fn`` (the trainer's jitted step, donation included) is lowered on
 abstract inputs and compiled by the TPU compiler. The report (printed, and JSON with ``--out``):
 
 * per-chip memory from the compiled program (arguments, outputs, temporaries, aliased donations,

@@ -1,4 +1,4 @@
-"""The real train step (``train.loop.Setup``) lowered on abstract sharded inputs and compiled for a
+"""The real train step (``train.loop.Program``) lowered on abstract sharded inputs and compiled for a
 topology: the abstract batch, per-chip memory, the compiler's HBM-exhaustion error parsed, and the
 step's two big phases (VAE encode, model fwd+bwd) compiled alone to attribute the memory."""
 from __future__ import annotations
@@ -129,10 +129,10 @@ def _compile(setup, cfg, compiler_options=None):
 
 def _setup(cfg, mesh):
     from sgt_jax.train.config import check_micro_batches
-    from sgt_jax.train.loop import Setup
+    from sgt_jax.train.loop import Program
 
     check_micro_batches(cfg, mesh)
-    return Setup(cfg, mesh=mesh)
+    return Program(cfg, mesh=mesh)
 
 def _vae_cache_path(key: dict) -> str:
     import hashlib
@@ -156,7 +156,7 @@ def vae_encode_phase(setup, cfg, compiler_options=None, log=print) -> dict:
     micro = _cfg_copy(cfg)
     micro.data.rows_per_batch = int(cfg.data.rows_per_batch) // int(cfg.train.grad_accum)
     batch = abstract_batch(micro, bsh)
-    vae = _with_shardings(setup.abstract_consts["vae"], setup.consts_shardings["vae"])
+    vae = _with_shardings(setup.abstract_consts.vae, setup.consts_shardings.vae)
     key = {"devices": [str(d) for d in setup.mesh.devices.flat][:2], "n": setup.mesh.devices.size,
            "kind": setup.mesh.devices.flat[0].device_kind, "mesh": dict(setup.mesh.shape),
            "images": [batch.vae_images.shape, str(batch.vae_images.dtype)], "vae": cfg.model.vae.to_dict(),
@@ -221,7 +221,7 @@ def component_memory(setup, cfg, compiler_options=None, log=print) -> dict:
     t = cfg.train
 
     def loss_fn(p, cs, b, la):
-        model = nnx.merge(setup.graphdef, p, cs["frozen"], cs["fixed"])
+        model = nnx.merge(setup.graphdef, p, cs.frozen, cs.fixed)
         b = b.replace(latents=la, vae_images=None)
         o = model(b, num_gen=setup.num_gen, key=jax.random.key(1))
         return reduce_losses(o, b, t)[0]
@@ -230,7 +230,7 @@ def component_memory(setup, cfg, compiler_options=None, log=print) -> dict:
     try:
         with jax.set_mesh(setup.mesh):
             c = jax.jit(grad, out_shardings=(rep, setup.state_shardings.params)).lower(
-                params, {"frozen": consts["frozen"], "fixed": consts["fixed"]}, mb, lat).compile(
+                params, consts._replace(vae=None), mb, lat).compile(
                 compiler_options=compiler_options or None)
         out["model_fwd_bwd"] = _memory(c)
     except Exception as e:

@@ -68,11 +68,11 @@ def analyse(cfg, topology: str | Topology, *, costs: bool = True, components: bo
     batch = abstract_batch(cfg, setup.batch_sharding)
     report["state_per_chip_gib"] = {
         "params": _bytes_per_device(state.params) / GiB, "opt_state": _bytes_per_device(state.opt_state) / GiB,
-        "ema": _bytes_per_device(state.ema) / GiB, "frozen": _bytes_per_device(consts["frozen"]) / GiB,
-        "vae": _bytes_per_device(consts["vae"]) / GiB, "fixed": _bytes_per_device(consts["fixed"]) / GiB,
+        "ema": _bytes_per_device(state.ema) / GiB, "frozen": _bytes_per_device(consts.frozen) / GiB,
+        "vae": _bytes_per_device(consts.vae) / GiB, "fixed": _bytes_per_device(consts.fixed) / GiB,
         "batch": _bytes_per_device(batch) / GiB}
     n_train = sum(int(math.prod(x.shape)) for x in jax.tree.leaves(setup.abstract_state.params))
-    n_frozen = sum(int(math.prod(x.shape)) for x in jax.tree.leaves(setup.abstract_consts["frozen"]))
+    n_frozen = sum(int(math.prod(x.shape)) for x in jax.tree.leaves(setup.abstract_consts.frozen))
     report["parameters"] = {"trainable": n_train, "frozen": n_frozen}
     log(f"[aot] compiling the train step ({n_train / 1e9:.2f} B trainable params) ...")
     report["oom"] = None

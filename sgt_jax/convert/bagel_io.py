@@ -39,6 +39,7 @@ from sgt_jax.convert.safetensors_io import (PICKLE_EXPLANATION, PICKLE_SUFFIXES,
                                             _listing, parse_size)
 from sgt_jax.models import config as config_lib
 import sgt_jax.convert.keymap as keymap
+from sgt_jax.keydiff import key_diff
 
 BAGEL_7B_SETTINGS = dict(latent_patch_size=2, max_latent_size=64, vit_max_num_patch_per_side=70,
                          timestep_shift=1.0)
@@ -306,32 +307,14 @@ def _check_tensors(what: str, infos: dict, table: list, param_shapes: dict, opti
     ``optional``: keys allowed but not required -> expected torch shape. ``converted``: keys
     stored in another form -> (converter, the torch shape after conversion)."""
     converted = converted or {}
-    problems = []
-    known = {e.key for e in table}
-    missing = [e.key for e in table if e.key not in infos]
-    unexpected = sorted(set(infos) - known - set(optional))
-    mis, dt = [], []
+    expected = {}
     for e in table:
-        t = infos.get(e.key)
-        if t is None:
-            continue
         p = param_shapes[tuple(e.path)]
-        want = keymap.torch_shape(e.kind, p if e.layer is None else p[1:])
-        got = converted[e.key][1] if e.key in converted else tuple(t.shape)
-        if got != want:
-            mis.append(f"{e.key}: file {list(t.shape)}, config expects {list(want)}")
-        if t.dtype not in ALLOWED_DTYPES:
-            dt.append(f"{e.key}: {t.dtype}")
-    for k, want in optional.items():
-        t = infos.get(k)
-        if t is not None and t.dtype not in ALLOWED_DTYPES:
-            dt.append(f"{k}: {t.dtype}")
-    if missing:
-        problems.append(f"{what}: {len(missing)} missing keys: {_listing(missing)}")
-    if unexpected:
-        problems.append(f"{what}: {len(unexpected)} unexpected keys: {_listing(unexpected)}")
-    if mis:
-        problems.append(f"{what}: {len(mis)} mis-shaped keys (torch layout): {_listing(mis, 20)}")
+        expected[e.key] = keymap.torch_shape(e.kind, p if e.layer is None else p[1:])
+    found = {k: (converted[k][1] if k in converted else tuple(t.shape)) for k, t in infos.items()}
+    problems = key_diff(expected, found, optional=optional).lines(what, layout="torch layout")
+    dt = [f"{k}: {infos[k].dtype}" for k in [*expected, *optional]
+          if k in infos and infos[k].dtype not in ALLOWED_DTYPES]
     if dt:
         problems.append(f"{what}: {len(dt)} tensors of a wrong dtype (allowed: {', '.join(ALLOWED_DTYPES)}): "
                         f"{_listing(dt, 20)}")

@@ -19,6 +19,7 @@ from typing import NamedTuple
 import numpy as np
 from flax import nnx
 
+from sgt_jax.keydiff import key_diff, listing
 from sgt_jax.models import siglip, vae
 
 FIXED_KEYS = {"latent_pos_embed.pos_embed": ("latent_pos_embed",),
@@ -112,39 +113,27 @@ def load_state(model, tensors: dict, table: list[KeyEntry], ignore: tuple = (), 
     anything. Keys in ``ignore`` (e.g. the regenerated sin-cos tables) are skipped.
     """
     params = _flat_params(model)
-    known = {e.key for e in table}
-    missing = sorted(known - set(tensors))
-    unexpected = sorted(set(tensors) - known - set(ignore))
-    bad_shape, bad_dtype, staged = [], [], {}
     for e in table:
-        if e.key not in tensors:
-            continue
         if e.path not in params:
             raise KeyError(f"key table names {e.path} for {e.key}, but the model has no such parameter")
-        a = np.asarray(tensors[e.key])
-        if not np.issubdtype(a.dtype, np.floating) and a.dtype.name != "bfloat16":
-            bad_dtype.append(f"{e.key}: {a.dtype}")
-            continue
-        a = from_torch(e.kind, a)
-        target = params[e.path].shape if e.layer is None else params[e.path].shape[1:]
-        if a.shape != tuple(target):
-            bad_shape.append(f"{e.key}: file {tuple(to_torch(e.kind, a).shape) if e.kind != 'copy' else a.shape}, "
-                             f"model expects {tuple(to_torch(e.kind, np.zeros(target)).shape)}")
-            continue
-        staged.setdefault(e.path, []).append((e.layer, a))
-    if missing or unexpected or bad_shape or bad_dtype:
+    expected = {e.key: torch_shape(e.kind, params[e.path].shape if e.layer is None else params[e.path].shape[1:])
+                for e in table}
+    diff = key_diff(expected, {k: np.shape(v) for k, v in tensors.items()}, optional=ignore)
+    bad_dtype = [f"{k}: {np.asarray(tensors[k]).dtype}" for k in expected if k in tensors
+                 and not np.issubdtype(np.asarray(tensors[k]).dtype, np.floating)
+                 and np.asarray(tensors[k]).dtype.name != "bfloat16"]
+    if diff or bad_dtype:
         msg = [f"{what} does not match the model config:"]
-        if missing:
-            msg.append(f"  {len(missing)} missing keys: {missing[:20]}{' ...' if len(missing) > 20 else ''}")
-        if unexpected:
-            msg.append(f"  {len(unexpected)} unexpected keys: {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}")
-        if bad_shape:
-            msg.append(f"  {len(bad_shape)} mis-shaped: {bad_shape[:20]}")
+        msg += ["  " + line for line in diff.lines(limit=20, layout="torch layout")]
         if bad_dtype:
-            msg.append(f"  {len(bad_dtype)} non-float tensors: {bad_dtype[:20]}")
+            msg.append(f"  {len(bad_dtype)} non-float tensors: {listing(bad_dtype, 20)}")
         msg.append("  fix: build the model config from the checkpoint's own llm_config.json / vit_config.json "
                    "(config.from_bagel_dir), or pass the matching preset")
         raise ValueError("\n".join(msg))
+    staged = {}
+    for e in table:
+        if e.key in tensors:
+            staged.setdefault(e.path, []).append((e.layer, from_torch(e.kind, np.asarray(tensors[e.key]))))
     for path, items in staged.items():
         var = params[path]
         if items[0][0] is None:

@@ -31,6 +31,7 @@ import ml_dtypes
 import numpy as np
 
 from sgt_jax import fileio
+from sgt_jax.keydiff import listing as _listing
 
 HEADER_LIMIT = 100 * 2 ** 20       # safetensors' own limit on the JSON header (100 MB)
 DTYPES = {
@@ -54,12 +55,6 @@ PICKLE_EXPLANATION = (
 
 class ConversionError(ValueError):
     """A checkpoint that cannot be converted; the message lists every offending name."""
-
-
-def _listing(names: list, limit: int = 40) -> str:
-    names = list(names)
-    more = f" ... (+{len(names) - limit} more)" if len(names) > limit else ""
-    return ", ".join(str(n) for n in names[:limit]) + more
 
 
 class TensorInfo(NamedTuple):

@@ -34,6 +34,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from sgt_jax import fileio
+from sgt_jax.train.step import Consts
 
 log = logging.getLogger("sgt_jax.train")
 
@@ -67,7 +68,7 @@ class Damaged(Exception):
 class Restored:
     step: int
     state: object          # TrainState
-    consts: dict           # {"frozen", "vae"} (the fixed tables are regenerated, not stored)
+    consts: Consts         # fixed=None: the tables are regenerated (Program.fixed), not stored
     data: dict             # the data item: {"iterator": ..., "stats": ...}
     meta: dict
 
@@ -78,7 +79,7 @@ def config_json(cfg) -> dict:
 
 def _tree(state, consts) -> dict:
     """The ``state`` item: the train state and the constants worth storing."""
-    return {"train": state, "frozen": consts["frozen"], "vae": consts["vae"]}
+    return {"train": state, "frozen": consts.frozen, "vae": consts.vae}
 
 
 def _abstract(tree, shardings):
@@ -387,24 +388,24 @@ class Checkpointer:
 
     # -- restore -------------------------------------------------------------------------------
 
-    def restore(self, step: int, setup) -> Restored:
-        """Step ``step`` straight into ``setup``'s shardings (``setup`` has abstract_state,
+    def restore(self, step: int, program) -> Restored:
+        """Step ``step`` straight into ``program``'s shardings (``program``: a loop.Program, with abstract_state,
         abstract_consts, state_shardings, consts_shardings); CheckpointError if it is damaged."""
         try:
             self.check(step)
-            return self._restore(step, setup)
+            return self._restore(step, program)
         except Damaged as e:
             raise CheckpointError(f"checkpoint step {step}: {e}") from None
 
-    def _restore(self, step: int, setup) -> Restored:
-        target = _abstract(_tree(setup.abstract_state, setup.abstract_consts),
-                           _tree(setup.state_shardings, setup.consts_shardings))
+    def _restore(self, step: int, program) -> Restored:
+        target = _abstract(_tree(program.abstract_state, program.abstract_consts),
+                           _tree(program.state_shardings, program.consts_shardings))
         r = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
         s = r.state
-        return Restored(step, s["train"], {"frozen": s["frozen"], "vae": s["vae"]}, r.data, r.meta)
+        return Restored(step, s["train"], Consts(frozen=s["frozen"], fixed=None, vae=s["vae"]), r.data, r.meta)
 
-    def restore_latest(self, setup, accept=None) -> Restored | None:
+    def restore_latest(self, program, accept=None) -> Restored | None:
         """The newest good step, restored; None for a new run. ``accept(meta, step)`` vets a
         step's stored config (raising ConfigChangeError) and returns True when it allowed a
         change of the run's identity (then a failing restore is not taken for damage)."""
@@ -416,7 +417,7 @@ class Checkpointer:
                 identity_changed = bool(accept(meta, step)) if accept else False
                 self.check(step)
                 try:
-                    r = self._restore(step, setup)
+                    r = self._restore(step, program)
                 except Exception as e:  # noqa: BLE001 -- classified below
                     why = _summary(e)
                     if identity_changed:

@@ -50,7 +50,7 @@ def save_compiled(compiled, path: str, fingerprint: str | None = None) -> dict:
     return {"path": path, "bytes": len(_EXE_MAGIC) + len(header) + 1 + len(payload)}
 
 class LoadedStep:
-    """A step executable loaded from ``save_compiled``'s file, called like ``Setup.step_fn``.
+    """A step executable loaded from ``save_compiled``'s file, called like ``Program.step_fn``.
     ``jit_fn`` (the run's own jitted step) gives the output structure, by ``jax.eval_shape`` on the
     first call's arguments (tracing only, no compile)."""
 
@@ -70,7 +70,7 @@ class LoadedStep:
 
 def load_compiled(path: str, jit_fn, devices=None, fingerprint: str | None = None) -> LoadedStep:
     """Load an executable written by ``save_compiled``; call it as ``step(state, consts, batch)``
-    in place of ``Setup.step_fn`` (``jit_fn``; the trainer does with ``train.executable``). The jax
+    in place of ``Program.step_fn`` (``jit_fn``; the trainer does with ``train.executable``). The jax
     and libtpu versions and, when given, the run config's ``fingerprint`` must match the ones it
     was compiled with (the XLA flags too: not checked). jax deserialises the payload with its own
     unpickler, which can run code: only load files you wrote."""

@@ -40,20 +40,20 @@ def restore_weights(ckpt_dir: str, step: int, *, ema: bool = True, mesh=None):
     """(run config, params pure dict, vae pure dict) of one training checkpoint step: the EMA (or
     the raw parameters) merged with the frozen ones, restored into ``mesh`` (default: all devices
     on fsdp). The run's own stored config decides the shapes."""
-    from sgt_jax.train.loop import Setup
+    from sgt_jax.train.loop import Program
 
     meta = fileio.read_json(fileio.join(ckpt_dir, str(step), "meta", "metadata"))
     cfg = ml_collections.ConfigDict(meta["config"])
     cfg.model.vae.ch_mult = tuple(cfg.model.vae.ch_mult)
     mesh = mesh if mesh is not None else mesh_lib.make_mesh(dict(data=1, fsdp=-1, tensor=1))
-    setup = Setup(cfg, mesh=mesh, validate=False)     # the run's own config: only its shapes matter here
+    program = Program(cfg, mesh=mesh, validate=False)   # the run's own config: only its shapes matter here
     ck = Checkpointer(ckpt_dir, keep=10**6)
     try:
-        r = ck.restore(step, setup)
+        r = ck.restore(step, program)
     finally:
         ck.close()
     trained = r.state.ema if ema else r.state.params
-    return cfg, nnx.to_pure_dict(nnx.merge_state(trained, r.consts["frozen"])), nnx.to_pure_dict(r.consts["vae"])
+    return cfg, nnx.to_pure_dict(nnx.merge_state(trained, r.consts.frozen)), nnx.to_pure_dict(r.consts.vae)
 
 
 def checkpoint_to_model_dir(path: str, out: str, *, ema: bool = True, overwrite: bool = False) -> dict:

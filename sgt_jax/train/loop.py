@@ -13,6 +13,7 @@ import numpy as np
 from flax import nnx
 
 from sgt_jax import fileio
+from sgt_jax.keydiff import key_diff
 from sgt_jax.models.bagel import Bagel
 from sgt_jax.models import config as model_config
 from sgt_jax.models.vae import AutoEncoder
@@ -23,7 +24,7 @@ from sgt_jax.train.checkpoint import Checkpointer, ConfigChangeError, config_jso
 from sgt_jax.train.config import check_consistency
 from sgt_jax.train.executable import load_compiled, step_fingerprint  # noqa: F401 (step_fingerprint: loop's API)
 from sgt_jax.train.optimizer import copy_init_moe, make_tx, trainable_filter
-from sgt_jax.train.step import TrainState, make_train_step
+from sgt_jax.train.step import Consts, TrainState, make_train_step
 
 log = logging.getLogger("sgt_jax.train")
 
@@ -61,21 +62,16 @@ def compile_count(name: str | None = None) -> int:
 
 
 
-def load_step_executable(cfg, setup):
-    """``train.executable``: the step compiled ahead of time (``python -m sgt_jax.aot --serialize``)
-    for this run config, loaded instead of compiling it here."""
-    compiled = load_compiled(cfg.train.executable, setup.step_fn, fingerprint=step_fingerprint(cfg))
-    log.info("train step loaded from %s (not compiled)", cfg.train.executable)
-    return compiled
-
-
 def vae_dtype(cfg):
     """The frozen VAE encodes in the model's compute dtype (BAGEL: under bf16 autocast)."""
     return jnp.dtype(cfg.model.compute_dtype)
 
 
-class Setup:
-    """Everything static about a run: mesh, graphdefs, shardings, the optimizer, the step."""
+class Program:
+    """The compiled program of a run, everything static about it: mesh, graphdefs, abstract state
+    and constants with their shardings, the optimizer and the jitted step (``step_fn``; with
+    ``train.executable`` the step compiled ahead of time by ``python -m sgt_jax.aot --serialize``
+    for this run config, loaded instead of compiled here)."""
 
     def __init__(self, cfg, mesh=None, *, validate: bool = True):
         """``validate``: the whole run config (train.config.validate) first; False checks only
@@ -103,14 +99,17 @@ class Setup:
                                          nan_total=jax.ShapeDtypeStruct((), jnp.int32))
         self.state_shardings = TrainState(step=rep, params=sh(a_params), opt_state=sh(a_opt),
                                           ema=sh(a_params), nan_streak=rep, nan_total=rep)
-        self.abstract_consts = {"frozen": a_frozen, "fixed": a_fixed, "vae": a_vae}
-        self.consts_shardings = {k: sh(v) for k, v in self.abstract_consts.items()}
+        self.abstract_consts = Consts(frozen=a_frozen, fixed=a_fixed, vae=a_vae)
+        self.consts_shardings = Consts(*(sh(v) for v in self.abstract_consts))
         self.num_gen = int(cfg.data.gen_tokens_per_row)
         step = make_train_step(graphdef=self.graphdef, vae_graphdef=self.vae_graphdef, tx=self.tx,
                                cfg=cfg, num_gen=self.num_gen)
         self.batch_sharding = mesh_lib.batch_sharding(self.mesh)
         self.step_fn = jax.jit(step, in_shardings=(self.state_shardings, self.consts_shardings, self.batch_sharding),
                                out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
+        if cfg.train.get("executable"):
+            self.step_fn = load_compiled(cfg.train.executable, self.step_fn, fingerprint=step_fingerprint(cfg))
+            log.info("train step loaded from %s (not compiled)", cfg.train.executable)
 
     # -- initial state -----------------------------------------------------------------------
 
@@ -125,7 +124,7 @@ class Setup:
                 copy_init_moe(nnx.state(model))
             _, params, frozen, fixed = nnx.split(model, self.filter, nnx.Param, ...)
             vae = nnx.state(AutoEncoder(cfg.model, rngs=nnx.Rngs(seed + 1), dtype=vae_dtype(cfg)), nnx.Param)
-            return params, {"frozen": frozen, "fixed": fixed, "vae": vae}
+            return params, Consts(frozen=frozen, fixed=fixed, vae=vae)
 
         out_sh = (self.state_shardings.params, self.consts_shardings)
         with self.mesh:
@@ -140,39 +139,38 @@ class Setup:
         return jax.device_put(state, self.state_shardings), consts
 
     def fixed(self, seed: int):
-        """The regenerated tables (``consts["fixed"]``) alone, as ``init`` makes them: a resumed
+        """The regenerated tables (``consts.fixed``) alone, as ``init`` makes them: a resumed
         run restores everything else (the unused random init is dead code to XLA)."""
         def make():
             return nnx.split(Bagel(self.cfg.model, rngs=nnx.Rngs(seed)), self.filter, nnx.Param, ...)[3]
 
         with self.mesh:
-            return jax.jit(make, out_shardings=self.consts_shardings["fixed"])()
+            return jax.jit(make, out_shardings=self.consts_shardings.fixed)()
 
     def _load_model_dir(self, path, params, consts):
         """Parameters from an imported model dir (python -m sgt_jax.convert import), restored
         straight into the run's shardings (no host ever holds the whole model)."""
         from sgt_jax.convert.model_dir import load_model_dir
 
-        full = nnx.merge_state(params, consts["frozen"])
-        full_sh = nnx.merge_state(self.state_shardings.params, self.consts_shardings["frozen"])
-        sh = {"params": nnx.to_pure_dict(full_sh), "vae": nnx.to_pure_dict(self.consts_shardings["vae"])}
+        full = nnx.merge_state(params, consts.frozen)
+        full_sh = nnx.merge_state(self.state_shardings.params, self.consts_shardings.frozen)
+        sh = {"params": nnx.to_pure_dict(full_sh), "vae": nnx.to_pure_dict(self.consts_shardings.vae)}
         _, pure, vae_pure = load_model_dir(path, shardings=sh)
-        want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(full))[0]}
-        got = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_flatten_with_path(pure)[0]}
-        bad = sorted(k for k in want.keys() | got.keys() if want.get(k) != got.get(k))
-        if bad:
-            raise ValueError(f"{path}: the imported model does not match cfg.model ({len(bad)} parameters differ, "
-                             f"e.g. {bad[:5]}); use the model config recorded in {path}/model_config.json")
+        shapes = lambda tree: {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+        diff = key_diff(shapes(nnx.to_pure_dict(full)), shapes(pure))
+        if diff:
+            raise ValueError(f"{path}: the imported model does not match cfg.model ({'; '.join(diff.lines(limit=5))}); "
+                             f"use the model config recorded in {path}/model_config.json")
         nnx.replace_by_pure_dict(full, pure)
-        vae = consts["vae"]
+        vae = consts.vae
         if vae_pure is not None:
             nnx.replace_by_pure_dict(vae, vae_pure)
         else:
             log.warning("%s has no VAE: the VAE keeps its random init", path)
-        model = nnx.merge(self.graphdef, full, consts["fixed"])
+        model = nnx.merge(self.graphdef, full, consts.fixed)
         _, p, f, _ = nnx.split(model, self.filter, nnx.Param, ...)
         log.info("initialised from %s", path)
-        return p, {"frozen": f, "fixed": consts["fixed"], "vae": vae}
+        return p, Consts(frozen=f, fixed=consts.fixed, vae=vae)
 
     def global_batch(self, local):
         return mesh_lib.global_batch(local, self.mesh)
@@ -217,12 +215,10 @@ def train(cfg, workdir: str, *, data_iterator=None, stop_after: int | None = Non
     ``get_state()``/``set_state()``; by default the config's Grain pipeline is built.
     ``stop_after``: return after this many steps of this invocation (tests). ``sigterm``: an
     Event the caller's SIGTERM handler sets (the CLI installs one first thing); without it the
-    loop installs its own for its duration."""
-    mesh_lib.initialize_distributed()
+    loop installs its own for its duration. On pods the caller has run
+    ``parallel.mesh.initialize_distributed()`` first (the CLI does)."""
     t = cfg.train
-    setup = Setup(cfg)              # the whole run config validated first: nothing built yet
-    if t.get("executable"):
-        setup.step_fn = load_step_executable(cfg, setup)
+    program = Program(cfg)            # the whole run config validated first: nothing built yet
     fileio.makedirs(workdir)
     stop, old_handler = sigterm, None
     if stop is None:
@@ -232,7 +228,7 @@ def train(cfg, workdir: str, *, data_iterator=None, stop_after: int | None = Non
     ckpt = Checkpointer(fileio.join(workdir, "checkpoints"), save_every=t.save_every, keep=t.keep,
                         async_save=t.async_checkpointing)
     try:
-        resumed = ckpt.restore_latest(setup, accept=lambda meta, step: accept_config(meta, step, cfg, ckpt))
+        resumed = ckpt.restore_latest(program, accept=lambda meta, step: accept_config(meta, step, cfg, ckpt))
         if data_iterator is None:
             from sgt_jax.data.pipeline import ensure_tokenizer, make_train_iterator
 
@@ -243,12 +239,12 @@ def train(cfg, workdir: str, *, data_iterator=None, stop_after: int | None = Non
             data_iterator = make_train_iterator(cfg.data, workdir=workdir, tokenizer=tok,
                                                 process_index=jax.process_index(), process_count=jax.process_count())
         if resumed is not None:
-            state, consts = resumed.state, {**resumed.consts, "fixed": setup.fixed(t.seed)}
+            state, consts = resumed.state, resumed.consts._replace(fixed=program.fixed(t.seed))
             data_iterator.set_state(resumed.data["iterator"])
             log.info("resumed from step %d", resumed.step)
             start = resumed.step
         else:
-            state, consts = setup.init(t.seed)
+            state, consts = program.init(t.seed)
             start = 0
     except BaseException:
         ckpt.close()
@@ -264,15 +260,16 @@ def train(cfg, workdir: str, *, data_iterator=None, stop_after: int | None = Non
     stats = {}
     end = t.steps if stop_after is None else min(t.steps, start + stop_after)
 
-    last_saved = [start]
+    last_saved = start
 
     def save(s, force=False):
-        if s == last_saved[0]:
+        nonlocal last_saved
+        if s == last_saved:
             return False
         saved = ckpt.save(s, state, consts, {"iterator": data_iterator.get_state(), "stats": fileio.jsonable(stats)},
                           meta, force=force)
         if saved:
-            last_saved[0] = s
+            last_saved = s
             writer.sync()          # a URL workdir: metrics uploaded with every checkpoint
         return saved
 
@@ -285,9 +282,9 @@ def train(cfg, workdir: str, *, data_iterator=None, stop_after: int | None = Non
             t_wait = time.perf_counter()
             local, stats = next(data_iterator)
             wait_acc += time.perf_counter() - t_wait
-            batch = setup.global_batch(local)
+            batch = program.global_batch(local)
             flops_acc += metrics_lib.step_flops(cfg.model, local) * jax.process_count()
-            state, m = setup.step_fn(state, consts, batch)
+            state, m = program.step_fn(state, consts, batch)
             pending.append(m)
             step += 1
             ckpt.poll()            # a failed asynchronous save stops the run at once

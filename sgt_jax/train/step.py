@@ -1,7 +1,7 @@
 """The train step: one pure function of (state, consts, batch) under jax.jit.
 
     state   = TrainState(step, params, opt_state, ema, nan_streak, nan_total)   (donated)
-    consts  = {"frozen": frozen Bagel params, "fixed": sin-cos tables, "vae": VAE params}
+    consts  = Consts(frozen Bagel params, fixed sin-cos tables, VAE params)
     batch   = PackedBatch with ``vae_images`` (pixels); the step VAE-encodes them (frozen, keyed)
 
 Randomness: key = fold_in(key(seed), step) -> VAE sampling key, flow-noise key; every draw is
@@ -37,6 +37,13 @@ class TrainState(NamedTuple):
     ema: Any                 # fp32 EMA of params, same sharding
     nan_streak: jax.Array    # consecutive skipped (non-finite) steps
     nan_total: jax.Array
+
+
+class Consts(NamedTuple):
+    """What the step reads but never updates."""
+    frozen: Any              # nnx.State of the frozen Bagel Params (train.freeze_*); stored
+    fixed: Any               # nnx.State of the regenerated sin-cos position tables; never stored
+    vae: Any                 # nnx.State of the FLUX VAE (always frozen); stored
 
 
 def reduce_losses(out: dict, batch: B.PackedBatch, t) -> tuple[jax.Array, dict]:
@@ -82,7 +89,7 @@ def make_train_step(*, graphdef, vae_graphdef, tx: optax.GradientTransformation,
     t = cfg.train
 
     def loss_fn(params, consts, mb, key, row_ids):
-        model = nnx.merge(graphdef, params, consts["frozen"], consts["fixed"])
+        model = nnx.merge(graphdef, params, consts.frozen, consts.fixed)
         out = model(mb, num_gen=num_gen, key=key, row_ids=row_ids)
         loss, parts = reduce_losses(out, mb, t)
         return loss, parts
@@ -90,7 +97,7 @@ def make_train_step(*, graphdef, vae_graphdef, tx: optax.GradientTransformation,
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def micro_loss(params, consts, mb, k_vae, k_noise, row_ids):
-        latents = encode_images(vae_graphdef, consts["vae"], mb.vae_images, k_vae, row_ids)
+        latents = encode_images(vae_graphdef, consts.vae, mb.vae_images, k_vae, row_ids)
         return grad_fn(params, consts, mb.replace(latents=latents, vae_images=None), k_noise, row_ids)
 
     def sgt_train_step(state: TrainState, consts: dict, batch: B.PackedBatch):
