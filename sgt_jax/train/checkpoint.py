@@ -234,8 +234,9 @@ class Checkpointer:
                 pass
         self.manager.reload()
         good = self.steps()
-        after = (f"checkpoints {', '.join(map(str, good))} are intact; rerun to resume from step {good[-1]}"
-                 if good else "no earlier checkpoint exists")
+        intact = f"checkpoint {good[0]} is intact" if len(good) == 1 else \
+            f"checkpoints {', '.join(map(str, good))} are intact"
+        after = f"{intact}; rerun to resume from step {good[-1]}" if good else "no earlier checkpoint exists"
         full = any("No space left" in str(x) or "os_error_code='28'" in str(x) or
                    getattr(x, "errno", None) == 28 for x in _chain(e))
         if not full:
