@@ -136,7 +136,9 @@ def run_block(lm, x: jax.Array, positions: jax.Array, seg: attn_lib.Segments, nu
         o = _cache_attention(q, k, v, ck, cv, cache_mask, blk_mask, query_chunk)
         return layer.finish(h, o.reshape(h.shape[:2] + (-1,)), num_gen), (k, v)
 
-    h, (k_blk, v_blk) = jax.lax.scan(body, x.astype(lm.dtype), (stacked, cache.k, cache.v))
+    # scan_layers=False unrolls the layers (one program per layer: exact compiler cost analysis, AOT probes)
+    h, (k_blk, v_blk) = jax.lax.scan(body, x.astype(lm.dtype), (stacked, cache.k, cache.v),
+                                     unroll=1 if c.scan_layers else True)
     return lm.final_norm(h, num_gen), k_blk, v_blk
 
 

@@ -42,6 +42,9 @@ class CheckpointNotFound(FileNotFoundError):
     pass
 
 
+ABSTRACT = object()      # Engine(cfg, ABSTRACT, ABSTRACT): weights as shapes only (Engine.abstract)
+
+
 def _fixed_tables(cfg, abstract_fixed):
     """The sin-cos tables (regenerated from their formula, as everywhere)."""
     h, b = cfg.llm.hidden_size, cfg.bagel
@@ -74,21 +77,37 @@ class Engine:
         abstract = nnx.eval_shape(lambda: Bagel(cfg, rngs=nnx.Rngs(0)))
         self.graphdef, a_params, a_fixed = nnx.split(abstract, nnx.Param, ...)
         self.param_shardings = mesh_lib.state_shardings(a_params, self.mesh)
+        rep = NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        vae_abs = nnx.eval_shape(lambda: AutoEncoder(cfg, rngs=nnx.Rngs(0), dtype=jnp.dtype(cfg.compute_dtype)))
+        self.vae_graphdef, a_vae = nnx.split(vae_abs, nnx.Param)
+        vae_shardings = mesh_lib.state_shardings(a_vae, self.mesh)
+        if params is ABSTRACT:          # shapes only: the jitted functions lower and compile, never run
+            shape = lambda a, sh: jax.ShapeDtypeStruct(
+                a.shape, self.param_dtype if jnp.issubdtype(a.dtype, jnp.floating) else a.dtype, sharding=sh)
+            self.params = jax.tree.map(shape, a_params, self.param_shardings)
+            self.fixed = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), a_fixed)
+            self.has_vae = True
+            self.vae_params = jax.tree.map(shape, a_vae, vae_shardings)
+            self._build()
+            return
         nnx.replace_by_pure_dict(a_params, params)
         cast = lambda x: jnp.asarray(x, self.param_dtype) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) else x
         self.params = jax.device_put(jax.tree.map(cast, a_params), self.param_shardings)
-        rep = NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         self.fixed = jax.device_put(_fixed_tables(cfg, a_fixed), rep)
-        vae_abs = nnx.eval_shape(lambda: AutoEncoder(cfg, rngs=nnx.Rngs(0), dtype=jnp.dtype(cfg.compute_dtype)))
-        self.vae_graphdef, a_vae = nnx.split(vae_abs, nnx.Param)
         self.has_vae = vae_params is not None
         if self.has_vae:
             nnx.replace_by_pure_dict(a_vae, vae_params)
-            self.vae_params = jax.device_put(jax.tree.map(cast, a_vae),
-                                             mesh_lib.state_shardings(a_vae, self.mesh))
+            self.vae_params = jax.device_put(jax.tree.map(cast, a_vae), vae_shardings)
         else:
             self.vae_params = None
         self._build()
+
+    @classmethod
+    def abstract(cls, cfg, mesh, **kw) -> "Engine":
+        """An engine whose weights are shapes only (``jax.ShapeDtypeStruct`` with their shardings):
+        its jitted functions (``_prefill``, ``_velocity``, ...) can be lowered and compiled, e.g. for
+        a TPU topology from a CPU host (bench/generate_aot.py), but not run."""
+        return cls(cfg, ABSTRACT, ABSTRACT, mesh=mesh, **kw)
 
     # -- construction --------------------------------------------------------------------------
 
