@@ -123,6 +123,7 @@ def _tiny(steps=4, every=2, **ev):
 
     cfg = get_config()
     cfg.train.update(steps=steps, save_every=2, log_every=1, warmup_steps=2)
+    cfg.data.rows_per_batch = 8          # a whole number of rows on each of the session's 8 devices
     cfg.eval.update(dict(every=every, num_scenes=2, num_questions=2, loss_batches=1, flow_steps=3,
                          max_new_tokens=4, grid_rows=2), **ev)
     return cfg
