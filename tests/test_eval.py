@@ -199,3 +199,48 @@ def test_bad_eval_config_is_refused():
     with pytest.raises(ConfigError) as e:
         validate(cfg)
     assert "eval.every=-1" in str(e.value) and "eval.weights='best'" in str(e.value)
+
+
+@pytest.mark.slow
+def test_cli_exports_from_a_model_dir(tmp_path):
+    """``geneval`` and ``answers`` on a random tiny model dir: the scorers' layouts, counted skips,
+    a clear error for a missing prompts file."""
+    from flax import nnx
+
+    from sgt_jax.convert.model_dir import save_model_dir
+    from sgt_jax.data.tokenizer import build_tiny_tokenizer
+    from sgt_jax.evaluate import main
+    from sgt_jax.models.bagel import Bagel
+    from sgt_jax.models.config import tiny
+    from sgt_jax.models.vae import AutoEncoder
+
+    cfg = tiny()
+    cfg.llm.vocab_size = 512
+    model = tmp_path / "model"
+    save_model_dir(str(model), cfg, nnx.to_pure_dict(nnx.state(Bagel(cfg, rngs=nnx.Rngs(0)), nnx.Param)),
+                   nnx.to_pure_dict(nnx.state(AutoEncoder(cfg, rngs=nnx.Rngs(1)), nnx.Param)),
+                   tokenizer_dir=build_tiny_tokenizer(str(tmp_path / "tok"), vocab_size=512))
+    prompts = tmp_path / "meta.jsonl"
+    prompts.write_text(json.dumps({"tag": "single_object", "prompt": "a photo of a cat"}) + "\n"
+                       + json.dumps({"tag": "colors", "prompt": "a red car"}) + "\n")
+    out = tmp_path / "geneval"
+    assert main(["geneval", "--model", str(model), "--out", str(out), "--prompts", str(prompts),
+                 "--seeds", "3,4", "--height", "32", "--width", "32", "--batch-size", "2"]) == 0
+    assert sorted(os.listdir(out / "00001" / "samples")) == ["00000.png", "00001.png"]
+    assert json.loads((out / "00001" / "metadata.jsonl").read_text())["prompt"] == "a red car"
+    assert np.asarray(Image.open(out / "00000" / "samples" / "00001.png")).shape == (32, 32, 3)
+
+    Image.fromarray(np.full((40, 40, 3), 128, np.uint8)).save(tmp_path / "im.png")
+    bench = tmp_path / "mc.jsonl"
+    bench.write_text("\n".join(json.dumps(r) for r in [
+        {"index": 0, "question": "Which is closer?", "A": "cat", "B": "dog", "answer": "B", "image": "im.png"},
+        {"index": 1, "question": "Broken?", "A": "x", "B": "y", "answer": "A", "image": "missing.png"}]) + "\n")
+    assert main(["answers", "--model", str(model), "--out", str(tmp_path / "ans"), "--prompts", str(bench),
+                 "--max-new-tokens", "3"]) == 0
+    lines = (tmp_path / "ans" / "answers.tsv").read_text().splitlines()
+    assert lines[0] == "index\tquestion\tA\tB\tanswer\tprediction" and len(lines) == 2
+    assert lines[1].startswith("0\tWhich is closer?\tcat\tdog\tB\t")
+    summary = json.loads((tmp_path / "ans" / "summary.json").read_text())
+    assert summary["answers"] == 1 and summary["skipped"] == {"bad_image": 1}
+    assert main(["answers", "--model", str(model), "--out", str(tmp_path / "x"),
+                 "--prompts", str(tmp_path / "nope.jsonl")]) == 2
