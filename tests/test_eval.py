@@ -244,3 +244,23 @@ def test_cli_exports_from_a_model_dir(tmp_path):
     assert summary["answers"] == 1 and summary["skipped"] == {"bad_image": 1}
     assert main(["answers", "--model", str(model), "--out", str(tmp_path / "x"),
                  "--prompts", str(tmp_path / "nope.jsonl")]) == 2
+
+
+def test_eval_rows_in_metrics_jsonl_merge_on_resume(tmp_path):
+    """An eval row shares its step with a training row; a resume cut back to that step keeps one
+    row per step holding both, and the loss curve reads the training rows only."""
+    from sgt_jax.train import metrics as M
+
+    w = M.MetricsWriter(str(tmp_path), total_steps=4)
+    w.write_eval(0, {"ce": 6.0, "vqa_acc": 0.0})
+    for s in (1, 2, 3):
+        w.write(s, {"loss": 3.0 - s / 2, "ce": 2.0, "mse": 1.0})
+        if s == 2:
+            w.write_eval(2, {"ce": 5.0, "vqa_acc": 0.25}, {"grid": np.zeros((8, 16, 3), np.uint8)})
+    assert w.close() is not None
+    rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [0, 1, 2, 2, 3]
+    M.MetricsWriter(str(tmp_path), total_steps=4, start_step=2).close()      # resumed at step 2
+    rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert rows[2] == {"step": 2, "loss": 2.0, "ce": 2.0, "mse": 1.0, "eval/ce": 5.0, "eval/vqa_acc": 0.25}
