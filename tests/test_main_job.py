@@ -82,3 +82,11 @@ def test_cli_sigterm_during_start_up_exits_cleanly(tmp_path):
     out, err = p.communicate(timeout=600)
     assert p.returncode == 0, out + err
     assert "stopped by SIGTERM" in out, out + err
+
+
+def test_cli_refuses_held_out_scenes_from_the_training_seed(tmp_path):
+    p = _cli(tmp_path / "run", "--config.eval.scene_seed=0")
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 1, out + err
+    assert "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith("error: eval.scene_seed=0 is the gen_seed"), err

@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-import os
 
 import jax
 import jax.numpy as jnp
@@ -19,10 +18,10 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from sgt_jax import fileio
 from sgt_jax.data.records import BadRecord
 from sgt_jax.eval import metrics
 from sgt_jax.infer import tasks
-from sgt_jax.infer.image import FlowConfig
 from sgt_jax.parallel import mesh as mesh_lib
 from sgt_jax.train.step import make_eval_losses
 
@@ -61,7 +60,7 @@ def heldout_specs(cfg, workdir: str) -> tuple[str, str]:
                          "scenes: held-out scenes must come from another seed")
     n = max(64, int(e.num_scenes), int(e.num_questions))
     q = f"n={n}&gen_seed={int(e.scene_seed)}" + "".join(f"&{k}={syn[k]}" for k in ("size", "shapes") if k in syn)
-    d = os.path.join(workdir, SCENES_DIR)
+    d = fileio.join(workdir, SCENES_DIR)
     return (e.seg or f"synthetic_seg:{d}?{q}"), (e.vqa or f"synthetic_vqa:{d}?{q}")
 
 
@@ -140,7 +139,7 @@ class Evaluator:
         from sgt_jax.data.sources.registry import make_source
 
         self.cfg, self.e = cfg, cfg.eval
-        self.out_dir = out_dir or os.path.join(workdir, "eval")
+        self.out_dir = out_dir or fileio.join(workdir, "eval")
         seg_spec, vqa_spec = heldout_specs(cfg, workdir)
         self.specs = {"seg": seg_spec, "vqa": vqa_spec}
         seed = int(cfg.data.get("seed", 0))
@@ -245,12 +244,14 @@ class Evaluator:
         if e.grid_rows and d.seg:
             grid = sample_grid(d, masks, answers, int(e.grid_rows))
             images["grid"] = grid
-            os.makedirs(self.out_dir, exist_ok=True)
             from PIL import Image
 
             name = "grid.png" if step is None else f"grid_{step:06d}.png"
-            Image.fromarray(grid).save(os.path.join(self.out_dir, name))
-            details["grid"] = os.path.join(self.out_dir, name)
+            path = fileio.join(self.out_dir, name)
+            fileio.makedirs(self.out_dir)
+            with fileio.open_write(path) as f:
+                Image.fromarray(grid).save(f, format="PNG")
+            details["grid"] = path
         return {"scalars": scalars, "images": images, "details": details, "masks": masks}
 
 
@@ -325,6 +326,7 @@ def make_hook(cfg, workdir: str):
     e = cfg.get("eval")
     if e is None or not e.every:
         return None
+    heldout_specs(cfg, workdir)          # a seed clash is an error before training starts
     box = {}
 
     def hook(step, state, consts):

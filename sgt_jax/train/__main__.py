@@ -47,7 +47,12 @@ def main(argv):
     from sgt_jax.eval.runner import make_hook, summary_line
 
     try:
-        s = train(cfg, workdir, sigterm=SIGTERM, evaluate=make_hook(cfg, workdir))
+        hook = make_hook(cfg, workdir)
+    except ValueError as e:           # the eval block against the data config: one line
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    try:
+        s = train(cfg, workdir, sigterm=SIGTERM, evaluate=hook)
     except SpecError as e:            # a data-source spec error: one line, no traceback
         print(e.one_line(), file=sys.stderr, flush=True)
         return 2
