@@ -177,8 +177,8 @@ def test_eval_in_training_is_deterministic_resumable_and_changes_nothing(tmp_pat
     # the same run without evaluation: identical training (losses and final weights)
     sc = loop.train(cfg, c, quiet=True)
     assert [h["loss"] for h in sa["history"]] == [h["loss"] for h in sc["history"]]
-    wa, wc = _weights(a), _weights(c)
-    assert all(np.array_equal(wa[k], wc[k]) for k in wa)
+    wa, wb, wc = _weights(a), _weights(b), _weights(c)
+    assert all(np.array_equal(wa[k], wc[k]) and np.array_equal(wa[k], wb[k]) for k in wa)
     assert sorted(os.listdir(os.path.join(a, "eval"))) == ["grid_000000.png", "grid_000002.png", "grid_000004.png"]
 
 
