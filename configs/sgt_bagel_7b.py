@@ -21,7 +21,7 @@ import ml_collections
 
 from sgt_jax.data.config import default_data_config
 from sgt_jax.models.config import bagel_7b
-from sgt_jax.train.config import default_mesh_config, default_train_config
+from sgt_jax.train.config import default_eval_config, default_mesh_config, default_train_config
 
 TOPOLOGY = "v5p-64"      # the slice this preset fits as shipped (python -m sgt_jax.aot --topology)
 
@@ -43,4 +43,5 @@ def get_config() -> ml_collections.ConfigDict:
                      ce_weight=1.0, mse_weight=1.0, copy_init_moe=False, save_every=500, keep=3,
                      log_every=10, init_from="", grad_accum=2)   # 1 row per chip per micro-batch
     cfg.mesh = default_mesh_config()            # pure FSDP over every chip
+    cfg.eval = default_eval_config()            # off (every=0); --config.eval.every=N turns it on
     return cfg

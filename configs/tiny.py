@@ -8,7 +8,7 @@ import ml_collections
 
 from sgt_jax.data.config import tiny_data_config
 from sgt_jax.models.config import tiny
-from sgt_jax.train.config import default_mesh_config, default_train_config
+from sgt_jax.train.config import default_eval_config, default_mesh_config, default_train_config
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -33,4 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.train.update(steps=300, lr=1e-3, warmup_steps=20, ema_decay=0.99, save_every=100,
                      log_every=10)
     cfg.mesh = default_mesh_config()
+    # held-out evaluation at steps 0, 100, 200, 300 (docs/evaluation.md)
+    cfg.eval = default_eval_config()
+    cfg.eval.update(every=100, num_scenes=16, num_questions=32)
     return cfg

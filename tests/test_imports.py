@@ -32,6 +32,10 @@ LAYERS = {"sgt_jax": 0, "sgt_jax.batch": 0, "sgt_jax.fileio": 0, "sgt_jax.keydif
           # programs over a trained run: inference loads runs through train (Program, Checkpointer)
           "sgt_jax.infer": 5, "sgt_jax.aot": 5, "sgt_jax.convert": 5,
           "sgt_jax.generate": 6,   # the inference CLI
+          "sgt_jax.eval": 6,       # evaluation over inference engines
+          "sgt_jax.evaluate": 7,   # the evaluation CLI
+          # the training CLI hands the evaluation hook (sgt_jax.eval) to train.loop.train
+          "sgt_jax.train.__main__": 7,
           # the model-dir format (Orbax params + BAGEL config files): the trainer reads it
           # (train.init_from) and writes it (train/export.py), the converter produces it
           "sgt_jax.convert.model_dir": 3}

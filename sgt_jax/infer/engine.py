@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
@@ -75,32 +74,40 @@ class Engine:
         self.data_cfg = data_cfg
         self.transforms = transforms_for(cfg, data_cfg)
         abstract = nnx.eval_shape(lambda: Bagel(cfg, rngs=nnx.Rngs(0)))
-        self.graphdef, a_params, a_fixed = nnx.split(abstract, nnx.Param, ...)
-        self.param_shardings = mesh_lib.state_shardings(a_params, self.mesh)
+        self.graphdef, self._abstract_params, a_fixed = nnx.split(abstract, nnx.Param, ...)
+        self.param_shardings = mesh_lib.state_shardings(self._abstract_params, self.mesh)
         rep = NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         vae_abs = nnx.eval_shape(lambda: AutoEncoder(cfg, rngs=nnx.Rngs(0), dtype=jnp.dtype(cfg.compute_dtype)))
-        self.vae_graphdef, a_vae = nnx.split(vae_abs, nnx.Param)
-        vae_shardings = mesh_lib.state_shardings(a_vae, self.mesh)
+        self.vae_graphdef, self._abstract_vae = nnx.split(vae_abs, nnx.Param)
+        self.vae_shardings = mesh_lib.state_shardings(self._abstract_vae, self.mesh)
         if params is ABSTRACT:          # shapes only: the jitted functions lower and compile, never run
             shape = lambda a, sh: jax.ShapeDtypeStruct(
                 a.shape, self.param_dtype if jnp.issubdtype(a.dtype, jnp.floating) else a.dtype, sharding=sh)
-            self.params = jax.tree.map(shape, a_params, self.param_shardings)
+            self.params = jax.tree.map(shape, self._abstract_params, self.param_shardings)
             self.fixed = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), a_fixed)
             self.has_vae = True
-            self.vae_params = jax.tree.map(shape, a_vae, vae_shardings)
-            self._build()
-            return
-        nnx.replace_by_pure_dict(a_params, params)
+            self.vae_params = jax.tree.map(shape, self._abstract_vae, self.vae_shardings)
+        else:
+            self.fixed = jax.device_put(_fixed_tables(cfg, a_fixed), rep)
+            self.set_weights(params, vae_params)
+        self._build()
+
+    def set_weights(self, params, vae_params=None):
+        """New weights (pure dicts, as ``__init__`` takes them) for the same model: the jitted
+        functions are kept (no recompilation; evaluation inside training swaps in each step's
+        weights). Arrays already in ``param_dtype`` and sharded as the engine wants are used as
+        they are, not copied."""
         cast = lambda x: jnp.asarray(x, self.param_dtype) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) else x
+        a_params = jax.tree.map(lambda x: x, self._abstract_params)
+        nnx.replace_by_pure_dict(a_params, params)
         self.params = jax.device_put(jax.tree.map(cast, a_params), self.param_shardings)
-        self.fixed = jax.device_put(_fixed_tables(cfg, a_fixed), rep)
         self.has_vae = vae_params is not None
         if self.has_vae:
+            a_vae = jax.tree.map(lambda x: x, self._abstract_vae)
             nnx.replace_by_pure_dict(a_vae, vae_params)
-            self.vae_params = jax.device_put(jax.tree.map(cast, a_vae), vae_shardings)
+            self.vae_params = jax.device_put(jax.tree.map(cast, a_vae), self.vae_shardings)
         else:
             self.vae_params = None
-        self._build()
 
     @classmethod
     def abstract(cls, cfg, mesh, **kw) -> "Engine":

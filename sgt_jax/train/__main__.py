@@ -44,8 +44,15 @@ def main(argv):
         return 0
     from sgt_jax.data.sources import SpecError
 
+    from sgt_jax.eval.runner import make_hook, summary_line
+
     try:
-        s = train(cfg, workdir, sigterm=SIGTERM)
+        hook = make_hook(cfg, workdir)
+    except ValueError as e:           # the eval block against the data config: one line
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    try:
+        s = train(cfg, workdir, sigterm=SIGTERM, evaluate=hook)
     except SpecError as e:            # a data-source spec error: one line, no traceback
         print(e.one_line(), file=sys.stderr, flush=True)
         return 2
@@ -59,6 +66,10 @@ def main(argv):
             first, last = h[0], h[-1]
             print(f"\nsteps {s['steps']}: loss {first['loss']:.4f} -> {last['loss']:.4f}, "
                   f"segmentation MSE {first['mse']:.4f} -> {last['mse']:.4f}, VQA CE {first['ce']:.4f} -> {last['ce']:.4f}")
+        for row in (s["eval"][:1] + s["eval"][-1:]) if len(s["eval"]) > 1 else s["eval"]:
+            print(summary_line(row["step"], row))
+        if s["eval"]:
+            print(f"eval grids:  {os.path.join(workdir, 'eval')}/grid_<step>.png (and TensorBoard eval/grid)")
         print(f"train step compiled {s['compiles_in_loop']} time(s) in this run")
         print(f"checkpoints: {s['checkpoints']}\nmetrics:     {s['metrics']}\n"
               f"tensorboard: {s['tensorboard']}\nloss curve:  {s['loss_curve']}")

@@ -32,6 +32,29 @@ def default_train_config() -> ml_collections.ConfigDict:
     ))
 
 
+def default_eval_config() -> ml_collections.ConfigDict:
+    """Evaluation inside training (``sgt_jax.eval``, docs/evaluation.md): every ``every`` steps
+    (0 = off), at step 0 of a fresh run and at the last step. Held-out synthetic scenes are
+    generated with ``scene_seed`` (the training scenes use their spec's ``gen_seed``, default 0: a
+    run whose synthetic ``gen_seed`` equals ``scene_seed`` is refused); ``seg`` / ``vqa`` name
+    other held-out sources (source specs, '' = the held-out synthetic scenes)."""
+    return ml_collections.ConfigDict(dict(
+        every=0,                 # evaluate every N steps (0: never inside training)
+        weights="ema",           # "ema" or "params"
+        num_scenes=16,           # held-out segmentation images (generated mask -> mIoU / PQ)
+        num_questions=32,        # held-out VQA questions (greedy answer -> exact match)
+        loss_batches=2,          # held-out packed batches for CE / MSE at fixed noise
+        scene_seed=1000,         # gen_seed of the held-out synthetic scenes
+        seed=0,                  # noise of held-out losses and of generation
+        flow_steps=20,           # Euler num_timesteps of the generated masks
+        cfg_text_scale=4.0, cfg_img_scale=2.0,   # segmentation CFG (BAGEL's editing settings)
+        max_new_tokens=16,       # answer length
+        batch_size=8,            # requests per inference batch
+        grid_rows=4,             # scenes in the sample grid
+        seg="", vqa="",          # held-out source specs ('' = the held-out synthetic scenes)
+    ))
+
+
 def default_mesh_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
 
@@ -108,6 +131,29 @@ def _train_problems(t) -> list[str]:
     return out
 
 
+def _eval_problems(e) -> list[str]:
+    out = []
+
+    def need(cond, key, why):
+        if not cond:
+            out.append(f"eval.{key}={e.get(key)!r}: {why}")
+
+    unknown = sorted(set(e.keys()) - set(default_eval_config().keys()))
+    if unknown:
+        out.append(f"eval: unknown keys {unknown} (known: {sorted(default_eval_config().keys())})")
+    for k in ("every", "num_scenes", "num_questions", "loss_batches", "scene_seed", "seed", "grid_rows"):
+        need(_is_int(e.get(k)) and e.get(k) >= 0, k, "must be an int >= 0")
+    for k in ("flow_steps", "max_new_tokens", "batch_size"):
+        need(_is_int(e.get(k)) and e.get(k) >= (2 if k == "flow_steps" else 1), k,
+             "must be an int >= 2 (Euler steps + 1)" if k == "flow_steps" else "must be an int >= 1")
+    for k in ("cfg_text_scale", "cfg_img_scale"):
+        need(_is_num(e.get(k)) and e.get(k) >= 0, k, "must be a number >= 0 (1 = no guidance)")
+    need(e.get("weights") in ("ema", "params"), "weights", "must be 'ema' or 'params'")
+    for k in ("seg", "vqa"):
+        need(isinstance(e.get(k), str), k, "must be a source spec string ('' = held-out synthetic scenes)")
+    return out
+
+
 def validate(cfg, mesh=None, process_count: int = 1):
     """The whole run config, checked once before anything is built or compiled: the model
     section (``models.config.validate``), the data section (``data.config.validate``; skipped
@@ -131,6 +177,8 @@ def validate(cfg, mesh=None, process_count: int = 1):
         run(data_config.validate, cfg.data, process_count)
     run(check_consistency, cfg)
     problems += _train_problems(cfg.train)
+    if "eval" in cfg:
+        problems += _eval_problems(cfg.eval)
     for k in ("data", "fsdp", "tensor"):
         v = cfg.mesh.get(k)
         if not (_is_int(v) and (v >= 1 or v == -1)):
@@ -158,7 +206,7 @@ def validate(cfg, mesh=None, process_count: int = 1):
 # refuses a change here unless train.allow_config_change names the key; every other key (the
 # rest of train: lr, steps, cadence, optimizer; the mesh) is applied and logged.
 IDENTITY = ("model", "data", "train.seed", "train.freeze_llm", "train.freeze_vit")
-MUTABLE_SECTIONS = ("train", "mesh")
+MUTABLE_SECTIONS = ("train", "mesh", "eval")
 _ABSENT = "(absent)"
 
 

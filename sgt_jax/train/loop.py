@@ -208,7 +208,7 @@ def _to_host(m: dict) -> dict:
 
 
 def train(cfg, workdir: str, *, data_iterator=None, stop_after: int | None = None, quiet: bool = False,
-          sigterm: threading.Event | None = None) -> dict:
+          sigterm: threading.Event | None = None, evaluate=None) -> dict:
     """Run (or resume) training in ``workdir``. Returns a summary dict.
 
     ``data_iterator`` (tests) must yield ``(PackedBatch of numpy, stats)`` and have
@@ -216,7 +216,11 @@ def train(cfg, workdir: str, *, data_iterator=None, stop_after: int | None = Non
     ``stop_after``: return after this many steps of this invocation (tests). ``sigterm``: an
     Event the caller's SIGTERM handler sets (the CLI installs one first thing); without it the
     loop installs its own for its duration. On pods the caller has run
-    ``parallel.mesh.initialize_distributed()`` first (the CLI does)."""
+    ``parallel.mesh.initialize_distributed()`` first (the CLI does). ``evaluate``: called as
+    ``evaluate(step, state, consts)`` at the start of a fresh run (step 0) and after every step
+    (after its regular save); it returns None (not an evaluation step) or ``{"scalars": {...},
+    "images": {...}}``, logged as ``eval/*``. It must only read the state (the train layer never
+    imports the evaluation: the CLI hands it in, ``sgt_jax.eval.make_hook``)."""
     t = cfg.train
     program = Program(cfg)            # the whole run config validated first: nothing built yet
     fileio.makedirs(workdir)
@@ -273,8 +277,18 @@ def train(cfg, workdir: str, *, data_iterator=None, stop_after: int | None = Non
             writer.sync()          # a URL workdir: metrics uploaded with every checkpoint
         return saved
 
+    evals = []
+
+    def run_eval(s):
+        out = evaluate(s, state, consts) if evaluate is not None else None
+        if out:
+            writer.write_eval(s, out["scalars"], out.get("images"))
+            evals.append({"step": s, **out["scalars"]})
+
     compiles_before = compile_count("sgt_train_step")
     try:
+        if start == 0:
+            run_eval(0)
         while step < end:
             if stop.is_set() and step == start:       # SIGTERM before the first step: nothing new to save
                 log.warning("SIGTERM before the first step: exiting at step %d", step)
@@ -323,6 +337,7 @@ def train(cfg, workdir: str, *, data_iterator=None, stop_after: int | None = Non
                 log.warning("SIGTERM: checkpoint written at step %d, exiting", step)
                 break
             save(step)
+            run_eval(step)
         else:
             save(step, force=True)
     finally:
@@ -332,7 +347,8 @@ def train(cfg, workdir: str, *, data_iterator=None, stop_after: int | None = Non
             signal.signal(signal.SIGTERM, old_handler)
     summary = {"workdir": workdir, "steps": step, "checkpoints": ckpt.directory, "metrics": writer.jsonl_path,
                "tensorboard": writer.tb_dir, "loss_curve": png, "history": history,
-               "compiles_in_loop": compile_count("sgt_train_step") - compiles_before, "preempted": stop.is_set()}
+               "compiles_in_loop": compile_count("sgt_train_step") - compiles_before, "preempted": stop.is_set(),
+               "eval": evals}
     return summary
 
 

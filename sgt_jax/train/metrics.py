@@ -151,6 +151,22 @@ class MetricsWriter:
         if self.remote and time.perf_counter() - self._synced >= self.sync_every_s:
             self.sync()
 
+    def write_eval(self, step: int, scalars: dict, images: dict | None = None):
+        """An evaluation row: ``eval/<name>`` scalars as a row of their own in metrics.jsonl
+        (same ``step`` as a training row, merged with it on resume) and in TensorBoard; ``images``
+        (name -> uint8 HWC) as TensorBoard images ``eval/<name>``."""
+        if not self.enabled:
+            return
+        row = {f"eval/{k}": float(v) for k, v in scalars.items()}
+        with open(self._jsonl, "a") as f:
+            f.write(json.dumps({"step": step, **row}) + "\n")
+        for k, v in row.items():
+            if np.isfinite(v):
+                self._tb.add_scalar(k, v, step)
+        for k, im in (images or {}).items():
+            self._tb.add_image(f"eval/{k}", np.asarray(im), step, dataformats="HWC")
+        self._tb.flush()
+
     def advance(self, n: int = 1):
         if self._bar is not None:
             self._bar.update(n)
@@ -178,10 +194,13 @@ def read_rows(jsonl_path: str) -> list[dict]:
 
 def truncate_rows(jsonl_path: str, step: int) -> None:
     """Keep the rows of steps <= ``step``, one per step (a resumed run logs the later ones
-    again), replacing the file atomically."""
+    again; the training and evaluation rows of one step merged), replacing the file atomically."""
     if not os.path.exists(jsonl_path):
         return
-    by_step = {r["step"]: r for r in read_rows(jsonl_path) if isinstance(r, dict) and r.get("step", 0) <= step}
+    by_step: dict = {}
+    for r in read_rows(jsonl_path):
+        if isinstance(r, dict) and r.get("step", 0) <= step:
+            by_step.setdefault(r["step"], {}).update(r)
     rows = [by_step[k] for k in sorted(by_step)]
     tmp = jsonl_path + ".tmp"
     with open(tmp, "w") as f:
@@ -194,7 +213,7 @@ def truncate_rows(jsonl_path: str, step: int) -> None:
 def plot_loss_curve(jsonl_path: str, png_path: str) -> str | None:
     if not os.path.exists(jsonl_path):
         return None
-    rows = read_rows(jsonl_path)
+    rows = [r for r in read_rows(jsonl_path) if "loss" in r]      # training rows
     if not rows:
         return None
     import matplotlib

@@ -84,16 +84,39 @@ def encode_images(vae_graphdef, vae_params, images: jax.Array, key: jax.Array,
     return jax.lax.stop_gradient(lat.reshape((b, n) + lat.shape[1:]))
 
 
-def make_train_step(*, graphdef, vae_graphdef, tx: optax.GradientTransformation, cfg, num_gen: int):
-    """The pure step function (jit it with shardings in the loop)."""
-    t = cfg.train
-
+def _loss_fn(graphdef, t, num_gen: int):
+    """(params, consts, batch with latents, flow-noise key, row ids) -> (loss, {"ce", "mse"}): the
+    forward and loss of the train step (and of ``make_eval_losses``)."""
     def loss_fn(params, consts, mb, key, row_ids):
         model = nnx.merge(graphdef, params, consts.frozen, consts.fixed)
         out = model(mb, num_gen=num_gen, key=key, row_ids=row_ids)
         loss, parts = reduce_losses(out, mb, t)
         return loss, parts
 
+    return loss_fn
+
+
+def make_eval_losses(*, graphdef, vae_graphdef, cfg, num_gen: int):
+    """The train step's forward and loss without gradient or update, at a given key: held-out CE /
+    MSE with fixed VAE-sampling and flow noise (the timesteps come with the batch). Returns
+    ``sgt_eval_losses(params, consts, batch, key) -> {"loss", "ce", "mse", "tokens_ce",
+    "tokens_mse"}`` (jit it with the step's shardings)."""
+    loss_fn = _loss_fn(graphdef, cfg.train, num_gen)
+
+    def sgt_eval_losses(params, consts, batch: B.PackedBatch, key):
+        k_vae, k_noise = jax.random.split(key)
+        rows = jnp.arange(batch.kind.shape[0])
+        latents = encode_images(vae_graphdef, consts.vae, batch.vae_images, k_vae, rows)
+        loss, parts = loss_fn(params, consts, batch.replace(latents=latents, vae_images=None), k_noise, rows)
+        return {"loss": loss, **parts, "tokens_ce": jnp.sum(batch.ce_mask), "tokens_mse": jnp.sum(batch.mse_mask)}
+
+    return sgt_eval_losses
+
+
+def make_train_step(*, graphdef, vae_graphdef, tx: optax.GradientTransformation, cfg, num_gen: int):
+    """The pure step function (jit it with shardings in the loop)."""
+    t = cfg.train
+    loss_fn = _loss_fn(graphdef, t, num_gen)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def micro_loss(params, consts, mb, k_vae, k_noise, row_ids):
