@@ -41,7 +41,8 @@ from __future__ import annotations
 from sgt_jax.aot.advice import advise, attention_scores_gib, vae_attention_gib
 from sgt_jax.aot.compile import (GiB, abstract_batch, component_memory, loop_free_seconds, parse_oom,
                                  vae_encode_phase)
-from sgt_jax.aot.costs import combine_probes, cost_probe, estimate, nominal_batch, reestimate
+from sgt_jax.aot.costs import (combine_probes, cost_probe, estimate, flash_kernel_cost, nominal_batch, reestimate,
+                               roofline)
 from sgt_jax.aot.report import analyse, format_report, table
 from sgt_jax.aot.topology import (FAMILIES, AotError, Topology, libtpu_available, make_topology_mesh,
                                   parse_topology, resolve_mesh_spec, topology_devices)
@@ -49,6 +50,7 @@ from sgt_jax.train.executable import LoadedStep, load_compiled, save_compiled
 
 __all__ = ["FAMILIES", "GiB", "AotError", "LoadedStep", "Topology", "abstract_batch", "advise", "analyse",
            "attention_scores_gib", "combine_probes", "component_memory", "cost_probe", "estimate",
-           "format_report", "libtpu_available", "load_compiled", "loop_free_seconds", "make_topology_mesh",
-           "nominal_batch", "parse_oom", "parse_topology", "reestimate", "resolve_mesh_spec", "save_compiled",
+           "flash_kernel_cost", "format_report", "libtpu_available", "load_compiled", "loop_free_seconds", "make_topology_mesh",
+           "nominal_batch", "parse_oom", "parse_topology", "reestimate", "resolve_mesh_spec", "roofline",
+           "save_compiled",
            "table", "topology_devices", "vae_attention_gib", "vae_encode_phase"]
