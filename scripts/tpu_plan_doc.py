@@ -72,7 +72,7 @@ def render(doc: str, plan: dict) -> str:
         pat = re.compile(rf"(<!-- {name}:start -->\n)(?:.*?\n)?(<!-- {name}:end -->)", re.S)
         if not pat.search(doc):
             raise SystemExit(f"{DOC}: no <!-- {name}:start --> ... <!-- {name}:end --> markers")
-        doc = pat.sub(lambda m: m.group(1) + text + "\n" + m.group(2), doc)
+        doc = pat.sub(lambda m, text=text: m.group(1) + text + "\n" + m.group(2), doc)
     return doc
 
 

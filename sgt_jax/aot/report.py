@@ -251,7 +251,7 @@ def bracket_table(reports) -> str:
         if not r.get("fits") or not rl:
             continue
         t, f = r["topology"], r["flops"]
-        mfu = lambda s: f["model_flops_per_step"] / (s * t["chips"] * t["peak_tflops_per_chip"] * 1e12)  # noqa: E731
+        mfu = lambda s, f=f, t=t: f["model_flops_per_step"] / (s * t["chips"] * t["peak_tflops_per_chip"] * 1e12)  # noqa: E731
         pad = 1 - f.get("padding", PADDING)
         e = r.get("estimate")
         fk = r.get("flash_kernel")
