@@ -7,7 +7,8 @@ Real BAGEL-7B-MoT widths (hidden 3584, vocab 152064, intermediate 18944, ViT 115
 configurable depth (28 / 26 is the full 14.6B model: ~29 GB in bf16; the source, the model dir
 and the export each take that much disk, the source is deleted after the import). Import and
 export run as separate CLI processes; each reports its own wall time, GB/s (checkpoint bytes /
-wall time, including startup and validation) and peak RSS (ru_maxrss). The export is verified
+wall time, including startup and validation) and peak RSS (the converter's own
+``bagel_io.peak_rss_gb``: VmHWM on Linux; runs before 2026-12 recorded ru_maxrss). The export is verified
 bit for bit against the generator. Target: peak RSS <= 4 GB + the largest single tensor.
 Writes bench/results/convert.json (one entry per depth run, newest last).
 """
@@ -26,6 +27,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from sgt_jax.convert import synthetic  # noqa: E402
+
+
+NOTE = ("BAGEL-7B widths at reduced depth; GB = 1e9 bytes; peak RSS of the import / export process "
+        "(VmHWM, sgt_jax.convert.bagel_io.peak_rss_gb; the runs dated 2026-11-22 recorded ru_maxrss)")
 
 
 def main(argv=None) -> int:
@@ -62,8 +67,7 @@ def main(argv=None) -> int:
     runs.append(res)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"note": "BAGEL-7B widths at reduced depth; GB = 1e9 bytes; peak RSS = ru_maxrss of the "
-                           "import / export process", "runs": runs}, f, indent=1)
+        json.dump({"note": NOTE, "runs": runs}, f, indent=1)
     i, e = res["import"], res["export"]
     print(json.dumps({"llm_layers": res["llm_layers"], "GB": round(res["checkpoint_bytes"] / 1e9, 2),
                       "import_GB_s": round(i["gb_per_s"], 3), "export_GB_s": round(e["gb_per_s"], 3),

@@ -27,8 +27,9 @@ VAE 512-1024 / 16, 16k-token rows with 10240 gen slots, 6144 ViT slots, 6 VAE im
    (``grain.num_workers=0``), plus CPU-seconds per row (this process + its Grain workers).
 3. **scaling** with ``grain.num_workers`` in ``--workers`` (default 0, 1, 2; this machine has 2
    cores, shared with other jobs: the load average is recorded with every number).
-4. **demand**: rows/s the trainer consumes per host. From an AOT plan report with a compiler step
-   time (``--plan``, default docs/tpu_plan.json when present) or else the stated assumption:
+4. **demand**: rows/s the trainer consumes per host. From the AOT plan reports that fit, at both
+   ends of their roofline bracket (``--plan``, default docs/tpu_plan.json when present), or else
+   the stated assumption:
    step time = model FLOPs of a fully packed 16k row (``train.metrics.step_flops`` on
    ``aot.nominal_batch``, BAGEL-7B-MoT) / (peak x MFU), MFU 30 % and 45 % (MaxText's Llama3.1-8B on
    v6e reaches ~45 %; ../shared/reference/jax_ecosystem.md 1.6), 4 chips per host (v5p-64 /
@@ -290,22 +291,33 @@ def flops_per_row() -> float:
 
 
 def plan_demand(paths: list[str], tokens_per_row: int) -> list[dict]:
-    """rows/s per host from AOT reports that carry a compiler step time at this row length."""
+    """rows/s per host from AOT reports at this row length that fit and carry a roofline bracket
+    with probes (``roofline`` with an HBM term: both ends, low = fastest), or else a verified
+    compiler step time. Decoded (unverified) compiler times are not used."""
     out = []
+
+    def times(x):
+        rl, est = x.get("roofline"), x.get("estimate")
+        if isinstance(rl, dict) and rl.get("hbm_s") is not None:
+            return [("roofline low", rl["low_s"]), ("roofline high", rl["high_s"])]
+        if isinstance(est, dict) and est.get("step_time_s") and est.get("verified"):
+            return [("compiler", est["step_time_s"])]
+        return []
 
     def walk(x, name):
         if isinstance(x, dict):
-            est, topo, c = x.get("estimate"), x.get("topology"), x.get("config")
-            if isinstance(est, dict) and est.get("step_time_s") and isinstance(topo, dict) and isinstance(c, dict):
-                if c.get("tokens_per_row") == tokens_per_row:
+            topo, c = x.get("topology"), x.get("config")
+            if isinstance(topo, dict) and isinstance(c, dict) and "fits" in x:
+                if c.get("tokens_per_row") == tokens_per_row and x["fits"]:
                     rows_host = c["rows_per_batch"] / topo["hosts"]
-                    out.append({"source": name, "topology": topo.get("name"), "step_time_s": est["step_time_s"],
-                                "mfu": est.get("mfu"), "chips_per_host": topo["chips"] / topo["hosts"],
-                                "rows_per_step_per_host": rows_host,
-                                "rows_per_s_per_host": rows_host / est["step_time_s"]})
+                    for basis, t in times(x):
+                        out.append({"source": name, "basis": basis, "topology": topo.get("name"), "step_time_s": t,
+                                    "chips_per_host": topo["chips"] / topo["hosts"],
+                                    "rows_per_step_per_host": rows_host, "rows_per_s_per_host": rows_host / t})
                 return
             for k, v in x.items():
-                walk(v, f"{name}:{k}")
+                if k != "before_vae_change":      # docs/tpu_plan.json's archive of superseded reports
+                    walk(v, f"{name}:{k}")
         elif isinstance(x, list):
             for i, v in enumerate(x):
                 walk(v, f"{name}[{i}]")
@@ -417,13 +429,13 @@ def main(argv=None) -> int:
     cpu_row_sa1b = max(r["cpu_s_per_row"] for r in with_workers) if with_workers else best["0"]["cpu_s_per_row"]
     overhead = cpu_row_sa1b / min(r["cpu_s_per_row"] for r in scaling.get("0", with_workers))
     cpu_row_pairs = pipe["mix_pairs_2to1"]["cpu_s_per_row"] * overhead if "mix_pairs_2to1" in pipe else None
-    demand_rows = [(x["source"], x["rows_per_s_per_host"]) for x in plan] or \
+    demand_rows = [(f"{x['source']} ({x['basis']})", x["rows_per_s_per_host"]) for x in plan] or \
                   [(f"{x['chip']} MFU {x['mfu']:.0%}", x["rows_per_s_per_host"]) for x in assumed]
     spr = best["0"]["samples_per_row"] if "0" in best else next(iter(best.values()))["samples_per_row"]
     top = max(r["rows_per_s"] for r in best.values())
     res["demand"] = {
         "flops_per_row": fpr,
-        "basis": ("AOT plan step time" if plan else
+        "basis": ("AOT plan step time (roofline bracket, or a verified compiler time)" if plan else
                   "assumption: step time = model FLOPs of a fully packed 16k row / (peak x MFU), 4 chips per "
                   "host; VAE encode not counted (upper bound on demand)"),
         "plan": plan, "assumed": assumed,

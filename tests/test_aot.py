@@ -177,7 +177,7 @@ def test_cost_probes_extrapolate_exactly():
 
 
 def test_loop_sentinels_and_probe_combination():
-    """optimal_seconds is -1 per while loop + the rest; the combination is affine in depth."""
+    """The (unverified) -k + t reading of a negative optimal_seconds; the combination is affine in depth."""
     assert aot.loop_free_seconds(-1.9005, 57) == pytest.approx(0.0995)   # k = 2 whatever the loop count
     assert aot.loop_free_seconds(-1.9005) == pytest.approx(0.0995)     # loops unknown: ceil(-raw)
     assert aot.loop_free_seconds(0.25, 0) == 0.25 and aot.loop_free_seconds(None) is None
@@ -188,7 +188,7 @@ def test_loop_sentinels_and_probe_combination():
                              llm_n=28, vit_n=26, accum=4)
     assert out["per_chip"]["flops"] == pytest.approx(4 * (10 + 27 * 3 + 25 * 1 - 1) + 5)
     assert out["per_chip"]["optimal_seconds"] == pytest.approx(4 * (0.1 + 27 * 0.1 + 25 * 0.05 - 0.01) + 0.5)
-    assert "lower bound" in out["note"]
+    assert "not bounds" in out["note"]
     per_micro = aot.combine_probes(probes, {"flops": 1.0}, {"flops": 5.0}, llm_n=28, vit_n=26, accum=4,
                                    vae_per_micro_batch=True)    # the VAE encode runs once per micro-batch
     assert per_micro["per_chip"]["flops"] == pytest.approx(4 * (10 + 27 * 3 + 25 * 1 - 1 + 5))
@@ -198,6 +198,35 @@ def test_loop_sentinels_and_probe_combination():
     e = aot.reestimate(report)["estimate"]
     assert e["step_time_s"] == pytest.approx(out["per_chip"]["optimal_seconds"])
     assert e["mfu"] == pytest.approx(1e15 / (e["step_time_s"] * 32 * 459e12))
+    assert e["verified"] is False and "unverified" in e["source"]     # decoded from negative raw values
+
+
+def test_flash_kernel_cost_and_roofline_bracket():
+    """The flash kernels' CostEstimate as the compiler counts it (full grid; forward twice under
+    remat full, once when "context" is saved) and the roofline's compute bracket (no compile)."""
+    def report(policy, impl="flash"):
+        return {"config": {"attention_impl": impl, "llm_remat_policy": policy, "tokens_per_row": 1024,
+                           "rows_per_chip_per_micro_batch": 1, "llm_num_heads": 4, "llm_head_dim": 64,
+                           "grad_accum": 2, "llm_layers": 3, "mesh": {"data": 1, "fsdp": 4, "tensor": 1}},
+                "topology": {"family": "v5p", "chips": 4, "peak_tflops_per_chip": 459.0},
+                "state_per_chip_gib": {"params": 1.0},
+                "flops": {"model_flops_per_step": 4e15, "model_flops_per_chip": 1e15,
+                          "compiler_flops_per_chip": 1.2e15},
+                "costs": {"per_chip": {"bytes_accessed": 2765e9}, "per_llm_layer": {"flops": 1e12}}}
+    full = aot.flash_kernel_cost(report("full"))
+    per_layer = 2.0 * (2 * 2 + 3 + 4) * 4 * 1024 * 1024 * 64
+    assert full["per_layer_flops"] == per_layer and full["flops_per_chip"] == 2 * 3 * per_layer
+    assert full["share_of_compiler_flops"] == pytest.approx(2 * 3 * per_layer / 1.2e15)
+    assert full["share_of_compiler_per_llm_layer"] == pytest.approx(per_layer / 1e12)
+    assert aot.flash_kernel_cost(report("minimal"))["passes"] == 2 + 3 + 4      # "context" saved
+    assert aot.flash_kernel_cost(report("none"))["passes"] == 2 + 3 + 4
+    assert aot.flash_kernel_cost(report("full", "dense")) is None
+    rl = aot.roofline(report("full"))
+    assert rl["compute_s"] == pytest.approx(1.2e15 / 459e12)
+    assert rl["compute_model_s"] == pytest.approx(1e15 * 4 / 3 / 459e12)
+    assert rl["hbm_s"] == pytest.approx(1.0)
+    assert rl["low_s"] == pytest.approx(max(min(rl["compute_s"], rl["compute_model_s"]), rl["hbm_s"], rl["ici_s"]))
+    assert rl["high_s"] == pytest.approx(max(rl["compute_s"], rl["compute_model_s"]) + rl["hbm_s"] + rl["ici_s"])
 
 
 # ---- attention "auto" and the presets as shipped ---------------------------------------------

@@ -14,16 +14,20 @@ abstract inputs and compiled by the TPU compiler. The report (printed, and JSON 
   by part (params, optimizer state, EMA, frozen, VAE, batch);
 * FLOPs per step: the compiler's count and the model FLOPs as the trainer counts them
   (``train.metrics.step_flops``, on a fully packed nominal batch);
-* the compiler's step-time estimate (``optimal_seconds``) and the MFU it implies;
+* a roofline step-time bracket (compute at peak from the compiler's and the model's FLOP counts,
+  HBM bytes at bandwidth, FSDP collectives at ICI bandwidth) and the MFU it implies, the flash
+  kernels' share of the compiler's FLOPs, and beside them the compiler's own ``optimal_seconds``
+  (marked unverified when decoded from the negative values it returns for the probes);
 * HBM exhaustion: the compiler's own RESOURCE_EXHAUSTED error is caught and parsed, and the
   report names the knob to turn (remat policy, mesh, tokens per row, grad accumulation, ...).
 
 XLA's cost analysis counts the body of a ``while`` loop once: the scanned decoder / ViT layers,
 the chunked CE and the gradient-accumulation loop would be under-counted. FLOPs and time are
-therefore measured on cost probes -- the same step with unrolled layers, unchunked CE and one
+therefore taken from cost probes -- the same step with unrolled layers, unchunked CE and one
 micro-batch at 1 and 2 decoder / ViT layers -- and extrapolated linearly to the real depth
-(exact: the unrolled cost is affine in the layer count). Memory always comes from the real,
-scanned program.
+(exact for an unrolled program; the probes still hold loops the partitioner creates, whose
+bodies also count once: docs/tpu_plan.md). Memory always comes from the real, scanned program.
+Nothing here is measured on a TPU.
 
 Topologies: ``v4-N``, ``v5p-N`` (N = TensorCores, 2 per chip), ``v5e-N`` / ``v5litepod-N`` and
 ``v6e-N`` (N = chips); ``KxNAME`` for K slices over DCN (e.g. ``2xv5p-64``). On several slices
@@ -41,7 +45,8 @@ from __future__ import annotations
 from sgt_jax.aot.advice import advise, attention_scores_gib, vae_attention_gib
 from sgt_jax.aot.compile import (GiB, abstract_batch, component_memory, loop_free_seconds, parse_oom,
                                  vae_encode_phase)
-from sgt_jax.aot.costs import combine_probes, cost_probe, estimate, nominal_batch, reestimate
+from sgt_jax.aot.costs import (combine_probes, cost_probe, estimate, flash_kernel_cost, nominal_batch, reestimate,
+                               roofline)
 from sgt_jax.aot.report import analyse, format_report, table
 from sgt_jax.aot.topology import (FAMILIES, AotError, Topology, libtpu_available, make_topology_mesh,
                                   parse_topology, resolve_mesh_spec, topology_devices)
@@ -49,6 +54,7 @@ from sgt_jax.train.executable import LoadedStep, load_compiled, save_compiled
 
 __all__ = ["FAMILIES", "GiB", "AotError", "LoadedStep", "Topology", "abstract_batch", "advise", "analyse",
            "attention_scores_gib", "combine_probes", "component_memory", "cost_probe", "estimate",
-           "format_report", "libtpu_available", "load_compiled", "loop_free_seconds", "make_topology_mesh",
-           "nominal_batch", "parse_oom", "parse_topology", "reestimate", "resolve_mesh_spec", "save_compiled",
+           "flash_kernel_cost", "format_report", "libtpu_available", "load_compiled", "loop_free_seconds", "make_topology_mesh",
+           "nominal_batch", "parse_oom", "parse_topology", "reestimate", "resolve_mesh_spec", "roofline",
+           "save_compiled",
            "table", "topology_devices", "vae_attention_gib", "vae_encode_phase"]

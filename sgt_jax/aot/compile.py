@@ -73,12 +73,13 @@ def _costs(compiled) -> dict:
 
 
 def loop_free_seconds(raw: float | None, loops: int | None = None) -> float | None:
-    """The compiler's ``optimal_seconds`` without its while-loop sentinel. For a program with
-    while loops (scanned layers; loops the SPMD partitioner or a kernel's metadata code creates)
-    the compiler returns a negative value, -k + t: a small integer k (2 in every program measured
-    here, whatever the number of loops) and t the estimate of the rest, the loops' own time
-    unknown. t = raw + ceil(-raw), valid while t < 1 s -- true for the 1-2 layer probes (0.1-0.3 s).
-    ``loops`` (the count of while ops) is informational. None when the value cannot be read."""
+    """The compiler's ``optimal_seconds`` read as -k + t for a negative value: t = raw + ceil(-raw).
+    UNVERIFIED. The 1-2 layer v5p probes return -2 + 0.1..0.3; but libtpu's cost model is not
+    public, tiny programs with while loops, Pallas calls, collectives, sorts, conds or RNG all
+    return positive values (bench/cost_sentinel.py), and the v6e probes return -81, -86, -91
+    (growing with the layers), where this reading gives nonsense. Reports mark estimates decoded
+    this way as unverified. ``loops`` (the count of while ops) is informational. None when the
+    value cannot be read."""
     del loops
     if raw is None:
         return None

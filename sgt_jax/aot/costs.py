@@ -99,38 +99,87 @@ def combine_probes(probes: dict, small_vae: dict, vae: dict, llm_n: int, vit_n: 
             "small_vae_encode": small_vae, "probes": probes,
             "probe_while_loops": loops,
             "note": ("the probes hold while loops (their count grows with the layers, so they sit inside the "
-                     "layers and do not cancel in the per-layer differences): XLA's cost analysis counts a while "
-                     "body once and the compiler does not estimate its time, so FLOPs and step time are lower bounds"
+                     "layers and do not cancel in the per-layer differences): the cost analysis counts a while "
+                     "body once (bench/cost_sentinel.py), so the work inside them is undercounted, while the flash "
+                     "kernels are counted at their full grid (overcounted): FLOPs and time are not bounds either way"
                      if has_loops else "")}
 
 # the packer's padding at the recipe's 16k row spec (bench/results/packing.json: sgt.results.ours.padding)
 PADDING = 0.189
 
 
+# the flash kernel's live (not skipped) fraction of the 512 x 512 blocks at the recipe's 16k rows
+# (bench/results/attention_blocks.json: skip.lengths.16384.mean.512x512.skip = 0.744)
+FLASH_LIVE_FRACTION = 1 - 0.744
+# the model count's layers recomputed under remat: forward + re-forward + backward (2x) over
+# forward + backward; 1 for "none". An upper bound for the policies that save some activations.
+REMAT_FACTOR = 4 / 3
+
+
+def flash_kernel_cost(report: dict) -> dict | None:
+    """The Pallas flash kernels' ``pl.CostEstimate`` per chip and step as the TPU compiler counts
+    it: every grid step of the longest bucket (the ``lax.switch`` over buckets counts its largest
+    branch; bench/cost_sentinel.py), forward (twice when remat recomputes it: every policy that
+    does not save "context"), dq and dk/dv (models/flash_attention.py ``_cost``: 2, 3 and 4
+    matmul passes of 2 * heads * L_q * L_kv * head_dim). ``live`` scales it by the blocks that do
+    work at the recipe's rows. None for a report without flash attention or without the head
+    shape (``config.llm_num_heads`` / ``llm_head_dim``)."""
+    c, t = report["config"], report["topology"]
+    if not str(c.get("attention_impl", "")).startswith("flash") or "llm_num_heads" not in c:
+        return None
+    from sgt_jax.models.config import REMAT_SAVED_NAMES
+
+    policy = c["llm_remat_policy"]
+    refwd = policy != "none" and "context" not in REMAT_SAVED_NAMES.get(policy, ())
+    passes = 2 * (2 if refwd else 1) + 3 + 4
+    lp, b = c["tokens_per_row"], c["rows_per_chip_per_micro_batch"]
+    per_layer = 2.0 * passes * b * c["llm_num_heads"] * lp * lp * c["llm_head_dim"]
+    total = c["grad_accum"] * c["llm_layers"] * per_layer
+    out = {"flops_per_chip": total, "per_layer_flops": per_layer, "passes": passes,
+           "seconds_at_peak": total / (t["peak_tflops_per_chip"] * 1e12),
+           "live_fraction": FLASH_LIVE_FRACTION, "flops_per_chip_live": total * FLASH_LIVE_FRACTION,
+           "basis": "the kernels' pl.CostEstimate over every grid step of the longest bucket (what the "
+                    "compiler adds to its counts); 'live' scales it by the blocks not skipped at 16k rows"}
+    f = report.get("flops") or {}
+    pll = ((report.get("costs") or {}).get("per_llm_layer") or {}).get("flops")
+    if f.get("compiler_flops_per_chip"):
+        out["share_of_compiler_flops"] = total / f["compiler_flops_per_chip"]
+    if pll:
+        out["share_of_compiler_per_llm_layer"] = per_layer / pll
+    return out
+
+
 def roofline(report: dict) -> dict:
     """An estimate independent of the compiler's time, per chip and phase: matmul FLOPs at the
     chip's peak, HBM bytes (the probes' bytes accessed) at its bandwidth, and the FSDP collectives
     (parameter all-gathers in forward, remat forward and backward, gradient reduce-scatter, per
-    micro-batch; fp32 parameters as stored) at the chip's ICI bandwidth. ``low`` assumes perfect
-    overlap (the slowest phase), ``high`` none (the sum). Phases unknown are None; None for a
+    micro-batch; fp32 parameters as stored) at the chip's ICI bandwidth. Compute is bracketed by
+    two FLOP counts: the compiler's (``compute_s``; loop bodies once, the flash kernels at their
+    full grid) and the model count with the remat recompute (``compute_model_s``; the trainer's
+    count x ``REMAT_FACTOR``). ``low`` = the slowest phase at the smaller compute (perfect
+    overlap), ``high`` = the sum at the larger (no overlap). Phases unknown are None; None for a
     report without the chip family, mesh or state sizes."""
     t, f, c = report["topology"], report["flops"], report["config"]
     if "family" not in t or "mesh" not in c or "state_per_chip_gib" not in report:
         return None
     spec = CHIPS[t["family"]]
-    flops = (f.get("compiler_flops_per_chip") or f["model_flops_per_chip"])
+    peak = t["peak_tflops_per_chip"] * 1e12
     pc = (report.get("costs") or {}).get("per_chip") or {}
-    compute = flops / (t["peak_tflops_per_chip"] * 1e12)
+    compute = f["compiler_flops_per_chip"] / peak if f.get("compiler_flops_per_chip") else None
+    remat = 1.0 if c["llm_remat_policy"] == "none" else REMAT_FACTOR
+    compute_model = f["model_flops_per_chip"] * remat / peak
     hbm = pc["bytes_accessed"] / (spec["hbm_gbps"] * 1e9) if pc.get("bytes_accessed") else None
     n = c["mesh"]["fsdp"]
     params = report["state_per_chip_gib"]["params"] * (1 << 30) * n      # bytes of the sharded parameters
     gathers = 3 if c["llm_remat_policy"] != "none" else 2
     ici_bytes = c["grad_accum"] * (gathers + 1) * params * (n - 1) / n
     ici = ici_bytes / (spec["ici_gbps"] * 1e9) if spec["ici_gbps"] and n > 1 else None
-    known = [x for x in (compute, hbm, ici) if x is not None]
-    return {"compute_s": compute, "hbm_s": hbm, "ici_s": ici, "low_s": max(known), "high_s": sum(known),
-            "flops_basis": "compiler" if f.get("compiler_flops_per_chip") else "model",
-            "ici_bytes_per_chip": ici_bytes}
+    computes = [x for x in (compute, compute_model) if x is not None]
+    rest = [x for x in (hbm, ici) if x is not None]
+    return {"compute_s": compute, "compute_model_s": compute_model, "hbm_s": hbm, "ici_s": ici,
+            "low_s": max([min(computes)] + rest), "high_s": max(computes) + sum(rest),
+            "flops_basis": "compiler and model x remat" if compute is not None else "model x remat",
+            "remat_factor": remat, "ici_bytes_per_chip": ici_bytes}
 
 
 def estimate(report: dict) -> dict | None:
@@ -142,8 +191,14 @@ def estimate(report: dict) -> dict | None:
         return None
     t, f = report["topology"], report["flops"]
     chips, peak = t["chips"], t["peak_tflops_per_chip"] * 1e12
+    raw = [p.get("optimal_seconds_raw") for p in (c.get("probes") or {}).values()]
+    verified = bool(raw) and all(r is not None and r >= 0 for r in raw)
     return {"step_time_s": est, "source": "compiler cost analysis optimal_seconds of unrolled probes, "
-                                          "extrapolated over layers" + ("; " + c["note"] if c.get("note") else ""),
+                                          "extrapolated over layers" + ("; " + c["note"] if c.get("note") else "")
+                                          + ("" if verified else "; unverified: the probes' raw values are "
+                                             "negative (decoded by aot.compile.loop_free_seconds) or were not "
+                                             "recorded"),
+            "verified": verified,
             "mfu": f["model_flops_per_step"] / (est * chips * peak),
             "mfu_real_tokens": (1 - f.get("padding", PADDING)) * f["model_flops_per_step"] / (est * chips * peak),
             "model_tflops_per_chip": f["model_flops_per_chip"] / est / 1e12,
@@ -164,4 +219,5 @@ def reestimate(report: dict) -> dict:
         f["compiler_over_model"] = c["per_chip"]["flops"] / f["model_flops_per_chip"]
     report["estimate"] = estimate(report)
     report["roofline"] = roofline(report)
+    report["flash_kernel"] = flash_kernel_cost(report)
     return report

@@ -11,7 +11,7 @@ from sgt_jax.aot.advice import advise
 from sgt_jax.aot.compile import (GiB, _bytes_per_device, _compile, _memory, _setup,
                                  _with_shardings, abstract_batch, component_memory, parse_oom)
 from sgt_jax.aot.compile import _costs
-from sgt_jax.aot.costs import PADDING, cost_probe, estimate, nominal_batch, roofline
+from sgt_jax.aot.costs import PADDING, cost_probe, estimate, flash_kernel_cost, nominal_batch, roofline
 from sgt_jax.aot.topology import AotError, Topology, make_topology_mesh, parse_topology, topology_devices
 from sgt_jax.train.executable import save_compiled, step_fingerprint, version as _version
 
@@ -51,6 +51,7 @@ def analyse(cfg, topology: str | Topology, *, costs: bool = True, components: bo
             "vit_patches_per_row": int(d.vit_patches_per_row), "vae_images_per_row": int(d.vae_images_per_row),
             "vae_image_size": d.vae_image_size, "grad_accum": accum,
             "llm_layers": int(m.llm.num_layers), "vit_layers": int(m.vit.num_layers),
+            "llm_num_heads": int(m.llm.num_heads), "llm_head_dim": int(m.llm.hidden_size // m.llm.num_heads),
             "llm_remat_policy": m.llm.remat_policy, "vit_remat_policy": m.vit.remat_policy,
             "attention_impl": _attention(m, devices[0].platform), "ce_chunk_size": int(m.llm.ce_chunk_size),
             "compute_dtype": m.compute_dtype, "param_dtype": "float32",   # the master weights, always
@@ -120,6 +121,7 @@ def analyse(cfg, topology: str | Topology, *, costs: bool = True, components: bo
         report["flops"]["compiler_over_model"] = pc["flops"] / report["flops"]["model_flops_per_chip"]
     report["estimate"] = estimate(report)
     report["roofline"] = roofline(report)
+    report["flash_kernel"] = flash_kernel_cost(report)
     report["advice"] = advise(cfg, report)
     report["knob"] = report["advice"][0]["knob"] if report["advice"] else None
     if serialize and compiled is not None:
@@ -165,14 +167,23 @@ def format_report(r: dict) -> str:
                      f"({f['compiler_over_model']:.2f} x the model count)")
     e = r.get("estimate")
     if e:
-        lines.append(f"   compiler-estimated step {e['step_time_s']:.3f} s -> MFU {100 * e['mfu']:.1f}% "
+        how = "" if e.get("verified") else " (decoded optimal_seconds, unverified)"
+        lines.append(f"   compiler-estimated step{how} {e['step_time_s']:.3f} s -> "
+                     f"MFU {100 * e['mfu']:.1f}% "
                      f"({100 * e.get('mfu_real_tokens', float('nan')):.1f}% on real tokens), "
                      f"{e['model_tflops_per_chip']:.0f} model TFLOP/s/chip, {e['tokens_per_s_per_chip']:.0f} tok/s/chip")
     rl = r.get("roofline")
     if rl:
         fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
-        lines.append(f"   roofline step {rl['low_s']:.2f}-{rl['high_s']:.2f} s (compute {fmt(rl['compute_s'])}, HBM "
-                     f"{fmt(rl['hbm_s'])}, ICI {fmt(rl['ici_s'])} s; {rl['flops_basis']} FLOPs)")
+        lines.append(f"   roofline step {rl['low_s']:.2f}-{rl['high_s']:.2f} s (compute {fmt(rl.get('compute_s'))} compiler / "
+                     f"{fmt(rl.get('compute_model_s'))} model x remat, HBM {fmt(rl['hbm_s'])}, ICI {fmt(rl['ici_s'])} s)")
+    fk = r.get("flash_kernel")
+    if fk:
+        share = (f", {100 * fk['share_of_compiler_flops']:.0f}% of the compiler's FLOPs"
+                 if fk.get("share_of_compiler_flops") else "")
+        lines.append(f"   flash kernels (their CostEstimate, every grid step): {fk['flops_per_chip']:.4g} FLOPs/chip"
+                     f"{share}, {fk['seconds_at_peak']:.2f} s at peak; {100 * fk['live_fraction']:.1f}% of the "
+                     f"blocks do work at 16k rows")
     if r.get("costs") and "error" in r["costs"]:
         lines.append(f"   cost probes failed: {r['costs']['error']}")
     comp = r.get("components_per_chip") or {}
@@ -188,28 +199,72 @@ def format_report(r: dict) -> str:
         lines.append(f"   -> {a['knob']}: {a['why']}")
     return "\n".join(lines)
 
-def table(paths) -> str:
-    """A markdown table (one row per JSON report) for docs/tpu_plan.md."""
+def _items(reports):
+    """(name, report) pairs from JSON paths (the name is the file's stem) or from pairs."""
+    for x in reports:
+        if isinstance(x, (str, os.PathLike)):
+            with open(x) as f:
+                yield os.path.splitext(os.path.basename(x))[0], json.load(f)
+        else:
+            yield x
+
+
+def _fits(r) -> str:
+    m = r.get("memory_per_chip")
+    if not m:
+        return "no"
+    free = (1 - r.get("hbm_headroom", HBM_HEADROOM)) * m["hbm_gib"] - m["total_gib"]
+    return f"yes ({free:.1f} free)" if r["fits"] else f"no ({-free:.1f} over)"
+
+
+def table(reports) -> str:
+    """The Results table of docs/tpu_plan.md: one row per report (JSON paths or (name, report)
+    pairs). "fits": the total below HBM minus the report's headroom, GiB to spare in brackets."""
     head = ("| run | topology | mesh d/f/t | rows x tokens | rows/chip (micro) | remat llm/vit | attention | args GiB | "
-            "temp GiB | total GiB | "
-            "HBM | fits | compiler step s | MFU | knob |")
+            "temp GiB | total GiB | HBM | fits (GiB below HBM - 5 %) | knob |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for p in paths:
-        with open(p) as f:
-            r = json.load(f)
+    for name, r in _items(reports):
         c, t, m = r["config"], r["topology"], r.get("memory_per_chip")
         mesh = "/".join(str(c["mesh"][a]) for a in ("data", "fsdp", "tensor"))
         if m:
             mem = f"{m['argument_gib']:.1f} | {m['temp_gib']:.1f} | {m['total_gib']:.1f}"
         else:
             o = r["oom"] or {}
-            mem = f"- | needs {o.get('required_gib', float('nan')):.1f} | - "
-        e = r.get("estimate") or {}
-        step = f"{e['step_time_s']:.2f}" if e else "-"
-        mfu = f"{100 * e['mfu']:.1f}%" if e else "-"
-        name = os.path.splitext(os.path.basename(p))[0]
+            mem = f"- | needs {o.get('required_gib', float('nan')):.1f} | -"
         lines.append(f"| {name} | {t['name']} | {mesh} | {c['rows_per_batch']} x {c['tokens_per_row']} | "
                      f"{c['rows_per_chip']:g} ({c['rows_per_chip_per_micro_batch']:g}) | "
-                     f"{c['llm_remat_policy']}/{c['vit_remat_policy']} | {c['attention_impl']} | {mem} | {t['hbm_per_chip_gib']:.0f} | "
-                     f"{'yes' if r['fits'] else 'no'} | {step} | {mfu} | {r.get('knob') or ''} |")
+                     f"{c['llm_remat_policy']}/{c['vit_remat_policy']} | {c['attention_impl']} | {mem} | "
+                     f"{t['hbm_per_chip_gib']:.0f} | {_fits(r)} | {r.get('knob') or ''} |")
+    return "\n".join(lines)
+
+
+def bracket_table(reports) -> str:
+    """Step time and MFU of the reports that fit: the roofline bracket (``costs.roofline``), the
+    compiler's decoded figure beside it, and the flash kernels' share of the compiler's FLOPs."""
+    head = ("| run | roofline low-high s | compute s: compiler / model x remat | HBM s | ICI s | "
+            "MFU at high-low | on real tokens | compiler step s (decoded, unverified) | flash kernel FLOPs "
+            "(share of compiler's) |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    fmt = lambda x, d=2: "-" if x is None else f"{x:.{d}f}"  # noqa: E731
+    for name, r in _items(reports):
+        rl = r.get("roofline")
+        if not r.get("fits") or not rl:
+            continue
+        t, f = r["topology"], r["flops"]
+        mfu = lambda s, f=f, t=t: f["model_flops_per_step"] / (s * t["chips"] * t["peak_tflops_per_chip"] * 1e12)  # noqa: E731
+        pad = 1 - f.get("padding", PADDING)
+        e = r.get("estimate")
+        fk = r.get("flash_kernel")
+        kern = "-" if not fk else (f"{fk['flops_per_chip'] / 1e12:.0f} T" + (
+            f" ({100 * fk['share_of_compiler_flops']:.0f} %)" if fk.get("share_of_compiler_flops") else ""))
+        if rl["hbm_s"] is None:    # no probes: compute at peak + ICI only, a lower bound on the time
+            span, m_all, m_real = (f">= {rl['low_s']:.2f}", f"<= {100 * mfu(rl['low_s']):.0f} %",
+                                   f"<= {100 * pad * mfu(rl['low_s']):.0f} %")
+        else:
+            span = f"{rl['low_s']:.2f}-{rl['high_s']:.2f}"
+            m_all = f"{100 * mfu(rl['high_s']):.0f}-{100 * mfu(rl['low_s']):.0f} %"
+            m_real = f"{100 * pad * mfu(rl['high_s']):.0f}-{100 * pad * mfu(rl['low_s']):.0f} %"
+        lines.append(f"| {name} | {span} | {fmt(rl.get('compute_s'))} / {fmt(rl.get('compute_model_s'))} | "
+                     f"{'no probes' if rl['hbm_s'] is None else fmt(rl['hbm_s'])} | {fmt(rl['ici_s'])} | {m_all} | "
+                     f"{m_real} | {fmt(e['step_time_s']) if e else '-'} | {kern} |")
     return "\n".join(lines)
