@@ -343,9 +343,21 @@ def _params(st: _Static, n_parallel: int = 3):
 
 def _cost(st: _Static, b: int, lp: int, other: int, nh: int, passes: int, nbytes: int):
     """Cost if every grid step did work: ``lp`` rows x ``other`` = steps x block columns. An upper
-    bound -- skipped steps do none; XLA cannot see inside the kernel."""
+    bound -- skipped steps do none; XLA cannot see inside the kernel. ``nbytes``: from
+    ``_grid_bytes``."""
     return pl.CostEstimate(flops=int(2 * passes * b * nh * lp * other * st.hd),
                            transcendentals=int(b * nh * lp * other), bytes_accessed=int(nbytes))
+
+
+def _grid_bytes(grid, streamed, resident) -> int:
+    """HBM bytes of a call: the blocks that change with the last (live-block list) grid axis are
+    fetched at every one of the grid's steps (``streamed``: their bytes per step); the others
+    once per (row, kv head) block (``resident``: the whole arrays read or written, once)."""
+    return int(math.prod(grid) * sum(streamed) + sum(resident))
+
+
+def _nbytes(*xs) -> list:
+    return [x.size * x.dtype.itemsize for x in xs]
 
 
 def _fwd_call(st: _Static, q3, k3, v3, tcol, trow, meta):
@@ -353,7 +365,9 @@ def _fwd_call(st: _Static, q3, k3, v3, tcol, trow, meta):
     g, hd, nkv, bq, bkv = st.g, st.hd, st.nkv, st.bq, st.bkv
     kv_blk = lambda bb, h, i, t, m: (bb, m[bb, i, t] >> 2, h)  # noqa: E731
     grid = (b, nkv, lp // bq, meta.shape[-1])
-    nbytes = sum(x.size * x.dtype.itemsize for x in (q3, k3, v3)) * 2
+    it = k3.dtype.itemsize
+    nbytes = _grid_bytes(grid, [2 * bkv * hd * it],                    # a K and a V block per step
+                         _nbytes(q3, q3) + [b * nkv * g * lp * 4])     # q in, o out, lse out
     return pl.pallas_call(
         functools.partial(_fwd_kernel, st=st),
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -380,11 +394,13 @@ def _dq_call(st: _Static, q3, k3, v3, do3, lse, di, tcol, trow, meta):
     kv_blk = lambda bb, h, i, t, m: (bb, m[bb, i, t] >> 2, h)  # noqa: E731
     q_blk = lambda bb, h, i, t, m: (bb, i, h)  # noqa: E731
     row_blk = lambda bb, h, i, t, m: (bb, h, 0, i)  # noqa: E731
-    nbytes = sum(x.size * x.dtype.itemsize for x in (q3, k3, v3, do3)) * 2
+    grid = (b, nkv, lp // bq, meta.shape[-1])
+    nbytes = _grid_bytes(grid, [2 * bkv * hd * k3.dtype.itemsize],     # a K and a V block per step
+                         _nbytes(q3, do3, q3, lse, di))               # q, do, lse, di in; dq out
     return pl.pallas_call(
         functools.partial(_dq_kernel, st=st),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=1, grid=(b, nkv, lp // bq, meta.shape[-1]),
+            num_scalar_prefetch=1, grid=grid,
             in_specs=[pl.BlockSpec((None, bq, _NF), lambda bb, h, i, t, m: (bb, i, 0)),
                       pl.BlockSpec((None, _NF, bkv), lambda bb, h, i, t, m: (bb, 0, m[bb, i, t] >> 2)),
                       pl.BlockSpec((None, bq, g * hd), q_blk),
@@ -407,11 +423,14 @@ def _dkv_call(st: _Static, q3, k3, v3, do3, lse, di, tcol, trow, meta):
     q_blk = lambda bb, h, j, t, m: (bb, m[bb, j, t] >> 2, h)  # noqa: E731
     kv_blk = lambda bb, h, j, t, m: (bb, j, h)  # noqa: E731
     row_blk = lambda bb, h, j, t, m: (bb, h, 0, m[bb, j, t] >> 2)  # noqa: E731
-    nbytes = sum(x.size * x.dtype.itemsize for x in (q3, k3, v3, do3)) * 2
+    grid = (b, nkv, lp // bkv, meta.shape[-1])
+    it = q3.dtype.itemsize
+    nbytes = _grid_bytes(grid, [2 * bq * g * hd * it, 2 * g * bq * 4],  # q, do blocks; lse, di rows
+                         _nbytes(k3, v3, k3, v3))                      # k, v in; dk, dv out
     return pl.pallas_call(
         functools.partial(_dkv_kernel, st=st),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=1, grid=(b, nkv, lp // bkv, meta.shape[-1]),
+            num_scalar_prefetch=1, grid=grid,
             in_specs=[pl.BlockSpec((None, bkv, _NF), lambda bb, h, j, t, m: (bb, j, 0)),
                       pl.BlockSpec((None, _NF, bq), lambda bb, h, j, t, m: (bb, 0, m[bb, j, t] >> 2)),
                       pl.BlockSpec((None, bq, g * hd), q_blk),
