@@ -230,3 +230,31 @@ def test_sharded_engine_equals_single_device(tiny):
         outs.append((np.asarray(txt["logits"]), np.asarray(lat)))
     np.testing.assert_allclose(outs[0][0], outs[1][0], atol=TOL)
     np.testing.assert_allclose(outs[0][1], outs[1][1], atol=TOL)
+
+
+def test_unrolled_layers_and_abstract_engine(tiny):
+    """``llm.scan_layers=False`` (the AOT cost probes of bench/generate_aot.py) unrolls the
+    decoder over the cache and gives the scanned result; ``Engine.abstract`` (weights as shapes)
+    lowers and compiles the same program, with the output shape the real one has."""
+    cfg, model, ae, eng = tiny
+    rng = np.random.default_rng(3)
+    img, q = rand_image(rng, 32, 48), ids(rng, 6)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    vparams = nnx.to_pure_dict(nnx.state(ae, nnx.Param))
+    ucfg = cfg.copy_and_resolve_references()
+    ucfg.llm.scan_layers = False
+    uneng = Engine(ucfg, params, vparams)
+    x = jnp.asarray(rng.standard_normal((1, 6, 16)).astype(np.float32))
+    out = []
+    for e in (eng, uneng):
+        cache = e.prefill(e.new_cache(1, 64), e.pack([[Image(img, vit=False, eps=np.zeros((4, 6, 4), np.float32)),
+                                                      Text(q)]]))
+        out.append(np.asarray(e.velocity(cache, x, 0.4, 2, 3)))
+    np.testing.assert_allclose(out[1], out[0], atol=1e-6, rtol=0)
+    ab = Engine.abstract(cfg, eng.mesh)
+    assert all(isinstance(v, jax.ShapeDtypeStruct) for v in jax.tree.leaves(ab.params))
+    cache = jax.eval_shape(lambda: eng.new_cache(1, 64))
+    lat = jnp.asarray(np.arange(6, dtype=np.int32))
+    lowered = ab._velocity.lower(ab.params, ab.fixed, cache, jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                 jax.ShapeDtypeStruct((), jnp.float32), lat, n_ctx=1)
+    assert lowered.compile().out_info.shape == out[0].shape
