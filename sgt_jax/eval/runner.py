@@ -80,36 +80,35 @@ def _first_turn(record) -> tuple[str, str] | None:
     return human.replace("<image>", "").strip(), gpt
 
 
+def _good_records(src, prefix: str, skipped: collections.Counter):
+    """The records of ``src`` in order; a bad one is counted in ``skipped`` as prefix_reason."""
+    for i in range(len(src) if src is not None else 0):
+        try:
+            yield src[i]
+        except BadRecord as e:
+            skipped[f"{prefix}_{e.reason}"] += 1
+
+
 def read_heldout(seg_src, vqa_src, num_scenes: int, num_questions: int) -> HeldOut:
     """The first ``num_scenes`` seg records and ``num_questions`` single-image VQA records; a bad
     record is skipped and counted by reason."""
     skipped: collections.Counter = collections.Counter()
     seg, vqa = [], []
     bg = tuple(getattr(seg_src, "background", (0, 0, 0))) if seg_src is not None else (0, 0, 0)
-    for i in range(len(seg_src) if seg_src is not None else 0):
-        if len(seg) >= num_scenes:
-            break
-        try:
-            r = seg_src[i]
-        except BadRecord as e:
-            skipped[f"seg_{e.reason}"] += 1
-            continue
+    for r in _good_records(seg_src if num_scenes > 0 else None, "seg", skipped):
         seg.append({"key": r["id"], "image": np.asarray(r["image"], np.uint8),
                     "target": np.asarray(r["target"], np.uint8), "background": bg})
-    for i in range(len(vqa_src) if vqa_src is not None else 0):
-        if len(vqa) >= num_questions:
+        if len(seg) >= num_scenes:           # no record read past the last one used
             break
-        try:
-            r = vqa_src[i]
-        except BadRecord as e:
-            skipped[f"vqa_{e.reason}"] += 1
-            continue
+    for r in _good_records(vqa_src if num_questions > 0 else None, "vqa", skipped):
         qa = _first_turn(r)
         if qa is None or len(r.get("images") or []) != 1:
             skipped["vqa_not_single_image_qa"] += 1
             continue
         vqa.append({"key": r["id"], "image": np.asarray(r["images"][0], np.uint8), "question": qa[0],
                     "answer": qa[1]})
+        if len(vqa) >= num_questions:
+            break
     return HeldOut(seg, vqa, skipped)
 
 
