@@ -2,13 +2,16 @@
 
 A step ``checkpoints/<step>/`` holds three items: ``state`` (the TrainState -- params, optimizer
 state, EMA, step, NaN counters -- plus the frozen parameters and the VAE, so a run resumes
-without its ``init_from``), ``data`` (the data iterator's state, JSON; its own item so it can
-become one file per process) and ``meta`` (the run config). The sin-cos tables are regenerated.
+without its ``init_from``), ``data`` (the data iterators' states: ``data/process_<i>.json``
+written by process ``i`` itself, and ``data/metadata`` with the process count, written by
+process 0; each process restores its own file) and ``meta`` (the run config). The sin-cos
+tables are regenerated.
 
 Orbax writes each step into a temporary directory and renames it only when complete, so a
 process killed during a save leaves the previous checkpoint intact. Damage after that (a
 truncated, deleted or overwritten file) is caught by ``check``, cheaply: the items present,
-the JSON items and Orbax's ``_METADATA`` parseable, every array of ``_METADATA`` in the OCDBT
+the JSON items (every process's data file among them) and Orbax's ``_METADATA`` parseable,
+every array of ``_METADATA`` in the OCDBT
 index, every data file the index points into present, as long as the index says and starting
 with a zstd frame where the array is zstd-compressed. ``restore_latest`` tries the newest step
 first, then older ones, reporting each failure in one line; a damaged step is moved aside to
@@ -70,6 +73,41 @@ class Restored:
     consts: dict           # {"frozen", "vae"} (the fixed tables are regenerated, not stored)
     data: dict             # the data item: {"iterator": ..., "stats": ...}
     meta: dict
+
+
+class DataHandler(ocp.AsyncCheckpointHandler):
+    """The ``data`` item: every process writes its own iterator state, ``process_<i>.json``, and
+    process 0 the process count, ``metadata``; a restore reads the calling process's file."""
+
+    def save(self, directory, args: "DataSave"):
+        i = jax.process_index()
+        (directory / f"process_{i}.json").write_text(json.dumps(args.item))
+        if i == 0:
+            (directory / "metadata").write_text(json.dumps({"process_count": jax.process_count()}))
+
+    async def async_save(self, directory, args: "DataSave"):
+        async def write():
+            self.save(directory, args)
+        # runs once Orbax signals that the step's directories exist (on every process)
+        return [ocp.future.CommitFutureAwaitingContractedSignals(write(), name="sgt_data_save")]
+
+    def restore(self, directory, args: "DataRestore | None" = None) -> dict:
+        own = directory / f"process_{jax.process_index()}.json"
+        if not own.exists():          # a checkpoint from before per-process files: one process
+            return json.loads((directory / "metadata").read_text())
+        return json.loads(own.read_text())
+
+
+@ocp.args.register_with_handler(DataHandler, for_save=True)
+@dataclasses.dataclass
+class DataSave(ocp.args.CheckpointArgs):
+    item: dict
+
+
+@ocp.args.register_with_handler(DataHandler, for_restore=True)
+@dataclasses.dataclass
+class DataRestore(ocp.args.CheckpointArgs):
+    pass
 
 
 def config_json(cfg) -> dict:
@@ -199,7 +237,7 @@ class Checkpointer:
         try:
             saved = self.manager.save(step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(tree),
-                data=ocp.args.JsonSave(data_state),
+                data=DataSave(data_state),
                 meta=ocp.args.JsonSave(meta)), force=force)
         except Exception as e:      # noqa: BLE001 -- a synchronous save (or the previous one) failed
             self._failed = True
@@ -308,7 +346,28 @@ class Checkpointer:
             raise Damaged(f"{self.rel(data)}: no iterator state in it")
         for f in files:
             self._json(fileio.join(data, f))
+        self._check_processes(step, data, files)
         self._check_state(fileio.join(d, "state"))
+
+    def _check_processes(self, step: int, data: str, files: list[str]) -> None:
+        """Every process of this run has its data-iterator state in the step (all processes check
+        all files, so they agree on the verdict); a step written by another process count is
+        refused (the iterators resume only on the same shards), not taken for damage."""
+        head = self._json(fileio.join(data, "metadata"))
+        n = jax.process_count()
+        if "iterator" in head and "process_count" not in head:     # before per-process files
+            if n > 1:
+                raise CheckpointError(f"checkpoint step {step} was written by 1 process, this run has {n}: "
+                                      "the data iterators resume only with the same process count")
+            return
+        if head.get("process_count") != n:
+            raise CheckpointError(f"checkpoint step {step} was written by {head.get('process_count')} processes, "
+                                  f"this run has {n}: the data iterators resume only with the same process "
+                                  "count (resume on the same topology or use a new workdir)")
+        for i in range(n):
+            if f"process_{i}.json" not in files:
+                raise Damaged(f"{self.rel(fileio.join(data, f'process_{i}.json'))}: missing "
+                              f"(the data-iterator state of process {i})")
 
     def _check_state(self, sdir: str) -> None:
         meta = self._json(fileio.join(sdir, "_METADATA"))
@@ -400,7 +459,7 @@ class Checkpointer:
         target = _abstract(_tree(setup.abstract_state, setup.abstract_consts),
                            _tree(setup.state_shardings, setup.consts_shardings))
         r = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+            state=ocp.args.StandardRestore(target), data=DataRestore(), meta=ocp.args.JsonRestore()))
         s = r.state
         return Restored(step, s["train"], {"frozen": s["frozen"], "vae": s["vae"]}, r.data, r.meta)
 
@@ -467,6 +526,10 @@ class Checkpointer:
 
     def move_aside(self, step: int) -> str:
         """checkpoints/<step> -> checkpoints/<step>.damaged-<n> (kept; Orbax no longer sees it)."""
+        if jax.process_count() > 1:         # every process has checked the step: all pick the same n
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"sgt_jax_before_move_aside_{step}")
         n = 1 + max((int(DAMAGED.match(x).group(2)) for x in self.damaged()
                      if int(DAMAGED.match(x).group(1)) == step), default=0)
         src, dst = self.step_dir(step), fileio.join(self.directory, f"{step}.damaged-{n}")
