@@ -171,6 +171,20 @@ def test_a_missing_process_data_file_is_damage(straight, tmp_path, monkeypatch):
     finally:
         monkeypatch.undo()
         ckpt.close()
+    # the 2-process job reports it in one line, moves the step aside once and resumes from step 4
+    # exactly as the uninterrupted run went on
+    results = _job(wd, 2, STEPS, "--save-every", EVERY)
+    _ok(results)
+    for _, text in results:
+        assert (f"checkpoint step {STEPS} unusable: checkpoints/{STEPS}/data/process_1.json: missing "
+                "(the data-iterator state of process 1)") in text, text[-3000:]
+        assert f"resumed from step {STEPS - EVERY}" in text
+    names = sorted(os.listdir(wd / "checkpoints"))
+    assert f"{STEPS}.damaged-1" in names and f"{STEPS}.damaged-2" not in names, names
+    got = _losses(wd)
+    assert got == {k: v for k, v in straight["losses"].items() if k > STEPS - EVERY}, got
+    p = _params(wd, STEPS)
+    assert [k for k in p if not np.array_equal(p[k], straight["params"][k])] == []
 
 
 @pytest.mark.slow

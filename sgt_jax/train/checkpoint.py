@@ -34,6 +34,7 @@ import shutil
 import sys
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from sgt_jax import fileio
@@ -526,12 +527,12 @@ class Checkpointer:
 
     def move_aside(self, step: int) -> str:
         """checkpoints/<step> -> checkpoints/<step>.damaged-<n> (kept; Orbax no longer sees it)."""
-        if jax.process_count() > 1:         # every process has checked the step: all pick the same n
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices(f"sgt_jax_before_move_aside_{step}")
         n = 1 + max((int(DAMAGED.match(x).group(2)) for x in self.damaged()
                      if int(DAMAGED.match(x).group(1)) == step), default=0)
+        if jax.process_count() > 1:         # process 0's n, chosen before it moves anything
+            from jax.experimental import multihost_utils
+
+            n = int(multihost_utils.broadcast_one_to_all(np.int32(n)))
         src, dst = self.step_dir(step), fileio.join(self.directory, f"{step}.damaged-{n}")
         if jax.process_index() == 0:
             _move_dir(src, dst)
