@@ -11,9 +11,8 @@ Orbax writes each step into a temporary directory and renames it only when compl
 process killed during a save leaves the previous checkpoint intact. Damage after that (a
 truncated, deleted or overwritten file) is caught by ``check``, cheaply: the items present,
 the JSON items (every process's data file among them) and Orbax's ``_METADATA`` parseable,
-every array of ``_METADATA`` in the OCDBT
-index, every data file the index points into present, as long as the index says and starting
-with a zstd frame where the array is zstd-compressed. ``restore_latest`` tries the newest step
+every array of ``_METADATA`` in the OCDBT index, every data file the index points into present,
+as long as the index says and starting with a zstd frame where the array is zstd-compressed. ``restore_latest`` tries the newest step
 first, then older ones, reporting each failure in one line; a damaged step is moved aside to
 ``checkpoints/<step>.damaged-<n>`` (never deleted; Orbax's step discovery ignores the name) and
 the run continues from the newest good one. With none good it stops, moving nothing.
@@ -354,17 +353,21 @@ class Checkpointer:
         """Every process of this run has its data-iterator state in the step (all processes check
         all files, so they agree on the verdict); a step written by another process count is
         refused (the iterators resume only on the same shards), not taken for damage."""
-        head = self._json(fileio.join(data, "metadata"))
+        path = fileio.join(data, "metadata")
+        head = self._json(path)
+        head = head if isinstance(head, dict) else {}
+        # a single-process step from before process_<i>.json: the iterator state in metadata
+        old = "iterator" in head and "process_count" not in head
+        count = 1 if old else head.get("process_count")
+        if not isinstance(count, int):
+            raise Damaged(f"{self.rel(path)}: no process count in it")
         n = jax.process_count()
-        if "iterator" in head and "process_count" not in head:     # before per-process files
-            if n > 1:
-                raise CheckpointError(f"checkpoint step {step} was written by 1 process, this run has {n}: "
-                                      "the data iterators resume only with the same process count")
-            return
-        if head.get("process_count") != n:
-            raise CheckpointError(f"checkpoint step {step} was written by {head.get('process_count')} processes, "
+        if count != n:
+            raise CheckpointError(f"checkpoint step {step} was written by {count} process{'es' * (count != 1)}, "
                                   f"this run has {n}: the data iterators resume only with the same process "
                                   "count (resume on the same topology or use a new workdir)")
+        if old:
+            return
         for i in range(n):
             if f"process_{i}.json" not in files:
                 raise Damaged(f"{self.rel(fileio.join(data, f'process_{i}.json'))}: missing "
