@@ -283,14 +283,14 @@ cmd_train() {
 }
 
 # One line "SGT_EXIT SLICE WORKER CODE" per worker that started a run: the exit code worker.sh
-# recorded, or "running".
+# recorded, or "running" (the marker is looked for anywhere in a line of the ssh output).
 exit_codes() {
   local node slice=0 remote
   remote="cd $LOG_DIR 2>/dev/null && for f in worker-*.log; do w=\${f#worker-};"
   remote+=" echo SGT_EXIT \${w%.log} \$(cat exit_code 2>/dev/null || echo running); done"
   while read -r node; do
     { ssh_query "SGT_EXIT 0 running" "$node" all "$remote" || true; } \
-      | tr -d '\r' | sed -n "s/^SGT_EXIT /SGT_EXIT $slice /p"
+      | tr -d '\r' | sed -n "s/.*SGT_EXIT /SGT_EXIT $slice /p"
     slice=$((slice + 1))
   done < <(nodes)
 }
