@@ -9,7 +9,7 @@ devices per process by XLA_FLAGS. The data is the tiny preset's real Grain pipel
 synthetic scenes in WORKDIR; each process reads its own shard. ``--shards K`` (one process
 only): feed this process the concatenation of the K shards' slices, i.e. the global batch a
 K-process job assembles -- the single-process reference run. ``--kill-at N``: SIGKILL this
-process when it asks for batch N. Prints ``SUMMARY {json}`` at the end.
+process when it asks for batch N (counting from 0). Prints ``SUMMARY {json}`` at the end.
 """
 import argparse
 import json
