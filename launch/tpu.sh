@@ -13,9 +13,11 @@
 #   train [-- K=V]  run the trainer: python -m sgt_jax.train --config CONFIG --workdir WORKDIR
 #                   [--config.K=V ...]
 #   babysit [-- K=V] keep training until it finishes: (re)create a missing / preempted TPU, set it
-#                   up, start `train`, poll; the trainer resumes from the last checkpoint in WORKDIR
+#                   up, start `train`, poll every worker's exit code; a worker that fails stops
+#                   the job on all workers and restarts it; the trainer resumes from the last
+#                   checkpoint in WORKDIR
 #   logs            tail -F the log of --worker N (default 0)
-#   status          the TPU's (or queued resource's) state and the exit code of the last run
+#   status          the TPU's (or queued resource's) state and every worker's exit code of the last run
 #   stop            SIGTERM the run on every worker (the trainer checkpoints, then exits)
 #   delete          delete the TPU VM / queued resource
 #   ssh             interactive shell on --worker N
@@ -280,15 +282,44 @@ cmd_train() {
   cmd_run "${cmd[@]}"
 }
 
-# "running", or the exit code worker 0 of the first slice recorded
-run_exit_code() {
-  local node
-  node=$(nodes | head -n 1)
-  ssh_query "running" "$node" 0 "cat $LOG_DIR/exit_code 2>/dev/null || echo running" | tail -n 1 | tr -d '\r'
+# One line "SGT_EXIT SLICE WORKER CODE" per worker that started a run: the exit code worker.sh
+# recorded, or "running" (the marker is looked for anywhere in a line of the ssh output).
+exit_codes() {
+  local node slice=0 remote
+  remote="cd $LOG_DIR 2>/dev/null && for f in worker-*.log; do w=\${f#worker-};"
+  remote+=" echo SGT_EXIT \${w%.log} \$(cat exit_code 2>/dev/null || echo running); done"
+  while read -r node; do
+    { ssh_query "SGT_EXIT 0 running" "$node" all "$remote" || true; } \
+      | tr -d '\r' | sed -n "s/.*SGT_EXIT /SGT_EXIT $slice /p"
+    slice=$((slice + 1))
+  done < <(nodes)
+}
+
+# The job as a whole: "running", "done" (every worker exited 0) or the first failure,
+# "worker W of slice S exited with CODE" (a worker that dies while the others still run included).
+job_state() {
+  local codes failed
+  codes=$(exit_codes)
+  failed=$(awk '$4 != "running" && $4 != "0" { print "worker " $3 " of slice " $2 " exited with " $4; exit }' <<<"$codes")
+  if [[ -n $failed ]]; then printf '%s' "$failed"
+  elif (($(grep -c ' 0$' <<<"$codes") == SLICES * HOSTS)); then printf 'done'
+  else printf running; fi
+}
+
+# Stop the job on every worker before a restart: SIGTERM, then SIGKILL after 60 s (processes
+# whose peer died wait in a collective and never reach the next step boundary).
+stop_job() {
+  local node remote
+  remote="if [ -f $LOG_DIR/pid ]; then p=\$(cat $LOG_DIR/pid); kill -TERM \$p 2>/dev/null;"
+  remote+=" for i in \$(seq 60); do kill -0 \$p 2>/dev/null || break; sleep 1; done;"
+  remote+=" kill -KILL \$p 2>/dev/null; fi; true"
+  while read -r node; do
+    ssh_cmd "$node" all "$remote" || true
+  done < <(nodes)
 }
 
 cmd_babysit() {
-  local restarts=0 started=0 s code
+  local restarts=0 started=0 s job
   while :; do
     s=$(state)
     case $s in
@@ -305,16 +336,17 @@ cmd_babysit() {
       cmd_train "$@"
       started=1
     fi
-    [[ $SGT_DRY_RUN == 1 ]] && { run_exit_code >/dev/null; return 0; }
+    [[ $SGT_DRY_RUN == 1 ]] && { job_state >/dev/null; return 0; }
     sleep "$POLL"
-    code=$(run_exit_code || echo running)
-    case $code in
+    job=$(job_state)
+    case $job in
       running) ;;
-      0) log "training finished (exit 0)"; return 0 ;;
+      done) log "training finished (every worker exited 0)"; return 0 ;;
       *)
         restarts=$((restarts + 1))
-        log "the run exited with $code on a healthy TPU (restart $restarts of $MAX_RESTARTS)"
-        ((restarts <= MAX_RESTARTS)) || die "giving up after $MAX_RESTARTS restarts: launch/tpu.sh logs"
+        log "$job on a healthy TPU: stopping every worker and restarting the job (restart $restarts of $MAX_RESTARTS)"
+        ((restarts <= MAX_RESTARTS)) || die "giving up after $MAX_RESTARTS restarts: launch/tpu.sh logs --worker N"
+        stop_job
         started=0 ;;
     esac
   done
@@ -330,7 +362,8 @@ cmd_logs() {
 
 cmd_status() {
   printf '%s: %s\n' "$TPU_NAME" "$(state)"
-  printf 'last run (worker 0): %s\n' "$(run_exit_code)"
+  printf 'last run: %s\n' "$(job_state)"
+  exit_codes | awk '{ print "  slice " $2 " worker " $3 ": " $4 }'
 }
 
 cmd_stop() {

@@ -133,6 +133,17 @@ def test_damaged_latest_step_falls_back_to_the_previous_one(ref, tmp_path, caplo
     _assert_same_as_ref(ref, wd, s)
 
 
+def test_resumes_a_step_written_before_per_process_data_files(ref, tmp_path):
+    """A step of a single-process run from before ``data/process_<i>.json`` existed (the iterator
+    state in ``data/metadata``) still resumes, exactly."""
+    wd = _copy(ref, tmp_path)
+    shutil.rmtree(wd / "checkpoints" / str(STEPS))
+    data = wd / "checkpoints" / str(STEPS - EVERY) / "data"
+    (data / "metadata").write_text((data / "process_0.json").read_text())
+    (data / "process_0.json").unlink()
+    _assert_same_as_ref(ref, wd, _train(wd))
+
+
 def test_no_good_step_stops_without_starting_over(ref, tmp_path):
     wd = _copy(ref, tmp_path)
     for st in (2, 4, 6):

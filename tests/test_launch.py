@@ -1,5 +1,6 @@
 """launch/: the dry-run of tpu.sh (every generated gcloud command for 2-host topologies) and
 worker.sh run locally with a fake gcloud; shellcheck when it is installed."""
+import json
 import os
 import shlex
 import shutil
@@ -125,7 +126,120 @@ def test_babysit_dry_run_creates_sets_up_and_trains_once():
     verbs = [" ".join(c[4:7]) for c in cmds if c[0] == "gcloud" and c[3] == "compute"]
     assert verbs == ["tpus tpu-vm describe", "tpus tpu-vm create", "tpus tpu-vm ssh", "tpus tpu-vm describe",
                      "tpus tpu-vm ssh", "tpus tpu-vm ssh"]
-    assert "exit_code" in flag(cmds[-1], "--command") and "--worker=0" in cmds[-1]
+    assert "exit_code" in flag(cmds[-1], "--command") and "--worker=all" in cmds[-1]    # every worker
+
+
+FAKE_GCLOUD = r'''#!/usr/bin/env python3
+"""gcloud for babysit tests: logs every call; describe answers the next TPU state of FAKE/states
+(READY when none is left) or an IP; an ssh that asks for exit codes answers the next block of
+FAKE/exits (blocks separated by '---'); setup's version probe gets one version line."""
+import json, os, sys
+d, args = os.environ["FAKE"], sys.argv[1:]
+with open(os.path.join(d, "calls"), "a") as f:
+    f.write(json.dumps(args) + "\n")
+
+def pop(name, default):
+    path = os.path.join(d, name)
+    blocks = [b for b in open(path).read().split("---\n") if b.strip()] if os.path.exists(path) else []
+    if not blocks:
+        return default
+    open(path, "w").write("---\n".join(blocks[1:]))
+    return blocks[0].strip()
+
+if "describe" in args:
+    fmt = args[args.index("--format") + 1]
+    print("10.0.0.2" if "ipAddress" in fmt else pop("states", "READY"))
+elif "ssh" in args:
+    cmd = args[args.index("--command") + 1]
+    if "SGT_VERSIONS" in cmd:
+        print("SGT_VERSIONS 0.10.2 0.10.2 0.0.42.1 0123456789abcdef")
+    elif "SGT_EXIT" in cmd:
+        print(pop("exits", "SGT_EXIT 0 running"))
+'''
+
+
+def babysit(tmp_path, *args, states=(), exits=(), ok=True):
+    """Run ``tpu.sh babysit`` (not a dry run) against the fake gcloud (and a no-op git), polling
+    without sleeping; ``states``: the TPU states describe reports in turn; ``exits``: per poll,
+    {worker: exit code or 'running'}. Returns (the gcloud calls, stderr)."""
+    fake = tmp_path / "fake"
+    (fake / "bin").mkdir(parents=True)
+    (fake / "bin" / "gcloud").write_text(FAKE_GCLOUD)
+    (fake / "bin" / "git").write_text("#!/bin/sh\n")
+    for f in ("gcloud", "git"):
+        (fake / "bin" / f).chmod(0o755)
+    (fake / "states").write_text("---\n".join(states) + "\n")
+    (fake / "exits").write_text("---\n".join(
+        "\n".join(f"SGT_EXIT {w} {c}" for w, c in poll.items()) + "\n" for poll in exits))
+    e = {k: v for k, v in os.environ.items() if k not in ("TPU_NAME", "QUEUED", "SPOT", "WORKDIR", "SGT_DRY_RUN")}
+    e.update(FAKE=str(fake), PATH=f"{fake / 'bin'}:{os.environ['PATH']}", SGT_CODE_REV="0123abcd", POLL="0")
+    p = subprocess.run(["bash", str(TPU), *BASE, *args, "babysit", "--", "train.steps=5"],
+                       capture_output=True, text=True, env=e, timeout=120)
+    assert (p.returncode == 0) == ok, p.stderr
+    calls = [json.loads(x) for x in (fake / "calls").read_text().splitlines()]
+    return calls, p.stderr
+
+
+def _kinds(calls):
+    """Each call as a short word: state, create, delete, setup, train, poll, stop."""
+    out = []
+    for c in calls:
+        cmd = flag(c, "--command") if "--command" in c else ""
+        if "describe" in c:
+            out.append("ip" if "ipAddress" in flag(c, "--format") else "state")
+        elif "create" in c or "delete" in c:
+            out.append("create" if "create" in c else "delete")
+        elif "SGT_VERSIONS" in cmd:
+            out.append("setup")
+        elif "sgt_jax.train" in cmd:
+            out.append("train")
+        elif "SGT_EXIT" in cmd:
+            out.append("poll")
+        elif "kill -KILL" in cmd:
+            out.append("stop")
+        elif c[:2] != ["storage", "cp"] and c[2:4] != ["storage", "cp"]:
+            out.append(" ".join(c))
+    return [k for k in out if k != "ip"]
+
+
+def test_babysit_restarts_the_job_when_a_worker_dies_while_worker_0_runs(tmp_path):
+    running = {w: "running" for w in range(4)}
+    calls, err = babysit(tmp_path, "--accelerator", "v5p-32", exits=[
+        running, {**running, 3: 137}, {w: 0 for w in range(4)}])
+    assert _kinds(calls) == ["state", "train", "poll", "state", "poll", "stop", "state", "train", "poll"], _kinds(calls)
+    assert "worker 3 of slice 0 exited with 137 on a healthy TPU: stopping every worker and restarting the job " \
+           "(restart 1 of 5)" in err, err
+    stop = [c for c in calls if "--command" in c and "kill -KILL" in flag(c, "--command")][0]
+    assert "--worker=all" in stop and "kill -TERM" in flag(stop, "--command")
+    assert "training finished (every worker exited 0)" in err
+
+
+def test_babysit_waits_for_every_worker_and_gives_up_after_max_restarts(tmp_path):
+    # worker 0 done early is not the end of the job; worker 1 failing twice is too many
+    calls, err = babysit(tmp_path, "--accelerator", "v5p-16", "--max-restarts", "1", ok=False, exits=[
+        {0: 0, 1: "running"}, {0: 0, 1: 1}, {0: 1, 1: "running"}])
+    assert _kinds(calls) == ["state", "train", "poll", "state", "poll", "stop", "state", "train", "poll"], _kinds(calls)
+    assert "worker 1 of slice 0 exited with 1" in err and "worker 0 of slice 0 exited with 1" in err
+    assert "giving up after 1 restarts" in err
+
+
+@pytest.mark.parametrize("queued,state", [(False, "PREEMPTED"), (True, "SUSPENDED")])
+def test_babysit_recreates_a_preempted_tpu_or_queued_resource(tmp_path, queued, state):
+    up = "ACTIVE" if queued else "READY"
+    # the job runs, the TPU is preempted, re-created (a queued resource: waited for until ACTIVE),
+    # set up, and the job started again; it then finishes
+    states = [up, state] + (["ACTIVE"] if queued else [])
+    calls, err = babysit(tmp_path, "--accelerator", "v5p-16", "--spot", *(["--queued"] if queued else []),
+                         states=states, exits=[{0: "running", 1: "running"}, {0: 0, 1: 0}])
+    want = ["state", "train", "poll", "state", "delete", "create"] + (["state"] if queued else []) + \
+           ["setup", "train", "poll"]
+    assert _kinds(calls) == want, _kinds(calls)
+    assert f"sgt is {state}: deleting and re-creating it" in err, err
+    kind = "queued-resources" if queued else "tpu-vm"
+    create = [c for c in calls if "create" in c][0]
+    assert kind in create and "--spot" in create
+    delete = [c for c in calls if "delete" in c][0]
+    assert kind in delete and ("--force" in delete) == queued
 
 
 def test_logs_stop_status():

@@ -110,6 +110,7 @@ def ensure_tokenizer(cfg, workdir: str | None) -> Tokenizer:
                                     "build a tiny one)")
         tmp = f"{path}.tmp{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
+        log.info("building a tiny tokenizer in %s", path)
         build_tiny_tokenizer(tmp, vocab_size=cfg.tiny_tokenizer_vocab_size)
         try:
             os.rename(tmp, path)

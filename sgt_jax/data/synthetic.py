@@ -25,6 +25,7 @@ for a seed (same numpy / Pillow versions).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -35,6 +36,8 @@ from PIL import Image, ImageDraw
 
 from sgt_jax import fileio
 from sgt_jax.data import render
+
+log = logging.getLogger(__name__)
 
 VERSION = 1
 VQA_FILE = "vqa.jsonl"
@@ -273,6 +276,7 @@ def ensure_generated(out_dir: str, num_images: int = 1000, *, seed: int = 0,
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
+    log.info("generating %d synthetic scenes into %s", num_images, out_dir)
     generate(tmp, num_images, seed=seed, size=size, num_shapes=num_shapes)
     with open(os.path.join(tmp, STAMP_FILE), "w") as f:
         json.dump(params, f)

@@ -139,13 +139,16 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def initialize_distributed() -> bool:
     """Multi-host setup on pods: ``jax.distributed.initialize()`` when the environment names
     several workers (Cloud TPU VMs set TPU_WORKER_HOSTNAMES; elsewhere set
-    JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID). Must run before any other JAX
-    call. Returns True when it initialised."""
-    if os.environ.get("SGT_SINGLE_PROCESS"):
+    JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID -- jax reads only the first,
+    this passes the other two). Must run before any other JAX call. Returns True when it
+    initialised."""
+    if os.environ.get("SGT_SINGLE_PROCESS") or jax.distributed.is_initialized():
         return False
     hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
     if "JAX_COORDINATOR_ADDRESS" in os.environ or len(hosts) > 1:
-        jax.distributed.initialize()
+        given = {k: int(os.environ[v]) for k, v in (("num_processes", "JAX_NUM_PROCESSES"),
+                                                    ("process_id", "JAX_PROCESS_ID")) if v in os.environ}
+        jax.distributed.initialize(**given)
         log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
         return True
     return False

@@ -39,7 +39,7 @@ def main(argv):
     workdir = flags.FLAGS.workdir
     print(f"sgt-jax: {jax.device_count()} {jax.devices()[0].platform} device(s), "
           f"{jax.process_count()} process(es); workdir {workdir}", flush=True)
-    if SIGTERM.is_set():
+    if SIGTERM.is_set() and jax.process_count() == 1:     # several processes agree inside train()
         print("stopped by SIGTERM before training started; rerun the same command to start or resume")
         return 0
     from sgt_jax.data.sources import SpecError

@@ -2,15 +2,17 @@
 
 A step ``checkpoints/<step>/`` holds three items: ``state`` (the TrainState -- params, optimizer
 state, EMA, step, NaN counters -- plus the frozen parameters and the VAE, so a run resumes
-without its ``init_from``), ``data`` (the data iterator's state, JSON; its own item so it can
-become one file per process) and ``meta`` (the run config). The sin-cos tables are regenerated.
+without its ``init_from``), ``data`` (the data iterators' states: ``data/process_<i>.json``
+written by process ``i`` itself, and ``data/metadata`` with the process count, written by
+process 0; each process restores its own file) and ``meta`` (the run config). The sin-cos
+tables are regenerated.
 
 Orbax writes each step into a temporary directory and renames it only when complete, so a
 process killed during a save leaves the previous checkpoint intact. Damage after that (a
 truncated, deleted or overwritten file) is caught by ``check``, cheaply: the items present,
-the JSON items and Orbax's ``_METADATA`` parseable, every array of ``_METADATA`` in the OCDBT
-index, every data file the index points into present, as long as the index says and starting
-with a zstd frame where the array is zstd-compressed. ``restore_latest`` tries the newest step
+the JSON items (every process's data file among them) and Orbax's ``_METADATA`` parseable,
+every array of ``_METADATA`` in the OCDBT index, every data file the index points into present,
+as long as the index says and starting with a zstd frame where the array is zstd-compressed. ``restore_latest`` tries the newest step
 first, then older ones, reporting each failure in one line; a damaged step is moved aside to
 ``checkpoints/<step>.damaged-<n>`` (never deleted; Orbax's step discovery ignores the name) and
 the run continues from the newest good one. With none good it stops, moving nothing.
@@ -31,6 +33,7 @@ import shutil
 import sys
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from sgt_jax import fileio
@@ -71,6 +74,41 @@ class Restored:
     consts: Consts         # fixed=None: the tables are regenerated (Program.fixed), not stored
     data: dict             # the data item: {"iterator": ..., "stats": ...}
     meta: dict
+
+
+class DataHandler(ocp.AsyncCheckpointHandler):
+    """The ``data`` item: every process writes its own iterator state, ``process_<i>.json``, and
+    process 0 the process count, ``metadata``; a restore reads the calling process's file."""
+
+    def save(self, directory, args: "DataSave"):
+        i = jax.process_index()
+        (directory / f"process_{i}.json").write_text(json.dumps(args.item))
+        if i == 0:
+            (directory / "metadata").write_text(json.dumps({"process_count": jax.process_count()}))
+
+    async def async_save(self, directory, args: "DataSave"):
+        async def write():
+            self.save(directory, args)
+        # runs once Orbax signals that the step's directories exist (on every process)
+        return [ocp.future.CommitFutureAwaitingContractedSignals(write(), name="sgt_data_save")]
+
+    def restore(self, directory, args: "DataRestore | None" = None) -> dict:
+        own = directory / f"process_{jax.process_index()}.json"
+        if not own.exists():          # a checkpoint from before per-process files: one process
+            return json.loads((directory / "metadata").read_text())
+        return json.loads(own.read_text())
+
+
+@ocp.args.register_with_handler(DataHandler, for_save=True)
+@dataclasses.dataclass
+class DataSave(ocp.args.CheckpointArgs):
+    item: dict
+
+
+@ocp.args.register_with_handler(DataHandler, for_restore=True)
+@dataclasses.dataclass
+class DataRestore(ocp.args.CheckpointArgs):
+    pass
 
 
 def config_json(cfg) -> dict:
@@ -200,7 +238,7 @@ class Checkpointer:
         try:
             saved = self.manager.save(step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(tree),
-                data=ocp.args.JsonSave(data_state),
+                data=DataSave(data_state),
                 meta=ocp.args.JsonSave(meta)), force=force)
         except Exception as e:      # noqa: BLE001 -- a synchronous save (or the previous one) failed
             self._failed = True
@@ -310,7 +348,32 @@ class Checkpointer:
             raise Damaged(f"{self.rel(data)}: no iterator state in it")
         for f in files:
             self._json(fileio.join(data, f))
+        self._check_processes(step, data, files)
         self._check_state(fileio.join(d, "state"))
+
+    def _check_processes(self, step: int, data: str, files: list[str]) -> None:
+        """Every process of this run has its data-iterator state in the step (all processes check
+        all files, so they agree on the verdict); a step written by another process count is
+        refused (the iterators resume only on the same shards), not taken for damage."""
+        path = fileio.join(data, "metadata")
+        head = self._json(path)
+        head = head if isinstance(head, dict) else {}
+        # a single-process step from before process_<i>.json: the iterator state in metadata
+        old = "iterator" in head and "process_count" not in head
+        count = 1 if old else head.get("process_count")
+        if not isinstance(count, int):
+            raise Damaged(f"{self.rel(path)}: no process count in it")
+        n = jax.process_count()
+        if count != n:
+            raise CheckpointError(f"checkpoint step {step} was written by {count} process{'es' * (count != 1)}, "
+                                  f"this run has {n}: the data iterators resume only with the same process "
+                                  "count (resume on the same topology or use a new workdir)")
+        if old:
+            return
+        for i in range(n):
+            if f"process_{i}.json" not in files:
+                raise Damaged(f"{self.rel(fileio.join(data, f'process_{i}.json'))}: missing "
+                              f"(the data-iterator state of process {i})")
 
     def _check_state(self, sdir: str) -> None:
         meta = self._json(fileio.join(sdir, "_METADATA"))
@@ -402,7 +465,7 @@ class Checkpointer:
         target = _abstract(_tree(program.abstract_state, program.abstract_consts),
                            _tree(program.state_shardings, program.consts_shardings))
         r = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+            state=ocp.args.StandardRestore(target), data=DataRestore(), meta=ocp.args.JsonRestore()))
         s = r.state
         return Restored(step, s["train"], Consts(frozen=s["frozen"], fixed=None, vae=s["vae"]), r.data, r.meta)
 
@@ -471,6 +534,10 @@ class Checkpointer:
         """checkpoints/<step> -> checkpoints/<step>.damaged-<n> (kept; Orbax no longer sees it)."""
         n = 1 + max((int(DAMAGED.match(x).group(2)) for x in self.damaged()
                      if int(DAMAGED.match(x).group(1)) == step), default=0)
+        if jax.process_count() > 1:         # process 0's n, chosen before it moves anything
+            from jax.experimental import multihost_utils
+
+            n = int(multihost_utils.broadcast_one_to_all(np.int32(n)))
         src, dst = self.step_dir(step), fileio.join(self.directory, f"{step}.damaged-{n}")
         if jax.process_index() == 0:
             _move_dir(src, dst)

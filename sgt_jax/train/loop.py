@@ -24,6 +24,7 @@ from sgt_jax.train.checkpoint import Checkpointer, ConfigChangeError, config_jso
 from sgt_jax.train.config import check_consistency
 from sgt_jax.train.executable import load_compiled, step_fingerprint  # noqa: F401 (step_fingerprint: loop's API)
 from sgt_jax.train.optimizer import copy_init_moe, make_tx, trainable_filter
+from sgt_jax.train.preemption import StopAgreement
 from sgt_jax.train.step import Consts, TrainState, make_train_step
 
 log = logging.getLogger("sgt_jax.train")
@@ -203,6 +204,28 @@ def accept_config(meta: dict, step: int, cfg, ckpt) -> bool:
     return bool(allowed)
 
 
+def make_data_iterator(cfg, workdir: str):
+    """This process's shard of the config's Grain pipeline. Process 0 builds its iterator first
+    -- the tiny tokenizer, synthetic data and source indexes it writes into the workdir --
+    and the other processes after it, reading what it wrote (built once, never raced)."""
+    from sgt_jax.data.pipeline import ensure_tokenizer, make_train_iterator
+
+    def build():
+        tok = ensure_tokenizer(cfg.data, workdir)
+        if tok.vocab_size > cfg.model.llm.vocab_size:
+            raise ValueError(f"the tokenizer has {tok.vocab_size} ids but model.llm.vocab_size="
+                             f"{cfg.model.llm.vocab_size}: ids past the embedding table would be wrong")
+        return make_train_iterator(cfg.data, workdir=workdir, tokenizer=tok,
+                                   process_index=jax.process_index(), process_count=jax.process_count())
+
+    first = build() if jax.process_index() == 0 else None
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("sgt_jax_data_sources_built")
+    return first if first is not None else build()
+
+
 def _to_host(m: dict) -> dict:
     return {k: np.asarray(v) for k, v in jax.device_get(m).items()}
 
@@ -234,14 +257,7 @@ def train(cfg, workdir: str, *, data_iterator=None, stop_after: int | None = Non
     try:
         resumed = ckpt.restore_latest(program, accept=lambda meta, step: accept_config(meta, step, cfg, ckpt))
         if data_iterator is None:
-            from sgt_jax.data.pipeline import ensure_tokenizer, make_train_iterator
-
-            tok = ensure_tokenizer(cfg.data, workdir)
-            if tok.vocab_size > cfg.model.llm.vocab_size:
-                raise ValueError(f"the tokenizer has {tok.vocab_size} ids but model.llm.vocab_size="
-                                 f"{cfg.model.llm.vocab_size}: ids past the embedding table would be wrong")
-            data_iterator = make_train_iterator(cfg.data, workdir=workdir, tokenizer=tok,
-                                                process_index=jax.process_index(), process_count=jax.process_count())
+            data_iterator = make_data_iterator(cfg, workdir)
         if resumed is not None:
             state, consts = resumed.state, resumed.consts._replace(fixed=program.fixed(t.seed))
             data_iterator.set_state(resumed.data["iterator"])
@@ -286,11 +302,12 @@ def train(cfg, workdir: str, *, data_iterator=None, stop_after: int | None = Non
             evals.append({"step": s, **out["scalars"]})
 
     compiles_before = compile_count("sgt_train_step")
+    agreed = StopAgreement(stop)      # every process stops at the same step boundary
     try:
         if start == 0:
             run_eval(0)
         while step < end:
-            if stop.is_set() and step == start:       # SIGTERM before the first step: nothing new to save
+            if step == start and agreed.before_first_step():   # SIGTERM before the first step: nothing new to save
                 log.warning("SIGTERM before the first step: exiting at step %d", step)
                 break
             t_wait = time.perf_counter()
@@ -331,7 +348,7 @@ def train(cfg, workdir: str, *, data_iterator=None, stop_after: int | None = Non
                         f"(step {step}); updates were skipped. Lower train.lr, check the data "
                         f"(metrics.jsonl data_* counters) or raise train.nan_max_streak.")
             writer.advance()
-            if stop.is_set():
+            if agreed.at_boundary():
                 save(step, force=True)
                 ckpt.wait()
                 log.warning("SIGTERM: checkpoint written at step %d, exiting", step)
@@ -347,8 +364,8 @@ def train(cfg, workdir: str, *, data_iterator=None, stop_after: int | None = Non
             signal.signal(signal.SIGTERM, old_handler)
     summary = {"workdir": workdir, "steps": step, "checkpoints": ckpt.directory, "metrics": writer.jsonl_path,
                "tensorboard": writer.tb_dir, "loss_curve": png, "history": history,
-               "compiles_in_loop": compile_count("sgt_train_step") - compiles_before, "preempted": stop.is_set(),
-               "eval": evals}
+               "compiles_in_loop": compile_count("sgt_train_step") - compiles_before, "preempted": agreed.stopped,
+               "stop_agreement_s": agreed.seconds, "eval": evals}
     return summary
 
 
