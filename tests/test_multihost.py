@@ -41,7 +41,9 @@ def _free_port() -> int:
 def _env(processes: int, index: int, devices: int, port: int | None) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROCESSES",
                                                                     "JAX_PROCESS_ID"))}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
+               "--xla_cpu_collective_call_terminate_timeout_seconds=3600 "       # see tests/conftest.py
+               "--xla_cpu_collective_call_warn_stuck_timeout_seconds=600")
     if port is not None:
         env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=str(processes),
                    JAX_PROCESS_ID=str(index))
@@ -217,20 +219,23 @@ def test_one_process_on_the_same_mesh_gives_the_same_run(straight, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_to_one_process_stops_every_process_at_the_same_step(tmp_path):
+@pytest.mark.parametrize("processes,devices", [(2, 2), (4, 1)])
+def test_sigterm_to_one_process_stops_every_process_at_the_same_step(tmp_path, processes, devices):
+    """SIGTERM to the last process only: every process saves the same step and exits 0 (2
+    processes of 2 devices, and 4 of 1: the fsdp mesh spans them all)."""
     wd = tmp_path / "run"
-    procs = _start(wd, 2, 60, "--save-every", 1000, "--sleep", 0.5)
+    procs = _start(wd, processes, 60, "--save-every", 1000, "--sleep", 0.5, devices=devices)
     metrics, deadline = wd / "metrics.jsonl", time.monotonic() + TIMEOUT
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
         assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "the job did not start"
         time.sleep(0.5)
-    procs[1].send_signal(signal.SIGTERM)          # process 1 only
+    procs[-1].send_signal(signal.SIGTERM)         # the last process only
     summaries = _ok(_wait(procs))
     steps = {s["steps"] for s in summaries}
     assert len(steps) == 1 and all(s["preempted"] for s in summaries), summaries
     step = steps.pop()
     assert 2 <= step < 60
     assert max(int(n) for n in os.listdir(wd / "checkpoints") if n.isdigit()) == step
-    assert [s["shard"] for s in _data_states(wd, step, 2)] == [[0, 2], [1, 2]]
+    assert [s["shard"] for s in _data_states(wd, step, processes)] == [[i, processes] for i in range(processes)]
     # the agreement's host time per step (mostly waiting for the previous step)
     print("stop agreement per step:", [round(s["stop_agreement_s"] / s["steps"], 4) for s in summaries])
