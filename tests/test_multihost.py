@@ -141,6 +141,26 @@ def test_two_processes_resume_bitwise_after_sigkill(straight, tmp_path):
 
 
 @pytest.mark.slow
+def test_four_processes_resume_bitwise_after_sigkill(tmp_path):
+    """The same with 4 processes of 1 device each: killed mid-run and relaunched, the job's
+    losses, parameters and per-process data states equal an uninterrupted 4-process run's."""
+    ref, wd = tmp_path / "straight", tmp_path / "run"
+    _ok(_job(ref, 4, STEPS, "--save-every", EVERY, devices=1))
+    for rc, text in _job(wd, 4, STEPS, "--save-every", EVERY, "--kill-at", 4, devices=1):
+        assert rc != 0, text[-3000:]
+    kept = sorted(int(n) for n in os.listdir(wd / "checkpoints") if n.isdigit())
+    assert kept and max(kept) < STEPS, kept
+    summaries = _ok(_job(wd, 4, STEPS, "--save-every", EVERY, devices=1))
+    assert [s["steps"] for s in summaries] == [STEPS] * 4
+    assert _losses(wd) == _losses(ref)
+    p, q = _params(wd, STEPS), _params(ref, STEPS)
+    assert p.keys() == q.keys() and [k for k in p if not np.array_equal(p[k], q[k])] == []
+    states = _data_states(wd, STEPS, 4)
+    assert states == _data_states(ref, STEPS, 4)
+    assert [s["shard"] for s in states] == [[i, 4] for i in range(4)]
+
+
+@pytest.mark.slow
 def test_each_process_reads_its_own_shard_and_builds_nothing_twice(straight):
     states = _data_states(straight["wd"], STEPS, 2)
     assert [s["shard"] for s in states] == [[0, 2], [1, 2]]
