@@ -4,7 +4,7 @@
                              process_count=jax.process_count())
     batch, stats = next(it)      # numpy PackedBatch of rows_per_batch / process_count rows
     state = it.get_state()       # JSON-serialisable; it.set_state(state) continues exactly
-    # Orbax: grain.checkpoint.CheckpointSave(it) / CheckpointRestore(it) (one JSON per process)
+    # the trainer stores it per process: checkpoints/<step>/data/process_<i>.json (train/checkpoint.py)
 
 Streams. Each source (``cfg.sources``: name -> spec, ``sources.make_source``; any Sequence of
 records works too) becomes ``grain.MapDataset.source(src).shuffle(seed).repeat()``: an infinite,
