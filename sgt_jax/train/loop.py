@@ -61,8 +61,6 @@ def compile_count(name: str | None = None) -> int:
 # ------------------------------------------------------------------------------------------------
 
 
-
-
 def vae_dtype(cfg):
     """The frozen VAE encodes in the model's compute dtype (BAGEL: under bf16 autocast)."""
     return jnp.dtype(cfg.model.compute_dtype)
