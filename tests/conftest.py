@@ -7,14 +7,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # local copies / indexes of remote test data: a fresh dir per session, never ~/.cache
 os.environ.setdefault("SGT_JAX_CACHE_DIR", tempfile.mkdtemp(prefix="sgt_jax_test_cache_"))
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-# XLA:CPU ends the process (SIGABRT, "Termination timeout ... exceeded") when the threads of the
-# fake devices do not all reach a collective within its timeout; on a loaded 2-core machine one
-# can be starved that long (seen: an abort inside device_get in the train loop). Long timeouts
-# for the session and every subprocess that inherits the environment.
-for _flag in ("--xla_cpu_collective_call_terminate_timeout_seconds=3600",
-              "--xla_cpu_collective_call_warn_stuck_timeout_seconds=600"):
-    if _flag.split("=")[0] not in os.environ["XLA_FLAGS"]:
-        os.environ["XLA_FLAGS"] += " " + _flag
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

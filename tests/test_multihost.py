@@ -41,9 +41,7 @@ def _free_port() -> int:
 def _env(processes: int, index: int, devices: int, port: int | None) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROCESSES",
                                                                     "JAX_PROCESS_ID"))}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
-               "--xla_cpu_collective_call_terminate_timeout_seconds=3600 "       # see tests/conftest.py
-               "--xla_cpu_collective_call_warn_stuck_timeout_seconds=600")
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     if port is not None:
         env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=str(processes),
                    JAX_PROCESS_ID=str(index))
