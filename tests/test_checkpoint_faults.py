@@ -9,12 +9,14 @@ import shutil
 import signal
 import subprocess
 
+import jax
 import numpy as np
 import pytest
 import tensorstore as ts
 
 from fake_data import FakeIterator
 from test_train import _final_params, _losses, _worker, tiny_run_config
+from sgt_jax.parallel import mesh as mesh_lib
 from sgt_jax.train import loop
 from sgt_jax.train.checkpoint import CheckpointError, ConfigChangeError
 
@@ -26,8 +28,11 @@ def _cfg(**kw):
 
 
 def _train(wd, cfg=None, **kw):
+    """In-process runs on one of the 8 fake devices: these tests are about checkpoints, and XLA:CPU
+    can deadlock the fake devices' collectives (the closing notes of session 3)."""
     cfg = cfg or _cfg()
-    return loop.train(cfg, str(wd), data_iterator=FakeIterator(cfg, rows=8), **kw)
+    mesh = mesh_lib.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+    return loop.train(cfg, str(wd), data_iterator=FakeIterator(cfg, rows=8), mesh=mesh, **kw)
 
 
 @pytest.fixture(scope="module")

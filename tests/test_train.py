@@ -22,6 +22,12 @@ from sgt_jax.train import config as run_config
 from sgt_jax.train import loop
 from sgt_jax.train.config import default_mesh_config, default_train_config
 
+
+def _one_device():
+    """A mesh of one of the 8 fake devices, for in-process loop tests that are not about sharding
+    (XLA:CPU can deadlock the fake devices' collectives: the closing notes of session 3)."""
+    return mesh_lib.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -130,12 +136,13 @@ def test_nan_guard_skips_and_stops(tmp_path):
     assert int(state.nan_total) == 1 and int(state.nan_streak) == 0
     with pytest.raises(loop.NonFiniteLossError, match="consecutive steps"):
         loop.train(cfg, str(tmp_path / "run"), data_iterator=FakeIterator(cfg, rows=8, nan_at=(1, 2, 3)),
-                   quiet=True)
+                   mesh=_one_device(), quiet=True)
 
 
 def test_one_compilation_across_varying_samples(tmp_path):
     cfg = tiny_run_config(steps=5)
-    s = loop.train(cfg, str(tmp_path / "run"), data_iterator=FakeIterator(cfg, rows=8, vary=True), quiet=True)
+    s = loop.train(cfg, str(tmp_path / "run"), data_iterator=FakeIterator(cfg, rows=8, vary=True), quiet=True,
+                   mesh=_one_device())
     assert s["steps"] == 5
     assert s["compiles_in_loop"] == 1, s["compiles_in_loop"]
 

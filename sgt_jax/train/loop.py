@@ -229,7 +229,7 @@ def _to_host(m: dict) -> dict:
 
 
 def train(cfg, workdir: str, *, data_iterator=None, stop_after: int | None = None, quiet: bool = False,
-          sigterm: threading.Event | None = None, evaluate=None) -> dict:
+          sigterm: threading.Event | None = None, evaluate=None, mesh=None) -> dict:
     """Run (or resume) training in ``workdir``. Returns a summary dict.
 
     ``data_iterator`` (tests) must yield ``(PackedBatch of numpy, stats)`` and have
@@ -241,9 +241,10 @@ def train(cfg, workdir: str, *, data_iterator=None, stop_after: int | None = Non
     ``evaluate(step, state, consts)`` at the start of a fresh run (step 0) and after every step
     (after its regular save); it returns None (not an evaluation step) or ``{"scalars": {...},
     "images": {...}}``, logged as ``eval/*``. It must only read the state (the train layer never
-    imports the evaluation: the CLI hands it in, ``sgt_jax.eval.make_hook``)."""
+    imports the evaluation: the CLI hands it in, ``sgt_jax.eval.make_hook``). ``mesh``: a mesh
+    to run on instead of ``cfg.mesh`` over all devices (tests: one device of the 8 fake ones)."""
     t = cfg.train
-    program = Program(cfg)            # the whole run config validated first: nothing built yet
+    program = Program(cfg, mesh=mesh)  # the whole run config validated first: nothing built yet
     fileio.makedirs(workdir)
     stop, old_handler = sigterm, None
     if stop is None:
