@@ -4,11 +4,13 @@ evaluation inside training (no extra step compilation, training unchanged)."""
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
 from sgt_jax.eval import exports, metrics
+from sgt_jax.parallel import mesh as mesh_lib
 
 BG = (0, 0, 0)
 
@@ -159,13 +161,14 @@ def test_eval_in_training_is_deterministic_resumable_and_changes_nothing(tmp_pat
             snaps.append({**compile_counts(), "eval_losses": loop.compile_count("sgt_eval_losses")})
         return out
 
-    sa = loop.train(cfg, a, quiet=False, evaluate=recording)
+    one = mesh_lib.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])   # see test_train._one_device
+    sa = loop.train(cfg, a, quiet=False, evaluate=recording, mesh=one)
     assert sa["compiles_in_loop"] == 1, sa["compiles_in_loop"]          # eval adds no step compilation
     assert [e["step"] for e in sa["eval"]] == [0, 2, 4]
     assert snaps[0] == snaps[1] == snaps[2], snaps      # later evaluations compile nothing new
     # resumed run: stop after 2 steps, resume; its evaluations are the same numbers, bit for bit
-    loop.train(cfg, b, stop_after=2, quiet=False, evaluate=make_hook(cfg, b))
-    sb = loop.train(cfg, b, quiet=False, evaluate=make_hook(cfg, b))
+    loop.train(cfg, b, stop_after=2, quiet=False, evaluate=make_hook(cfg, b), mesh=one)
+    sb = loop.train(cfg, b, quiet=False, evaluate=make_hook(cfg, b), mesh=one)
     assert [e["step"] for e in sb["eval"]] == [4]
     ra, rb = _eval_rows(a), _eval_rows(b)
     assert sorted(ra) == sorted(rb) == [0, 2, 4]
@@ -175,7 +178,7 @@ def test_eval_in_training_is_deterministic_resumable_and_changes_nothing(tmp_pat
     for k in ("eval/seg_miou", "eval/seg_pq", "eval/vqa_acc", "eval/seg_miou_vae_ceiling"):
         assert k in ra[4]
     # the same run without evaluation: identical training (losses and final weights)
-    sc = loop.train(cfg, c, quiet=True)
+    sc = loop.train(cfg, c, quiet=True, mesh=one)
     assert [h["loss"] for h in sa["history"]] == [h["loss"] for h in sc["history"]]
     wa, wb, wc = _weights(a), _weights(b), _weights(c)
     assert all(np.array_equal(wa[k], wc[k]) and np.array_equal(wa[k], wb[k]) for k in wa)

@@ -3,6 +3,7 @@
 import json
 
 import ml_collections
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -15,6 +16,7 @@ from sgt_jax.infer import tasks
 from sgt_jax.infer.context import Image, Text
 from sgt_jax.infer.engine import CheckpointNotFound, Engine
 from sgt_jax.infer.image import FlowConfig
+from sgt_jax.parallel import mesh as mesh_lib
 
 FAST = FlowConfig(num_timesteps=3, cfg_text_scale=3.0, cfg_img_scale=1.5, cfg_interval=(0.0, 1.0))
 
@@ -94,7 +96,8 @@ def test_engine_from_a_training_run(golden_dir, imported, tmp_path):
                      init_from=str(imported))
     cfg.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     run = tmp_path / "run"
-    loop.train(cfg, str(run), data_iterator=FakeIterator(cfg, rows=8), quiet=True)
+    one = mesh_lib.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])   # see test_train._one_device
+    loop.train(cfg, str(run), data_iterator=FakeIterator(cfg, rows=8), quiet=True, mesh=one)
     for weights in ("ema", "params"):
         eng = Engine.load(str(run), weights=weights)
         assert "run" in eng.source and vqa_golden_check(eng, golden_dir) < 1e-5

@@ -333,7 +333,7 @@ def test_export_training_checkpoint_to_bagel_layout(golden_dir, tmp_path):
     cfg.model.compute_dtype = "float32"
     cfg.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     run = tmp_path / "run"
-    loop.train(cfg, str(run), data_iterator=FakeIterator(cfg, rows=8), quiet=True)
+    loop.train(cfg, str(run), data_iterator=FakeIterator(cfg, rows=8), quiet=True, mesh=_one_device())
     out = tmp_path / "exported"
     assert convert_main(["export", "--from", str(run), "--to", str(out), "--ema", "--dtype", "fp32",
                          "--no-progress"]) == 0
