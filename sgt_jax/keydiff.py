@@ -23,9 +23,10 @@ class KeyDiff:
     def __bool__(self) -> bool:
         return bool(self.missing or self.unexpected or self.misshaped)
 
-    def lines(self, what: str = "", limit: int = 40, layout: str = "") -> list[str]:
+    def lines(self, what: str = "", limit: int = 40, layout: str = "", shape=list) -> list[str]:
         """One line per kind of problem, e.g. ``ae.safetensors: 1 missing keys: decoder.norm_out.bias``.
-        ``layout`` names the layout the shapes are given in (e.g. "torch layout")."""
+        ``layout`` names the layout the shapes are given in (e.g. "torch layout"); ``shape`` how a
+        shape is written (``list``: [32, 3, 3, 3], the converter's; ``tuple``: (32, 3, 3, 3))."""
         pre = f"{what}: " if what else ""
         out = []
         if self.missing:
@@ -33,7 +34,7 @@ class KeyDiff:
         if self.unexpected:
             out.append(f"{pre}{len(self.unexpected)} unexpected keys: {listing(self.unexpected, limit)}")
         if self.misshaped:
-            rows = [f"{k}: file {list(a)}, config expects {list(b)}" for k, a, b in self.misshaped]
+            rows = [f"{k}: file {shape(a)}, config expects {shape(b)}" for k, a, b in self.misshaped]
             lay = f" ({layout})" if layout else ""
             out.append(f"{pre}{len(self.misshaped)} mis-shaped keys{lay}: {listing(rows, min(limit, 20))}")
         return out

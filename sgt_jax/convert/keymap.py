@@ -124,7 +124,7 @@ def load_state(model, tensors: dict, table: list[KeyEntry], ignore: tuple = (), 
                  and np.asarray(tensors[k]).dtype.name != "bfloat16"]
     if diff or bad_dtype:
         msg = [f"{what} does not match the model config:"]
-        msg += ["  " + line for line in diff.lines(limit=20, layout="torch layout")]
+        msg += ["  " + line for line in diff.lines(limit=20, layout="torch layout", shape=tuple)]
         if bad_dtype:
             msg.append(f"  {len(bad_dtype)} non-float tensors: {listing(bad_dtype, 20)}")
         msg.append("  fix: build the model config from the checkpoint's own llm_config.json / vit_config.json "
