@@ -434,3 +434,33 @@ def test_config_rejects_an_unknown_task(scenes_dir):
         C.validate(_proxy_cfg("colorize", scenes_dir))
     with pytest.raises(ValueError, match="proxy_stream"):
         C.validate(_proxy_cfg("edge", scenes_dir, proxy_stream="t2i"))
+
+
+# ------------------------------------------------------------------------------------------------
+# the tiny model trains on proxy tasks (one device, a few steps)
+
+@pytest.mark.slow
+def test_tiny_model_trains_a_few_steps_on_the_mixed_proxy(scenes_dir, tmp_path):
+    """configs/tiny.py with data.proxy=mixed: panoptic segmentation, reconstruction and edge samples
+    (three tasks in one compile, the CI budget) train with finite losses and one compilation."""
+    import jax
+
+    from sgt_jax.parallel import mesh as mesh_lib
+    from sgt_jax.train import loop
+    sys.path.insert(0, REPO)
+    try:
+        from configs.tiny import get_config
+    finally:
+        sys.path.remove(REPO)
+    cfg = get_config()
+    cfg.data.proxy = "mixed"
+    cfg.data.sources.seg = f"synthetic_seg:{scenes_dir}"
+    cfg.data.sources.vqa = f"synthetic_vqa:{scenes_dir}"
+    cfg.train.update(steps=3, save_every=100, log_every=1, warmup_steps=1)
+    mesh = mesh_lib.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+    s = loop.train(cfg, str(tmp_path / "run"), quiet=True, mesh=mesh)
+    assert s["steps"] == 3 and s["compiles_in_loop"] == 1
+    rows = s["history"]
+    assert len(rows) == 3 and all(np.isfinite(r["loss"]) and r["mse"] > 0 for r in rows)
+    last = rows[-1]
+    assert last["data_total/samples/seg"] >= 3 * 8 and not any("skipped" in k for k in last if k.startswith("data_"))
