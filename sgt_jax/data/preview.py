@@ -356,7 +356,9 @@ def run(run_cfg, *, batches: int, out: str, workdir: str | None = None, samples:
         for v in d["vit"] + d["vae"]:
             Image.fromarray(v["image"]).save(os.path.join(out, v["file"]))
     sheet = os.path.join(out, "contact_sheet.png")
-    contact_sheet(sheet_docs, sheet, title=f"{os.path.basename(config_path) or 'data preview'}: "
+    proxy = cfg.get("proxy") or ""
+    contact_sheet(sheet_docs, sheet, title=f"{os.path.basename(config_path) or 'data preview'}"
+                  f"{f' (proxy task {proxy} on stream {cfg.proxy_stream})' if proxy else ''}: "
                   f"{len(sheet_docs)} documents reconstructed from PackedBatch rows")
     log(f"contact sheet: {sheet} ({len(sheet_docs)} documents)")
 

@@ -232,6 +232,47 @@ def test_detection_boxes_from_synthetic_masks(src):
         assert (x0, y0, x1, y1) == (xs.min(), ys.min(), xs.max(), ys.max())
 
 
+def test_coco_scene_source_gives_boxes_classes_and_masks(tmp_path):
+    """coco_scene: COCO instances JSON -> scene records; detection draws the JSON's bbox with the
+    category name, semantic paints per category, crowd skipped, a broken RLE is a counted skip."""
+    pycoco = pytest.importorskip("pycocotools.mask")
+    from fake_data import _enc, _write
+
+    from sgt_jax.data import render, sources
+    h, w = 60, 80
+    img = np.full((h, w, 3), 100, np.uint8)
+    _write(f"{tmp_path}/img/a.jpg", _enc(img))
+    blob = np.zeros((h, w), np.uint8)
+    blob[30:45, 40:70] = 1
+    anns = [{"id": 1, "image_id": 1, "category_id": 5, "iscrowd": 0, "bbox": [4.0, 6.0, 30.0, 20.0],
+             "segmentation": [[4.0, 6.0, 34.0, 6.0, 34.0, 26.0, 4.0, 26.0]]},
+            {"id": 2, "image_id": 1, "category_id": 7, "iscrowd": 0, "bbox": [40.0, 30.0, 30.0, 15.0],
+             "segmentation": render.rle_encode(blob)},
+            {"id": 3, "image_id": 1, "category_id": 7, "iscrowd": 1, "bbox": [0, 0, 5, 5],
+             "segmentation": render.rle_encode(blob)},
+            {"id": 4, "image_id": 2, "category_id": 7, "iscrowd": 0, "bbox": [0, 0, 5, 5],
+             "segmentation": {"size": [h, w], "counts": "!!bad"}}]
+    meta = {"images": [{"id": 1, "file_name": "a.jpg", "height": h, "width": w},
+                       {"id": 2, "file_name": "a.jpg", "height": h, "width": w}],
+            "annotations": anns, "categories": [{"id": 5, "name": "cat"}, {"id": 7, "name": "dog"}]}
+    _write(f"{tmp_path}/inst.json", json.dumps(meta))
+    src = sources.make_source(f"coco_scene:{tmp_path}/inst.json::{tmp_path}/img", seed=2)
+    rec = src.scene(0)
+    assert rec["labels"] == ["cat", "dog"] and rec["label_ids"] == [5, 7] and len(rec["masks"]) == 2
+    np.testing.assert_array_equal(rec["boxes"], [[4, 6, 30, 20], [40, 30, 30, 15]])
+    poly = pycoco.decode(pycoco.merge(pycoco.frPyObjects(anns[0]["segmentation"], h, w)))
+    np.testing.assert_array_equal(rec["masks"][0], poly.astype(bool))
+    pair = tasks.build("detection", dict(rec, proxy="detection"), np.random.default_rng(0), seed=2)
+    assert [d[:4] for d in pair.info["boxes"]] == [(4, 6, 33, 25), (40, 30, 69, 44)]
+    sem = tasks.build("semantic_seg", rec, np.random.default_rng(0), seed=2).target
+    c5, c7 = tasks.class_palette(2, [5, 7])
+    assert (sem[poly == 1] == c5).all() and (sem[blob == 1] == c7).all()
+    assert src[0]["task"] == "seg"                                  # without a proxy: instance seg
+    with pytest.raises(BadRecord) as e:
+        src.scene(1)
+    assert e.value.reason == "bad_annotation"
+
+
 # ------------------------------------------------------------------------------------------------
 # segmentation variants: colour-permutation consistent with the ground truth
 
