@@ -129,6 +129,7 @@ def default_data_config(model: ml_collections.ConfigDict | None = None) -> ml_co
     # ---- proxy task (issue 16; docs/proxy_tasks.md): the generation stream's records become
     # (degraded / plain input, task target, task instruction) pairs of one of the SGT study's tasks ----
     c.proxy = ""                       # "" = off (today's behaviour); else a task of proxy.tasks.TASKS
+                                       # or "a+b" (one of them per sample)
     c.proxy_stream = "seg"             # the stream whose source is read for the task
     c.proxy_options = ml_collections.ConfigDict({
         "depth_dir": "",               # depth: DEPTH_DIR/<key>.npy|.png per image (else the record's)
@@ -223,8 +224,11 @@ def validate(cfg, process_count: int = 1) -> ml_collections.ConfigDict:
     need(cfg.packer.max_buffer >= 1, "packer.max_buffer must be >= 1")
     proxy = cfg.get("proxy", "")
     if proxy:
-        from sgt_jax.data.proxy.tasks import TASKS
-        need(proxy in TASKS, f"proxy={proxy!r} is not a proxy task; one of {', '.join(TASKS)} (or '' for off)")
+        from sgt_jax.data.proxy.tasks import check_task
+        try:
+            check_task(proxy)
+        except ValueError as e:
+            need(False, f"proxy={e} ('' for off)")
         need(cfg.proxy_stream in streams, f"proxy_stream={cfg.proxy_stream!r} is not a stream of "
              f"sources ({sorted(streams)})")
     need(cfg.vae_images_dtype in ("float32", "bfloat16"), "vae_images_dtype: float32 or bfloat16")

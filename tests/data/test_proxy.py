@@ -433,6 +433,14 @@ def test_mixed_is_equal_thirds_of_panoptic_reconstruction_edge(src):
     assert {t: got.count(t) for t in set(got)} == {"panoptic_seg": 10, "reconstruction": 10, "edge": 10}
 
 
+def test_joined_tasks_draw_one_task_per_sample_uniformly(src):
+    got = [tasks.build("derain+dehaze", src.scene(0), np.random.default_rng(g)).task for g in range(200)]
+    assert set(got) == {"derain", "dehaze"} and 70 < got.count("derain") < 130
+    for bad in ("derain+colorize", "mixed+edge"):
+        with pytest.raises(ValueError, match="not a proxy task"):
+            tasks.check_task(bad)
+
+
 def _proxy_cfg(task, scenes_dir, **kw):
     cfg = C.tiny_data_config()
     cfg.proxy = task

@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 
 from sgt_jax import fileio
-from sgt_jax.data.proxy.tasks import TASKS
+from sgt_jax.data.proxy.tasks import check_task
 from sgt_jax.data.records import BadRecord
 
 
@@ -47,8 +47,7 @@ class ProxyRecords:
     """Random-access records of ``source`` for proxy ``task`` (picklable for Grain workers)."""
 
     def __init__(self, source, task: str, depth_dir: str = ""):
-        if task not in TASKS:
-            raise ValueError(f"data.proxy={task!r}: unknown proxy task; known: {', '.join(TASKS)}")
+        check_task(task)
         self.source, self.task, self.depth_dir = source, task, depth_dir
 
     def __len__(self) -> int:
@@ -57,7 +56,7 @@ class ProxyRecords:
     def __getitem__(self, i) -> dict:
         scene = getattr(self.source, "scene", None)
         rec = dict(scene(i) if scene is not None else self.source[i])
-        if self.depth_dir and self.task == "depth":
+        if self.depth_dir and "depth" in self.task.split("+"):
             rec["depth"] = read_depth(self.depth_dir, str(rec.get("key", rec.get("id", i))))
         rec["task"], rec["proxy"] = "proxy", self.task
         return rec

@@ -30,6 +30,8 @@ Tasks (``TASKS``; the names the experiment presets use):
          inpainting, reconstruction (RecA: target = input)
   mixed  panoptic_seg, reconstruction, edge in equal thirds: stream position mod 3 (exact thirds
          in every 3 consecutive samples, so at any total volume)
+  a+b+.. one of the named tasks per sample, uniformly (the paper's "Derain-Dehaze" row:
+         ``derain+dehaze``; its restoration mix: ``denoise+deblur_motion+lowlight``)
 
 Colours: instance / SA-1B / panoptic segments get ``render.render_masks``'s distinct colours seeded
 per (run seed, image id) -- today's renderer; semantic classes (and detection boxes) get one colour
@@ -53,6 +55,14 @@ LOW_LEVEL = ("denoise", "derain", "dehaze", "deblur_motion", "deblur_defocus", "
              "super_resolution", "inpainting", "reconstruction")
 MIXED = ("panoptic_seg", "reconstruction", "edge")
 TASKS = SEG_TASKS + ("detection", "edge", "depth") + LOW_LEVEL + ("mixed",)
+
+
+def check_task(task: str) -> None:
+    """Raise ValueError unless ``task`` is a task of ``TASKS`` or ``a+b+..`` of them (not mixed)."""
+    parts = task.split("+") if isinstance(task, str) else [task]
+    if not all(p in TASKS for p in parts) or (len(parts) > 1 and "mixed" in parts):
+        raise ValueError(f"{task!r} is not a proxy task: one of {', '.join(TASKS)}, or several "
+                         "joined by '+' (one drawn per sample)")
 
 
 @dataclasses.dataclass
@@ -251,6 +261,9 @@ def build(task: str, record: dict, rng: np.random.Generator, *, seed: int = 0,
     (segment colours), ``index`` the stream position (``mixed``'s thirds)."""
     if task == "mixed":
         task = MIXED[int(index) % 3]
+    elif "+" in task:                    # "a+b": one of them per sample, uniformly (paper's combos)
+        parts = task.split("+")
+        task = parts[int(rng.integers(len(parts)))]
     if task not in BY_TASK:
         raise ValueError(f"unknown proxy task {task!r}; known: {', '.join(TASKS)}")
     image = record.get("image")
