@@ -22,6 +22,9 @@ host's slice of a pod of N hosts, e.g. 16 for v6e-64), and
 * writes ``DIR/samples/*.png`` (each reconstructed image, lossless) and ``DIR/preview.json``:
   static shapes, per-batch statistics, totals, counters, the reconstructed documents.
 
+Any proxy task of the SGT study previews the same way (``--config.data.proxy=<task>``, see
+docs/proxy_tasks.md); the contact sheet's title names it.
+
 The workdir (default ``DIR/work``) is where the default config generates its synthetic scenes and
 tiny tokenizer; point ``--workdir`` at a run's workdir to preview exactly its data.
 """
