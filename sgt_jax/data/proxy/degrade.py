@@ -103,13 +103,14 @@ def denoise(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 # rain, haze
 
 def _line_kernel(length: int, angle: float, diagonal: bool = False) -> np.ndarray:
-    """A normalised straight-line kernel of ``length`` px rotated by ``angle`` degrees."""
+    """A normalised straight-line kernel (float64) of ``length`` px rotated by ``angle`` degrees:
+    a horizontal line through the centre row (motion blur) or the main diagonal (rain streaks)."""
     length = max(int(length), 2)
     if diagonal:
-        k = np.eye(length, dtype=np.float32)
+        k = np.eye(length)
         centre = (length / 2, length / 2)
     else:
-        k = np.zeros((length, length), np.float32)
+        k = np.zeros((length, length))
         c = (length - 1) // 2
         k[c, :] = 1.0
         centre = (c, c)
@@ -119,45 +120,61 @@ def _line_kernel(length: int, angle: float, diagonal: bool = False) -> np.ndarra
     return k / s if s > 0 else np.full_like(k, 1.0 / k.size)
 
 
+def rain_apply(image: np.ndarray, strength: float, noise: np.ndarray, length: int) -> np.ndarray:
+    """Rain from a uniform uint8 ``noise`` field (h, w): seeds above 254 - int(2 s), smeared by a
+    ``length`` px line kernel at 105 degrees, blended with weights 0.8 / 0.4 + 0.2 s."""
+    _, seeds = cv2.threshold(noise, 254 - int(strength * 2), 255, cv2.THRESH_BINARY)
+    streaks = cv2.filter2D(seeds, -1, _line_kernel(length, 105.0, diagonal=True))
+    layer = cv2.cvtColor(streaks, cv2.COLOR_GRAY2RGB)
+    return cv2.addWeighted(image, 0.8, layer, 0.4 + 0.2 * strength, 0)
+
+
 def rain(image: np.ndarray, rng: np.random.Generator, strength: float | None = None) -> np.ndarray:
     s = float(rng.choice(RAIN_FOG_INTENSITIES) if strength is None else strength)
     h, w = image.shape[:2]
     noise = rng.integers(0, 255, (h, w), dtype=np.uint8)
-    _, seeds = cv2.threshold(noise, 254 - int(s * 2), 255, cv2.THRESH_BINARY)
-    length = max(3, round((10 + 30 * s) * _scale(image)))
-    streaks = cv2.filter2D(seeds, -1, _line_kernel(length, 105.0, diagonal=True))
-    layer = cv2.cvtColor(streaks, cv2.COLOR_GRAY2RGB)
-    return cv2.addWeighted(image, 0.8, layer, 0.4 + 0.2 * s, 0)
+    return rain_apply(image, s, noise, max(3, round((10 + 30 * s) * _scale(image))))
+
+
+def haze_apply(image: np.ndarray, strength: float, noise: np.ndarray) -> np.ndarray:
+    """The atmospheric model with depth = vertical ramp 0.8 -> 0.2 plus ``noise`` (h, w)."""
+    h, w = image.shape[:2]
+    d = np.tile(np.linspace(0.8, 0.2, h)[:, None], (1, w)) + noise
+    t = np.dstack([np.exp(-(0.5 + 3.0 * strength) * np.clip(d, 0.1, 1.0))] * 3)
+    return _to_u8(image.astype(np.float32) / 255.0 * t + 0.95 * (1 - t))
 
 
 def haze(image: np.ndarray, rng: np.random.Generator, strength: float | None = None) -> np.ndarray:
     s = float(rng.choice(RAIN_FOG_INTENSITIES) if strength is None else strength)
-    h, w = image.shape[:2]
-    d = np.repeat(np.linspace(0.8, 0.2, h)[:, None], w, 1) + rng.normal(0, 0.05, (h, w))
-    t = np.exp(-(0.5 + 3.0 * s) * np.clip(d, 0.1, 1.0))[..., None]
-    return _to_u8(image.astype(np.float32) / 255.0 * t + 0.95 * (1 - t))
+    return haze_apply(image, s, rng.normal(0, 0.05, image.shape[:2]))
 
 
 # ------------------------------------------------------------------------------------------------
 # blur, low light
 
+def motion_blur_apply(image: np.ndarray, size: int, angle: float) -> np.ndarray:
+    return cv2.filter2D(image, -1, _line_kernel(size, angle), borderType=cv2.BORDER_REFLECT_101)
+
+
 def motion_blur(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     size = max(3, round(int(rng.choice(MOTION_SIZES)) * _scale(image)))
-    kernel = _line_kernel(size, rng.uniform(0, 360))
-    return cv2.filter2D(image, -1, kernel, borderType=cv2.BORDER_REFLECT_101)
+    return motion_blur_apply(image, size, rng.uniform(0, 360))
 
 
 def defocus_blur(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     r = max(1, round(int(rng.integers(DEFOCUS_RADII[0], DEFOCUS_RADII[1] + 1)) * _scale(image)))
-    disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)).astype(np.float32)
+    disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)).astype(np.float64)
     return cv2.filter2D(image, -1, disc / disc.sum(), borderType=cv2.BORDER_REFLECT_101)
+
+
+def low_light_apply(image: np.ndarray, factor: float, noise: np.ndarray) -> np.ndarray:
+    return _to_u8(image.astype(np.float32) / 255.0 * factor + noise)
 
 
 def low_light(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     factor = rng.uniform(0.1, 0.5)
     sigma = rng.uniform(0.01, 0.04)
-    x = image.astype(np.float32) / 255.0 * factor
-    return _to_u8(x + rng.normal(0.0, sigma, x.shape))
+    return low_light_apply(image, factor, rng.normal(0.0, sigma, image.shape))
 
 
 # ------------------------------------------------------------------------------------------------
