@@ -427,6 +427,16 @@ def test_depth_alignment_recovers_scale_shift_and_drops_a_pair_above_0_4(tmp_pat
     assert json.load(open(tmp_path / "r.json"))["dropped"] == ["bad"]
 
 
+def test_image_only_tasks_read_the_image_without_masks(src):
+    for task, scene in (("denoise", False), ("edge", False), ("depth", True), ("mixed", True),
+                        ("derain+dehaze", False), ("lowlight+detection", True)):
+        pr = ProxyRecords(src, task)
+        assert pr.needs_scene == scene, task
+        rec = pr[3]
+        assert ("masks" in rec) == scene and rec["proxy"] == task
+        np.testing.assert_array_equal(rec["image"], src[3]["image"])
+
+
 def test_depth_maps_from_a_folder(src, tmp_path):
     rec = src.scene(0)
     d = np.linspace(0, 1, rec["image"].shape[0] * rec["image"].shape[1]).reshape(rec["image"].shape[:2])

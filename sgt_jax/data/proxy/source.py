@@ -2,7 +2,8 @@
 
 Each record becomes ``{**scene, "task": "proxy", "proxy": TASK}``, where ``scene`` is the source's
 scene record (``source.scene(i)``: masks, classes, depth, ...; the synthetic scenes and SA-1B have
-one) or, for a source without one, its ordinary record (an image-only task needs only ``image``; a
+one; for a task that reads only the image, ``source.image_record(i)`` when the source has it) or,
+for a source without one, its ordinary record (an image-only task needs only ``image``; a
 segmentation task uses the record's rendered ``target``). With ``depth_dir`` the depth map of a
 record is read from ``DEPTH_DIR/<key>.npy`` (float, any scale) or ``DEPTH_DIR/<key>.png`` (8- or
 16-bit grey), ``<key>`` being the record's file key (``key``, else ``id``); a missing or unreadable
@@ -16,7 +17,7 @@ import cv2
 import numpy as np
 
 from sgt_jax import fileio
-from sgt_jax.data.proxy.tasks import check_task
+from sgt_jax.data.proxy.tasks import MIXED, SEG_TASKS, check_task
 from sgt_jax.data.records import BadRecord
 
 
@@ -49,13 +50,18 @@ class ProxyRecords:
     def __init__(self, source, task: str, depth_dir: str = ""):
         check_task(task)
         self.source, self.task, self.depth_dir = source, task, depth_dir
+        parts = task.split("+") if task != "mixed" else list(MIXED)
+        self.needs_scene = any(p in SEG_TASKS or p == "detection" or (p == "depth" and not depth_dir)
+                               for p in parts)
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, i) -> dict:
-        scene = getattr(self.source, "scene", None)
-        rec = dict(scene(i) if scene is not None else self.source[i])
+        read = getattr(self.source, "scene", None) or self.source.__getitem__
+        if not self.needs_scene and hasattr(self.source, "image_record"):
+            read = self.source.image_record           # SA-1B: skip decoding ~100 masks
+        rec = dict(read(i))
         if self.depth_dir and "depth" in self.task.split("+"):
             rec["depth"] = read_depth(self.depth_dir, str(rec.get("key", rec.get("id", i))))
         rec["task"], rec["proxy"] = "proxy", self.task

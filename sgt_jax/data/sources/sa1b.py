@@ -74,6 +74,11 @@ class SA1BSource(_Source):
         arrays (resized like the image, nearest), all things, class id 0."""
         return self._scene(i)[0]
 
+    def image_record(self, i) -> dict:
+        """The image alone (no mask decoding): what the image-only proxy tasks read."""
+        key, info, _, _, image, _, _ = self._load(i)
+        return {"task": "scene", "id": str(info.get("image_id", key)), "key": key, "image": image}
+
     def _scene(self, i) -> tuple[dict, dict]:
         key, info, rles, (h, w), image, (oh, ow), meta = self._load(i)
         try:
