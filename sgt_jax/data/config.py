@@ -126,6 +126,14 @@ def default_data_config(model: ml_collections.ConfigDict | None = None) -> ml_co
         "seg": "synthetic_seg:{workdir}/synthetic?n=1000",
         "vqa": "synthetic_vqa:{workdir}/synthetic?n=1000",
     })
+    # ---- proxy task (issue 16; docs/proxy_tasks.md): the generation stream's records become
+    # (degraded / plain input, task target, task instruction) pairs of one of the SGT study's tasks ----
+    c.proxy = ""                       # "" = off (today's behaviour); else a task of proxy.tasks.TASKS
+                                       # or "a+b" (one of them per sample)
+    c.proxy_stream = "seg"             # the stream whose source is read for the task
+    c.proxy_options = ml_collections.ConfigDict({
+        "depth_dir": "",               # depth: DEPTH_DIR/<key>.npy|.png per image (else the record's)
+    })
     c.tokenizer_path = "{workdir}/tokenizer"   # a Qwen2 checkpoint dir; built tiny if absent here
     c.tiny_tokenizer_vocab_size = 1024
 
@@ -214,6 +222,15 @@ def validate(cfg, process_count: int = 1) -> ml_collections.ConfigDict:
     need(all(v >= 0 for v in table.values()) and sum(table.values()) > 0,
          f"{key} must be >= 0 with a positive sum")
     need(cfg.packer.max_buffer >= 1, "packer.max_buffer must be >= 1")
+    proxy = cfg.get("proxy", "")
+    if proxy:
+        from sgt_jax.data.proxy.tasks import check_task
+        try:
+            check_task(proxy)
+        except ValueError as e:
+            need(False, f"proxy={e} ('' for off)")
+        need(cfg.proxy_stream in streams, f"proxy_stream={cfg.proxy_stream!r} is not a stream of "
+             f"sources ({sorted(streams)})")
     need(cfg.vae_images_dtype in ("float32", "bfloat16"), "vae_images_dtype: float32 or bfloat16")
     need(cfg.samples.ce_weighting in ("square", "token", "sample"), "samples.ce_weighting: square|token|sample")
     return cfg

@@ -47,6 +47,8 @@ Spec grammar (``make_source``)::
     sgt_pairs:PATHS                       sgt_pairs.py  image + pre-rendered colour-mask PNG
     coco_panoptic:JSON::PNG_DIR::IMAGE_DIR  coco.py     COCO panoptic PNGs
     coco_instances:JSON::IMAGE_DIR        coco.py       instances JSON via pycocotools, rendered
+    coco_scene:JSON::IMAGE_DIR            coco_scene.py instances as scene records (proxy tasks:
+                                                        boxes, classes, masks)
     llava:FILE[::IMAGE_ROOT]              llava.py      .jsonl / .json (list) / .parquet SFT data
     synthetic_seg:[DIR], synthetic_vqa:[DIR]  synthetic.py  the built-in scenes (seg / VQA)
     tfds:NAME:SPLIT                       tfds.py       a prepared TFDS dataset
