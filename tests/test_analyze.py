@@ -1,0 +1,162 @@
+"""sgt_jax.analyze: attention capture against an independent reference on the golden fixture,
+the separability numbers on features of known separability, and the commands on the tiny model."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from golden import GOLDEN
+from sgt_jax.analyze import capture
+from sgt_jax.analyze import metrics
+from sgt_jax.convert import check_golden as G
+from sgt_jax.models.qwen2_mot import Routing
+
+
+# -- an independent reference: BAGEL's MoT decoder in numpy (float64) from the fixture's tensors ---
+
+def _rms(x, w, eps):
+    return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps) * w
+
+
+def _rope(x, pos, theta):
+    hd = x.shape[-1]
+    inv = 1.0 / theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd)
+    f = pos[:, None].astype(np.float64) * inv[None]
+    cos, sin = np.cos(np.concatenate([f, f], -1))[:, None], np.sin(np.concatenate([f, f], -1))[:, None]
+    rot = np.concatenate([-x[..., hd // 2:], x[..., :hd // 2]], -1)
+    return x * cos + rot * sin
+
+
+def reference_probs(fx):
+    """Per-layer attention probabilities (layers, heads, L, L) and the final hidden states of
+    BAGEL's decoder on the fixture's ``input_embeds``, its dense mask and its weights."""
+    meta, t, m = fx["meta"], fx["batch"], fx["model"]
+    c = meta["config"]["llm"]
+    n = meta["batch"]["sequence_length"]
+    nh, nkv, hd, eps = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"], c["rms_norm_eps"]
+    x = t["input_embeds"].astype(np.float64)
+    mask = t["attn_mask_dense"][:n, :n]
+    gen = np.zeros(n, bool)
+    gen[t["packed_vae_token_indexes"]] = True
+    pos = t["packed_position_ids"]
+    W = lambda l, name, sfx="", leaf="weight": m[f"language_model.model.layers.{l}.{name}{sfx}.{leaf}"].astype(np.float64)
+
+    def expert(fn):      # fn(suffix) evaluated for both experts, picked per token
+        a, b = fn(""), fn("_moe_gen")
+        return np.where(gen.reshape((n,) + (1,) * (a.ndim - 1)), b, a)
+
+    probs = []
+    for l in range(c["num_hidden_layers"]):
+        hn = expert(lambda s: _rms(x, W(l, "input_layernorm", s), eps))
+
+        def proj(name, heads, norm=None):
+            def f(s):
+                y = hn @ W(l, f"self_attn.{name}", s).T + W(l, f"self_attn.{name}", s, "bias")
+                y = y.reshape(n, heads, hd)
+                return _rms(y, W(l, f"self_attn.{norm}", s), eps) if norm else y
+            return expert(f)
+
+        q = _rope(proj("q_proj", nh, "q_norm"), pos, c["rope_theta"])
+        k = _rope(proj("k_proj", nkv, "k_norm"), pos, c["rope_theta"])
+        v = proj("v_proj", nkv)
+        p = np.zeros((nh, n, n))
+        o = np.zeros((n, nh, hd))
+        for h in range(nh):
+            s = q[:, h] @ k[:, h // (nh // nkv)].T / np.sqrt(hd)
+            s = np.where(mask, s, -np.inf)
+            e = np.exp(s - s.max(-1, keepdims=True))
+            p[h] = e / e.sum(-1, keepdims=True)
+            o[:, h] = p[h] @ v[:, h // (nh // nkv)]
+        probs.append(p)
+        x = x + expert(lambda s: o.reshape(n, -1) @ W(l, "self_attn.o_proj", s).T)
+        hn = expert(lambda s: _rms(x, W(l, "post_attention_layernorm", s), eps))
+
+        def mlp(s):
+            g = hn @ W(l, "mlp" + s, ".gate_proj").T
+            return (g / (1 + np.exp(-g)) * (hn @ W(l, "mlp" + s, ".up_proj").T)) @ W(l, "mlp" + s, ".down_proj").T
+        x = x + expert(mlp)
+    fn = lambda s: _rms(x, m[f"language_model.model.norm{s}.weight"].astype(np.float64), eps)
+    return np.stack(probs), expert(fn)
+
+
+@pytest.fixture(scope="module")
+def golden():
+    fx = G.load_fixture(str(GOLDEN))
+    ref_p, ref_h = reference_probs(fx)
+    return fx, ref_p, ref_h
+
+
+def test_reference_reproduces_bagel(golden):
+    """The numpy reference is itself checked against BAGEL's own output."""
+    fx, _, ref_h = golden
+    assert np.abs(ref_h - fx["batch"]["last_hidden_state"]).max() < 2e-5
+
+
+def _full_probs(b, nh, length, lk):
+    def reduce(p, qidx, h0):
+        return jnp.zeros((b, nh, length, lk), jnp.float32).at[:, h0:h0 + p.shape[1], qidx, :].set(p)
+    return reduce
+
+
+@pytest.mark.parametrize("pad_to,query_chunk,head_block", [(None, 0, 0), (112, 16, 1)])
+def test_capture_equals_dense_attention_probabilities(golden, pad_to, query_chunk, head_block):
+    fx, ref_p, _ = golden
+    meta, t = fx["meta"], fx["batch"]
+    n = meta["batch"]["sequence_length"]
+    cfg = G.config_from_meta(meta)
+    model = G.build_model(cfg, fx["model"])
+    batch, noise, num_gen = G.packed_batch_from_golden(meta, t, cfg, pad_to=pad_to)
+    out = model(batch, num_gen=num_gen, noise=noise)          # the training forward (its embeddings)
+    length = batch.kind.shape[1]
+    r = Routing.make(batch.expert, num_gen)
+    seg = capture.Segments(batch.doc_ids, batch.split_ids, batch.split_mode,
+                           jnp.arange(length, dtype=jnp.int32)[None]).permute(r.perm)
+    nh = cfg.llm.num_heads
+    h, probs = capture.attention_pass(model.language_model, r.sort(out["input_embeds"]), r.sort(batch.position_ids),
+                                      seg, num_gen, _full_probs(1, nh, length, length),
+                                      query_chunk=query_chunk, head_block=head_block)
+    inv = np.asarray(r.inverse[0])
+    probs = np.asarray(probs)[:, 0][:, :, inv][:, :, :, inv]          # back to packing order
+    got = probs[:, :, :n, :n]
+    mask = t["attn_mask_dense"][:n, :n]
+    assert np.all(got[:, :, ~mask] == 0.0)                             # masked keys exactly 0
+    np.testing.assert_allclose(got.sum(-1), 1.0, atol=1e-5)            # rows sum to 1 over visible keys
+    assert np.abs(got - ref_p).max() < 1e-5
+    # the analysis pass's hidden states are the training forward's
+    np.testing.assert_allclose(np.asarray(r.unsort(h))[0, :n], np.asarray(out["hidden"])[0, :n], atol=1e-5)
+    if pad_to:
+        assert np.all(probs[:, :, :n, n:] == 0) and np.all(probs[:, :, n:, :n] == 0)
+
+
+def test_key_profile_is_the_mean_of_the_reference_rows(golden):
+    """The reduction the commands use: mass from one sample's text tokens to every key."""
+    fx, ref_p, _ = golden
+    meta, t = fx["meta"], fx["batch"]
+    n = meta["batch"]["sequence_length"]
+    cfg = G.config_from_meta(meta)
+    model = G.build_model(cfg, fx["model"])
+    batch, noise, num_gen = G.packed_batch_from_golden(meta, t, cfg)
+    out = model(batch, num_gen=num_gen, noise=noise)
+    from sgt_jax import batch as B
+    w = (np.asarray(batch.kind[0]) == B.TEXT) & (np.asarray(batch.doc_ids[0]) == 1)      # sample 1: VQA
+    prof = capture.packed_key_profile(model, out["input_embeds"], batch, num_gen, jnp.asarray(w[None], jnp.float32),
+                                      query_chunk=0)
+    want = ref_p[:, :, w].mean(axis=(1, 2))                            # (layers, L)
+    np.testing.assert_allclose(np.asarray(prof)[:, 0], want, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(prof).sum(-1), 1.0, atol=1e-5)
+
+
+# -- separability numbers on features of known separability ------------------------------------------
+
+def test_probe_and_silhouette_on_known_separability():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 40)
+    centers = rng.normal(size=(4, 32)) * 10.0
+    apart = centers[labels] + rng.normal(size=(160, 32))
+    same = rng.normal(size=(160, 32))
+    a, s = metrics.separability(apart, labels), metrics.separability(same, labels)
+    assert a["linear_probe_accuracy"] >= 0.99 and a["silhouette"] > 0.5
+    assert s["linear_probe_accuracy"] < 0.45 and abs(s["silhouette"]) < 0.05     # chance: 0.25, 0
+    assert a["num_classes"] == 4 and a["num_samples"] == 160 and a["chance"] == pytest.approx(0.25)
