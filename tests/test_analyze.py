@@ -160,3 +160,110 @@ def test_probe_and_silhouette_on_known_separability():
     assert a["linear_probe_accuracy"] >= 0.99 and a["silhouette"] > 0.5
     assert s["linear_probe_accuracy"] < 0.45 and abs(s["silhouette"]) < 0.05     # chance: 0.25, 0
     assert a["num_classes"] == 4 and a["num_samples"] == 160 and a["chance"] == pytest.approx(0.25)
+
+
+# -- the commands on the tiny model: an SGT-trained checkpoint vs an untrained one ----------------
+
+TRAIN_STEPS = 40
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    """configs/tiny.py (SGT: segmentation + VQA on the synthetic scenes) trained TRAIN_STEPS steps
+    on one device, and an untrained model of the same config (a model dir with the run's tokenizer)."""
+    from flax import nnx
+
+    from fake_data import tiny_run_config
+    from sgt_jax.convert.model_dir import save_model_dir
+    from sgt_jax.models.bagel import Bagel
+    from sgt_jax.models.vae import AutoEncoder
+    from sgt_jax.parallel import mesh as mesh_lib
+    from sgt_jax.train import loop
+
+    d = tmp_path_factory.mktemp("analyze")
+    cfg = tiny_run_config()
+    cfg.data.sources.seg = "synthetic_seg:{workdir}/synthetic?n=32&size=48-80"
+    cfg.data.sources.vqa = "synthetic_vqa:{workdir}/synthetic?n=32&size=48-80"
+    cfg.train.update(steps=TRAIN_STEPS, save_every=TRAIN_STEPS, log_every=10)
+    one = mesh_lib.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+    loop.train(cfg, str(d / "run"), quiet=True, mesh=one)
+    m = Bagel(cfg.model, rngs=nnx.Rngs(1))
+    ae = AutoEncoder(cfg.model, rngs=nnx.Rngs(2))
+    save_model_dir(str(d / "untrained"), cfg.model, nnx.to_pure_dict(nnx.state(m, nnx.Param)),
+                   nnx.to_pure_dict(nnx.state(ae, nnx.Param)), tokenizer_dir=str(d / "run" / "tokenizer"))
+    return d / "untrained", d / "run"
+
+
+def _cli(*args):
+    from sgt_jax.analyze.__main__ import main
+
+    return main([str(a) for a in args])
+
+
+@pytest.mark.slow
+def test_features_trained_vs_untrained(tiny_runs, tmp_path, capsys):
+    untrained, run = tiny_runs
+    out = tmp_path / "features"
+    rc = _cli("features", "--ckpt", f"untrained={untrained}", "--ckpt", f"sgt={run}", "--weights", "params",
+              "--data", "synthetic:120?size=64&label=color", "--pool", "mean", "--embedding", "pca",
+              "--batch-size", "40", "--out", out)
+    assert rc == 0, capsys.readouterr().err
+    res = json.loads((out / "features.json").read_text())
+    u, s = res["checkpoints"]["untrained"], res["checkpoints"]["sgt"]
+    print("features untrained", {k: (u[k]["linear_probe_accuracy"], u[k]["silhouette"]) for k in ("vit", "connector")})
+    print("features sgt", {k: (s[k]["linear_probe_accuracy"], s[k]["silhouette"]) for k in ("vit", "connector")})
+    assert res["inputs"] == 120 and sum(res["labels"].values()) == 120 and len(res["labels"]) == 8
+    assert u["vit"]["num_samples"] == s["vit"]["num_samples"] == 120 and u["pool"] == "mean"
+    for r in (u, s):
+        for k in ("vit", "connector"):
+            assert r[k]["chance"] <= r[k]["linear_probe_accuracy"] <= 1 and -1 <= r[k]["silhouette"] <= 1
+    # training changed the feature space: the numbers differ (measured values: docs/analysis.md)
+    assert s["vit"]["silhouette"] != u["vit"]["silhouette"]
+    for f in ("features_vit.png", "features_connector.png"):
+        assert 5_000 < (out / f).stat().st_size < 300_000
+
+
+@pytest.mark.slow
+def test_attention_and_prompt_attention_commands(tiny_runs, tmp_path, capsys):
+    _, run = tiny_runs
+    out = tmp_path / "att"
+    # the same weights twice: differences exactly 0, the second checkpoint reuses the program
+    rc = _cli("attention", "--ckpt", f"base={run}", "--ckpt", f"sgt={run}", "--data", "synthetic:8",
+              "--batch-size", "4", "--query-chunk", "16", "--head-block", "1", "--out", out)
+    assert rc == 0, capsys.readouterr().err
+    res = json.loads((out / "attention.json").read_text())
+    u, s = res["checkpoints"]["base"], res["checkpoints"]["sgt"]
+    layers = 2
+    for r in (u, s):
+        assert len(r["vit_mass_per_layer"]) == layers and r["items"] == 8
+        assert all(0 < v < 1 for v in r["vit_mass_per_layer"])
+        assert all(a + b <= 1 + 1e-5 for a, b in zip(r["vit_mass_per_layer"], r["text_mass_per_layer"]))
+    assert s["vit_mass_minus_base"] == u["vit_mass_minus_base"] == [0.0] * layers
+    assert res["compilations"] == {"jit(analyze_vqa_attention)": 1} and (out / "attention.png").exists()
+
+    out = tmp_path / "prompt"
+    rc = _cli("prompt_attention", "--ckpt", f"sgt={run}", "--max-items", "2", "--batch-size", "2",
+              "--num-timesteps", "4", "--steps", "0,1", "--out", out)
+    assert rc == 0, capsys.readouterr().err
+    res = json.loads((out / "prompt_attention.json").read_text())
+    r = res["checkpoints"]["sgt"]
+    assert sum(r["category_share_pct"].values()) == pytest.approx(100.0, abs=1e-3)
+    p = r["prompts"][0]
+    assert p["prompt"] == "a photo of a red apple left of a green cup"
+    assert sum(p["token_share_pct"]) == pytest.approx(100.0, abs=1e-3)
+    assert {"Color", "Object", "Relation", "Special"} <= set(p["categories"])
+    assert 0 < r["mean_prompt_mass"] <= 1 + 1e-5 and (out / "prompt_attention.png").exists()
+
+
+def test_bad_inputs_are_counted_or_refused(tmp_path, capsys):
+    bad = tmp_path / "set.jsonl"
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    bad.write_text('{"image": "broken.png", "label": "a"}\nnot json\n{"image": "missing.png", "label": "b"}\n')
+    from sgt_jax.analyze import data as D
+
+    sk = D.Skipped()
+    ims, labels = D.labelled_images(str(bad), sk)
+    assert ims == [] and sk.counts == {"bad_image": 2, "bad_record": 1}
+    assert _cli("features", "--ckpt", tmp_path / "nope", "--data", bad, "--out", tmp_path / "o") == 1
+    assert _cli("features", "--ckpt", tmp_path / "nope", "--data", "synthetic:4", "--out", tmp_path / "o") == 2
+    assert "no such file" in capsys.readouterr().err

@@ -235,6 +235,8 @@ def main(argv=None) -> int:
             an = state.get("an")
             if an is None or an.eng.graphdef != eng.graphdef or an.eng.param_dtype != eng.param_dtype:
                 an = Analyzer(eng, query_chunk=args.query_chunk, head_block=args.head_block)
+            # every checkpoint sees the same pixels: the first one's image transforms for all
+            eng.transforms = state.setdefault("transforms", eng.transforms)
             an.eng = eng
             state["an"] = an
             yield name, an
