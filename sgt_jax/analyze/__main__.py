@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: the model's)")
     ap.add_argument("--mesh", default="data=1,fsdp=-1,tensor=1")
     ap.add_argument("--tokenizer", help="tokenizer dir (default: the model's)")
-    ap.add_argument("--query-chunk", type=int, default=0, help="attention query chunk (memory; divides the block)")
+    ap.add_argument("--query-chunk", type=int, default=0, help="attention queries per block (memory; 0: all at once)")
     ap.add_argument("--head-block", type=int, default=0, help="kv heads per attention block (memory)")
     return ap
 

@@ -29,12 +29,11 @@ from sgt_jax.models.layers import rope_cos_sin
 from sgt_jax.models.qwen2_mot import Routing
 
 
-def _chunks(length: int, chunk: int) -> int:
+def _chunks(length: int, chunk: int) -> tuple[int, int]:
+    """(chunk size, number of chunks): the queries are padded up to a whole number of chunks."""
     if chunk <= 0 or chunk >= length:
-        return length
-    if length % chunk:
-        raise ValueError(f"query_chunk={chunk} must divide the block length {length}")
-    return chunk
+        return length, 1
+    return chunk, -(-length // chunk)
 
 
 def probs_block(q, k, mask):
@@ -64,20 +63,26 @@ def attention_with_reduce(q, k, v, seg_q: Segments, seg_k: Segments, key_valid, 
     hb = nkv if head_block <= 0 else int(head_block)
     if nkv % hb:
         raise ValueError(f"head_block={hb} kv heads must divide num_kv_heads={nkv}")
-    qc = _chunks(length, query_chunk)
-    n = length // qc
+    qc, n = _chunks(length, query_chunk)
+    pad = n * qc - length
+    if pad:     # padding queries: a document of their own, their probabilities zeroed before reduce
+        q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        lone = jnp.min(seg_k.doc) - 1
+        seg_q = Segments(*(jnp.pad(a, ((0, 0), (0, pad)), constant_values=lone if i == 0 else 0)
+                           for i, a in enumerate(seg_q)))
     split = lambda a: a.reshape((b, n, qc) + a.shape[2:]).swapaxes(0, 1)
-    xs = (split(q), Segments(*(split(a) for a in seg_q)), jnp.arange(length, dtype=jnp.int32).reshape(n, qc))
+    xs = (split(q), Segments(*(split(a) for a in seg_q)), jnp.arange(n * qc, dtype=jnp.int32).reshape(n, qc))
 
     def chunk(carry, x):
         qx, sq, qidx = x
         mask = bagel_mask(sq, seg_k)
         if key_valid is not None:
             mask = mask | key_valid[:, None, :]
+        real = (qidx < length)[None, None, :, None]
         outs, acc = [], carry
         for kh in range(0, nkv, hb):
             p = probs_block(qx[:, :, kh * g:(kh + hb) * g], k[:, :, kh:kh + hb], mask)
-            r = reduce(p, qidx, kh * g)
+            r = reduce(jnp.where(real, p, 0.0), jnp.minimum(qidx, length - 1), kh * g)
             acc = jax.tree.map(jnp.add, acc, r)
             pv = p.reshape(b, hb, g, qc, lk).astype(v.dtype)
             outs.append(jnp.einsum("bkgqs,bskd->bqkgd", pv, v[:, :, kh:kh + hb],
@@ -87,7 +92,7 @@ def attention_with_reduce(q, k, v, seg_q: Segments, seg_k: Segments, key_valid, 
     probe = jax.eval_shape(lambda: reduce(jnp.zeros((b, hb * g, qc, lk), jnp.float32), xs[2][0], 0))
     init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), probe)
     acc, out = jax.lax.scan(chunk, init, xs)
-    return out.swapaxes(0, 1).reshape(b, length, nh, hd), acc
+    return out.swapaxes(0, 1).reshape(b, n * qc, nh, hd)[:, :length], acc
 
 
 def attention_pass(lm, x, positions, seg: Segments, num_gen: int, reduce, *, cache=None,

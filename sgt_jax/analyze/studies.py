@@ -70,7 +70,7 @@ class Analyzer:
             pos = jnp.broadcast_to(cache.rope[:, None], (rows, n + 2))
             qw = jnp.concatenate([jnp.zeros((rows, 2)), jnp.ones((rows, n))], axis=1)
             _, prof = capture.attention_pass(lm, x, pos, seg, n, capture.key_profile(qw), cache=cache,
-                                             query_chunk=qc if qc and (n + 2) % qc == 0 else 0, head_block=hb)
+                                             query_chunk=qc, head_block=hb)
             return prof / (n * model.cfg.llm.num_heads)
 
         self._features = jax.jit(analyze_features)
