@@ -1,11 +1,13 @@
 """sgt_jax.analyze: attention capture against an independent reference on the golden fixture,
 the separability numbers on features of known separability, and the commands on the tiny model."""
+import functools
 import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from golden import GOLDEN
 from sgt_jax.analyze import capture
@@ -100,7 +102,25 @@ def _full_probs(b, nh, length, lk):
     return reduce
 
 
-@pytest.mark.parametrize("pad_to,query_chunk,head_block", [(None, 0, 0), (112, 16, 1), (None, 24, 1)])
+@functools.partial(nnx.jit, static_argnames=("num_gen", "query_chunk", "head_block"))
+def _capture(model, batch, noise, *, num_gen, query_chunk, head_block):
+    """The training forward (its embeddings and hidden states) and the analysis pass with a
+    reduction that keeps every probability, back in packing order."""
+    out = model(batch, num_gen=num_gen, noise=noise)
+    length = batch.kind.shape[1]
+    r = Routing.make(batch.expert, num_gen)
+    seg = capture.Segments(batch.doc_ids, batch.split_ids, batch.split_mode,
+                           jnp.arange(length, dtype=jnp.int32)[None]).permute(r.perm)
+    nh = model.cfg.llm.num_heads
+    h, probs = capture.attention_pass(model.language_model, r.sort(out["input_embeds"]), r.sort(batch.position_ids),
+                                      seg, num_gen, _full_probs(1, nh, length, length),
+                                      query_chunk=query_chunk, head_block=head_block)
+    inv = r.inverse[0]
+    probs = probs[:, 0][:, :, inv][:, :, :, inv]
+    return out["hidden"], r.unsort(h), probs
+
+
+@pytest.mark.parametrize("pad_to,query_chunk,head_block", [(None, 0, 0), (112, 24, 1)])
 def test_capture_equals_dense_attention_probabilities(golden, pad_to, query_chunk, head_block):
     fx, ref_p, _ = golden
     meta, t = fx["meta"], fx["batch"]
@@ -108,24 +128,15 @@ def test_capture_equals_dense_attention_probabilities(golden, pad_to, query_chun
     cfg = G.config_from_meta(meta)
     model = G.build_model(cfg, fx["model"])
     batch, noise, num_gen = G.packed_batch_from_golden(meta, t, cfg, pad_to=pad_to)
-    out = model(batch, num_gen=num_gen, noise=noise)          # the training forward (its embeddings)
-    length = batch.kind.shape[1]
-    r = Routing.make(batch.expert, num_gen)
-    seg = capture.Segments(batch.doc_ids, batch.split_ids, batch.split_mode,
-                           jnp.arange(length, dtype=jnp.int32)[None]).permute(r.perm)
-    nh = cfg.llm.num_heads
-    h, probs = capture.attention_pass(model.language_model, r.sort(out["input_embeds"]), r.sort(batch.position_ids),
-                                      seg, num_gen, _full_probs(1, nh, length, length),
-                                      query_chunk=query_chunk, head_block=head_block)
-    inv = np.asarray(r.inverse[0])
-    probs = np.asarray(probs)[:, 0][:, :, inv][:, :, :, inv]          # back to packing order
+    hidden, h, probs = _capture(model, batch, noise, num_gen=num_gen, query_chunk=query_chunk, head_block=head_block)
+    probs = np.asarray(probs)
     got = probs[:, :, :n, :n]
     mask = t["attn_mask_dense"][:n, :n]
     assert np.all(got[:, :, ~mask] == 0.0)                             # masked keys exactly 0
     np.testing.assert_allclose(got.sum(-1), 1.0, atol=1e-5)            # rows sum to 1 over visible keys
     assert np.abs(got - ref_p).max() < 1e-5
     # the analysis pass's hidden states are the training forward's
-    np.testing.assert_allclose(np.asarray(r.unsort(h))[0, :n], np.asarray(out["hidden"])[0, :n], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(h)[0, :n], np.asarray(hidden)[0, :n], atol=1e-5)
     if pad_to:
         assert np.all(probs[:, :, :n, n:] == 0) and np.all(probs[:, :, n:, :n] == 0)
 
