@@ -278,3 +278,13 @@ def test_bad_inputs_are_counted_or_refused(tmp_path, capsys):
     assert _cli("features", "--ckpt", tmp_path / "nope", "--data", bad, "--out", tmp_path / "o") == 1
     assert _cli("features", "--ckpt", tmp_path / "nope", "--data", "synthetic:4", "--out", tmp_path / "o") == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_word_categories_of_split_tokens():
+    from sgt_jax.analyze import words as W
+
+    p = ["<|im_start|>", "a", " p", "h", "o", "to", " of", " a", " red", " a", "p", "ple", " ", "le", "f", "t",
+         " of", " a", " green", " c", "u", "p", "<|im_end|>"]
+    cats = W.categorize(p, [i in (0, len(p) - 1) for i in range(len(p))], W.load_words(None))
+    assert cats == ["Special"] + ["Other"] * 7 + ["Color"] + ["Object"] * 3 + ["Other"] + ["Relation"] * 3 \
+        + ["Other"] * 2 + ["Color"] + ["Object"] * 3 + ["Special"]

@@ -4,7 +4,8 @@ others). A word list per category, configurable (``--words FILE.json``: {"Object
 (<|im_start|>, <|im_end|>, ...) are "Special".
 
 Tokens are grouped into words as the tokenizer spells them: a token whose text starts with a
-space (or the first token) starts a new word; every token of a word gets the word's category.
+space, follows a token without letters or is next to a marker starts a new word; every token of a
+word gets the word's category.
 """
 from __future__ import annotations
 
@@ -43,11 +44,11 @@ def _norm(word: str) -> str:
     return re.sub(r"[^a-z]", "", word.lower())
 
 
-def token_words(pieces: list[str]) -> list[int]:
-    """Word index of each token from the tokens' decoded texts."""
+def token_words(pieces: list[str], special: list[bool]) -> list[int]:
+    """Word index of each token from the tokens' decoded texts; a marker token is a word alone."""
     out, w = [], -1
     for i, p in enumerate(pieces):
-        if i == 0 or p[:1].isspace() or not _norm(pieces[i - 1]):
+        if i == 0 or p[:1].isspace() or special[i] or special[i - 1] or not _norm(pieces[i - 1]):
             w += 1
         out.append(w)
     return out
@@ -59,7 +60,7 @@ def categorize(pieces: list[str], special: list[bool], words: dict[str, list[str
     for cat, ws in words.items():
         for w in ws:
             lookup.setdefault(_norm(w), cat)
-    idx = token_words(pieces)
+    idx = token_words(pieces, special)
     text = {}
     for i, p in zip(idx, pieces):
         text[i] = text.get(i, "") + p
