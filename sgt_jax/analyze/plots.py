@@ -43,6 +43,8 @@ def layer_lines(path: str, series: dict[str, np.ndarray], *, ylabel: str, title:
     fig, ax = plt.subplots(figsize=(5.2, 3.4))
     for name, ys in series.items():
         ax.plot(np.arange(len(ys)), ys, marker="o", ms=3, label=name)
+    n = max(len(ys) for ys in series.values())
+    ax.set_xticks(np.arange(0, n, max(1, n // 14)))
     ax.axhline(0.0, color="gray", lw=0.8)
     ax.set_xlabel("layer")
     ax.set_ylabel(ylabel)
