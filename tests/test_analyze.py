@@ -175,7 +175,7 @@ def test_probe_and_silhouette_on_known_separability():
 
 # -- the commands on the tiny model: an SGT-trained checkpoint vs an untrained one ----------------
 
-TRAIN_STEPS = 40
+TRAIN_STEPS = 30
 
 
 @pytest.fixture(scope="module")
@@ -239,22 +239,22 @@ def test_attention_and_prompt_attention_commands(tiny_runs, tmp_path, capsys):
     _, run = tiny_runs
     out = tmp_path / "att"
     # the same weights twice: differences exactly 0, the second checkpoint reuses the program
-    rc = _cli("attention", "--ckpt", f"base={run}", "--ckpt", f"sgt={run}", "--data", "synthetic:8",
+    rc = _cli("attention", "--ckpt", f"base={run}", "--ckpt", f"sgt={run}", "--data", "synthetic:4",
               "--batch-size", "4", "--query-chunk", "16", "--head-block", "1", "--out", out)
     assert rc == 0, capsys.readouterr().err
     res = json.loads((out / "attention.json").read_text())
     u, s = res["checkpoints"]["base"], res["checkpoints"]["sgt"]
     layers = 2
     for r in (u, s):
-        assert len(r["vit_mass_per_layer"]) == layers and r["items"] == 8
+        assert len(r["vit_mass_per_layer"]) == layers and r["items"] == 4
         assert all(0 < v < 1 for v in r["vit_mass_per_layer"])
         assert all(a + b <= 1 + 1e-5 for a, b in zip(r["vit_mass_per_layer"], r["text_mass_per_layer"]))
     assert s["vit_mass_minus_base"] == u["vit_mass_minus_base"] == [0.0] * layers
     assert res["compilations"]["jit(analyze_vqa_attention)"] == 1 and (out / "attention.png").exists()
 
     out = tmp_path / "prompt"
-    rc = _cli("prompt_attention", "--ckpt", f"sgt={run}", "--max-items", "2", "--batch-size", "2",
-              "--num-timesteps", "4", "--steps", "0,1", "--out", out)
+    rc = _cli("prompt_attention", "--ckpt", f"sgt={run}", "--max-items", "1", "--batch-size", "1",
+              "--num-timesteps", "3", "--steps", "0,1", "--out", out)
     assert rc == 0, capsys.readouterr().err
     res = json.loads((out / "prompt_attention.json").read_text())
     r = res["checkpoints"]["sgt"]
