@@ -149,11 +149,15 @@ def test_key_profile_is_the_mean_of_the_reference_rows(golden):
     cfg = G.config_from_meta(meta)
     model = G.build_model(cfg, fx["model"])
     batch, noise, num_gen = G.packed_batch_from_golden(meta, t, cfg)
-    out = model(batch, num_gen=num_gen, noise=noise)
     from sgt_jax import batch as B
     w = (np.asarray(batch.kind[0]) == B.TEXT) & (np.asarray(batch.doc_ids[0]) == 1)      # sample 1: VQA
-    prof = capture.packed_key_profile(model, out["input_embeds"], batch, num_gen, jnp.asarray(w[None], jnp.float32),
-                                      query_chunk=0)
+
+    @nnx.jit
+    def profile(model, batch, noise, w):
+        out = model(batch, num_gen=num_gen, noise=noise)
+        return capture.packed_key_profile(model, out["input_embeds"], batch, num_gen, w, query_chunk=32)
+
+    prof = profile(model, batch, noise, jnp.asarray(w[None], jnp.float32))
     want = ref_p[:, :, w].mean(axis=(1, 2))                            # (layers, L)
     np.testing.assert_allclose(np.asarray(prof)[:, 0], want, atol=1e-5)
     np.testing.assert_allclose(np.asarray(prof).sum(-1), 1.0, atol=1e-5)
