@@ -145,7 +145,6 @@ def test_key_profile_is_the_mean_of_the_reference_rows(golden):
     """The reduction the commands use: mass from one sample's text tokens to every key."""
     fx, ref_p, _ = golden
     meta, t = fx["meta"], fx["batch"]
-    n = meta["batch"]["sequence_length"]
     cfg = G.config_from_meta(meta)
     model = G.build_model(cfg, fx["model"])
     batch, noise, num_gen = G.packed_batch_from_golden(meta, t, cfg)

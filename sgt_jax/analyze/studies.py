@@ -25,7 +25,7 @@ from sgt_jax.analyze import capture
 from sgt_jax.batch import TEXT, VIT, NOISE
 from sgt_jax.infer.cache import KVCache, block_segments, bucket
 from sgt_jax.infer.context import Image, Text, cfg_contexts
-from sgt_jax.infer.image import latent_position_ids
+from sgt_jax.infer.image import latent_position_ids, schedule
 from sgt_jax.train.loop import CompileCounter
 
 _COMPILES = CompileCounter()
@@ -164,8 +164,6 @@ class Analyzer:
             cache = eng.prefill(eng.new_cache(len(rows), cap), cb, keys)
             _, traj = eng.sample_latents(cache, h, w, flow, keys=eng.keys(seeds), return_trajectory=True)
             x_t = np.asarray(traj["x_t"])                                     # (S, B, N, d)
-            from sgt_jax.infer.image import schedule
-
             ts, _ = schedule(flow.num_timesteps, flow.timestep_shift)
             gen_cache = KVCache(cache.k[:, :batch_size], cache.v[:, :batch_size], cache.length[:batch_size],
                                 cache.rope[:batch_size])
