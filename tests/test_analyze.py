@@ -291,3 +291,31 @@ def test_word_categories_of_split_tokens():
     cats = W.categorize(p, [i in (0, len(p) - 1) for i in range(len(p))], W.load_words(None))
     assert cats == ["Special"] + ["Other"] * 7 + ["Color"] + ["Object"] * 3 + ["Other"] + ["Relation"] * 3 \
         + ["Other"] * 2 + ["Color"] + ["Object"] * 3 + ["Special"]
+
+
+def test_coco_crops_labelled_by_category(tmp_path):
+    from PIL import Image as PILImage
+
+    from sgt_jax.analyze import data as D
+
+    (tmp_path / "img").mkdir()
+    for i in (1, 2):
+        PILImage.fromarray(np.full((60, 80, 3), 40 * i, np.uint8)).save(tmp_path / "img" / f"{i}.jpg")
+    js = {"images": [{"id": 1, "file_name": "1.jpg", "height": 60, "width": 80},
+                     {"id": 2, "file_name": "2.jpg", "height": 60, "width": 80},
+                     {"id": 3, "file_name": "missing.jpg", "height": 60, "width": 80}],
+          "categories": [{"id": 5, "name": "cat"}, {"id": 7, "name": "dog"}],
+          "annotations": [{"image_id": 1, "category_id": 5, "bbox": [10, 5, 40, 30], "area": 1200, "iscrowd": 0},
+                          {"image_id": 1, "category_id": 7, "bbox": [0, 0, 20, 20], "area": 400, "iscrowd": 0},
+                          {"image_id": 2, "category_id": 7, "bbox": [30, 20, 50, 40], "area": 2000, "iscrowd": 0},
+                          {"image_id": 2, "category_id": 5, "bbox": [0, 0, 80, 60], "area": 4800, "iscrowd": 1},
+                          {"image_id": 3, "category_id": 5, "bbox": [0, 0, 50, 50], "area": 2500, "iscrowd": 0}]}
+    (tmp_path / "ann.json").write_text(json.dumps(js))
+    sk = D.Skipped()
+    ims, labels = D.labelled_images(f"coco:{tmp_path / 'ann.json'}::{tmp_path / 'img'}?min_area=1000", sk)
+    assert labels == ["cat", "dog"] and [im.shape for im in ims] == [(30, 40, 3), (40, 50, 3)]
+    assert sk.counts == {"bad_image": 1}
+    ims, labels = D.labelled_images(f"coco:{tmp_path / 'ann.json'}::{tmp_path / 'img'}?min_area=0&categories=dog", sk)
+    assert labels == ["dog", "dog"]
+    with pytest.raises(ValueError, match="no categories"):
+        D.labelled_images(f"coco:{tmp_path / 'ann.json'}::{tmp_path / 'img'}?categories=cow", sk)
