@@ -25,7 +25,37 @@ from sgt_jax.data.sources.base import (SEG_OPTIONS, Spec, _image_size_or_bad, _r
 from sgt_jax.data.sources.images import DEFAULT_MAX_PIXELS, _fit_size
 
 
-class CocoPanopticSource(_Source):
+class _PanopticRecords:
+    """Image bytes + panoptic PNG bytes -> a seg record; shared by ``coco_panoptic`` (files) and
+    ``tfds`` (ArrayRecord). Needs ``colors``, ``seed``, ``max_pixels``, ``max_side``."""
+    colors: str
+    seed: int
+    max_pixels: int
+    max_side: int | None
+
+    def _panoptic_record(self, key: str, img_bytes: bytes, png_bytes: bytes) -> dict:
+        h, w = _image_size_or_bad(self, img_bytes, key)
+        ph, pw = _image_size_or_bad(self, png_bytes, key)
+        if (ph, pw) != (h, w):
+            raise self._bad("bad_annotation", key, f"panoptic PNG {ph}x{pw} != image {h}x{w}")
+        oh, ow = _fit_size(h, w, self.max_side)
+        image, _ = self._decode(img_bytes, key, max_pixels=self.max_pixels, out_hw=(oh, ow))
+        if self.colors == "coco":
+            target, _ = self._decode(png_bytes, key, max_pixels=self.max_pixels, out_hw=(oh, ow),
+                                     composite=False, resample=Image.NEAREST)
+        else:
+            rgb, _ = self._decode(png_bytes, key, max_pixels=self.max_pixels, composite=False)
+            rgb = rgb.astype(np.int64)
+            ids = rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
+            uniq = np.unique(ids)
+            uniq = uniq[uniq != 0]
+            masks = [ids == u for u in uniq]
+            target = render.render_masks(masks, (h, w), seed=self.seed, image_id=key,
+                                         out_hw=(oh, ow))
+        return _seg_record(key, image, target)
+
+
+class CocoPanopticSource(_PanopticRecords, _Source):
     """COCO panoptic: ``images/X.jpg`` + the panoptic PNG -> seg (target = the PNG's colours).
 
     ``colors='render'`` re-colours the segments (id = R + 256 G + 256^2 B, 0 = void) with our
@@ -74,58 +104,28 @@ class CocoPanopticSource(_Source):
             raise self._bad("no_masks", key)
         img_bytes = _read_path(self, self.image_dir, image_file, key)
         png_bytes = _read_path(self, self.png_dir, png_file, key)
-        h, w = _image_size_or_bad(self, img_bytes, key)
-        ph, pw = _image_size_or_bad(self, png_bytes, key)
-        if (ph, pw) != (h, w):
-            raise self._bad("bad_annotation", key, f"panoptic PNG {ph}x{pw} != image {h}x{w}")
-        oh, ow = _fit_size(h, w, self.max_side)
-        image, _ = self._decode(img_bytes, key, max_pixels=self.max_pixels, out_hw=(oh, ow))
-        if self.colors == "coco":
-            target, _ = self._decode(png_bytes, key, max_pixels=self.max_pixels, out_hw=(oh, ow),
-                                     composite=False, resample=Image.NEAREST)
-        else:
-            rgb, _ = self._decode(png_bytes, key, max_pixels=self.max_pixels, composite=False)
-            rgb = rgb.astype(np.int64)
-            ids = rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
-            uniq = np.unique(ids)
-            uniq = uniq[uniq != 0]
-            masks = [ids == u for u in uniq]
-            target = render.render_masks(masks, (h, w), seed=self.seed, image_id=key,
-                                         out_hw=(oh, ow))
-        return _seg_record(key, image, target)
+        return self._panoptic_record(key, img_bytes, png_bytes)
 
 
+class _InstancesRecords:
+    """An instances JSON indexed per image (``_load_instances``) and image bytes + that image's
+    annotations -> a seg record (``_instances_record``); shared by ``coco_instances`` (files) and
+    ``tfds`` (images from ArrayRecord: TFDS's ``coco/2017`` keeps boxes, not masks). Needs ``by``,
+    ``crowd``, ``seed``, ``background``, ``max_pixels``, ``max_side``."""
+    by: str
+    crowd: bool
+    seed: int
+    background: tuple[int, int, int]
+    max_pixels: int
+    max_side: int | None
 
-class CocoInstancesSource(_Source):
-    """COCO instances JSON (polygons / RLE / crowd RLE) -> seg, masks via pycocotools.
-
-    ``by='instance'``: every annotation is a mask, rendered like SA-1B (class-agnostic).
-    ``by='category'``: masks of a category are merged and coloured with one colour per category,
-    fixed for the run (semantic target). Crowd annotations are skipped unless ``crowd=True``.
-    """
-    name = "coco_instances"
-    options = SEG_OPTIONS | {"background", "by", "crowd"}
-    usage = "coco_instances:/ann/instances_train2017.json::/train2017"
-
-    @classmethod
-    def from_spec(cls, spec: Spec) -> "CocoInstancesSource":
-        kw = {**spec.seg(), **spec.background()}
-        js, img_dir = spec.paths(2, 2)
-        return cls(js, img_dir, seed=spec.seed, by=spec.opts.get("by", "instance"),
-                   crowd=spec.flag("crowd"), **kw)
-
-    def __init__(self, json_path: str, image_dir: str, *, seed: int = 0, by: str = "instance",
-                 crowd: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 max_side: int | None = None, background: Sequence[int] = (0, 0, 0)):
-        if by not in ("instance", "category"):
-            raise ValueError(f"by must be 'instance' or 'category', got {by!r}")
+    def _load_instances(self, json_path: str) -> list[tuple]:
+        """The JSON's images as ``(id, file_name, height, width, annotations as JSON text)``, in
+        file order; sets the category colours (``by='category'``)."""
         try:
             from pycocotools import mask as _  # noqa: F401
         except ImportError:
-            raise ImportError("coco_instances needs pycocotools (pip install -r requirements.txt)")
-        self.json_path, self.image_dir, self.seed, self.by = json_path, image_dir, int(seed), by
-        self.crowd, self.max_pixels, self.max_side = bool(crowd), int(max_pixels), max_side
-        self.background = tuple(int(c) for c in background)
+            raise ImportError("COCO instances need pycocotools (pip install -r requirements.txt)")
         meta = fileio.read_json(json_path)
         if not isinstance(meta, dict) or "images" not in meta or "annotations" not in meta:
             raise ValueError(f"{json_path}: not a COCO instances JSON (needs 'images' and "
@@ -136,34 +136,24 @@ class CocoInstancesSource(_Source):
                 continue
             per_image[a.get("image_id")].append(
                 [a.get("segmentation"), a.get("category_id", 0), a.get("id")])
-        self._images = [(im.get("id"), im.get("file_name"), im.get("height"), im.get("width"),
-                         json.dumps(per_image.get(im.get("id"), []), separators=(",", ":")))
-                        for im in meta["images"]]
-        self._keys = [os.path.splitext(im[1] or "")[0] or f"img{im[0]}" for im in self._images]
         cats = sorted({c["id"] for c in meta.get("categories", [])} |
                       {c for anns in per_image.values() for _, c, _ in anns})
         self._cat_index = {c: j for j, c in enumerate(cats)}
-        self._cat_colors = render.distinct_colors(len(cats), render.render_seed(seed, "categories"),
+        self._cat_colors = render.distinct_colors(len(cats), render.render_seed(self.seed, "categories"),
                                                   background=self.background)
+        return [(im.get("id"), im.get("file_name"), im.get("height"), im.get("width"),
+                 json.dumps(per_image.get(im.get("id"), []), separators=(",", ":")))
+                for im in meta["images"]]
 
-    def _describe(self) -> str:
-        return f"json={self.json_path!r}, by={self.by!r}, crowd={self.crowd}, max_side={self.max_side}"
-
-    def __getitem__(self, i) -> dict:
+    def _instances_record(self, key: str, image_id, jh, jw, anns_json: str,
+                          img_bytes: bytes) -> dict:
         from pycocotools import mask as mask_utils
-        i = self._index(i)
-        key = self._keys[i]
-        image_id, file_name, jh, jw, anns_json = self._images[i]
-        anns = json.loads(anns_json)
-        if not anns:
-            raise self._bad("no_masks", key)
-        img_bytes = _read_path(self, self.image_dir, file_name or "", key)
         h, w = _image_size_or_bad(self, img_bytes, key)
         if (jh, jw) != (h, w):
             raise self._bad("bad_annotation", key, f"JSON size {jh}x{jw} != image {h}x{w}")
         masks, cats = [], []
         try:
-            for seg, cat, _ in anns:
+            for seg, cat, _ in json.loads(anns_json):
                 if isinstance(seg, list):                      # polygons
                     rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
                 elif isinstance(seg, dict) and isinstance(seg.get("counts"), list):
@@ -197,3 +187,44 @@ class CocoInstancesSource(_Source):
             target = render.colorize(labels, colors, self.background)
         return _seg_record(key, image, target)
 
+
+class CocoInstancesSource(_InstancesRecords, _Source):
+    """COCO instances JSON (polygons / RLE / crowd RLE) -> seg, masks via pycocotools.
+
+    ``by='instance'``: every annotation is a mask, rendered like SA-1B (class-agnostic).
+    ``by='category'``: masks of a category are merged and coloured with one colour per category,
+    fixed for the run (semantic target). Crowd annotations are skipped unless ``crowd=True``.
+    """
+    name = "coco_instances"
+    options = SEG_OPTIONS | {"background", "by", "crowd"}
+    usage = "coco_instances:/ann/instances_train2017.json::/train2017"
+
+    @classmethod
+    def from_spec(cls, spec: Spec) -> "CocoInstancesSource":
+        kw = {**spec.seg(), **spec.background()}
+        js, img_dir = spec.paths(2, 2)
+        return cls(js, img_dir, seed=spec.seed, by=spec.opts.get("by", "instance"),
+                   crowd=spec.flag("crowd"), **kw)
+
+    def __init__(self, json_path: str, image_dir: str, *, seed: int = 0, by: str = "instance",
+                 crowd: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 max_side: int | None = None, background: Sequence[int] = (0, 0, 0)):
+        if by not in ("instance", "category"):
+            raise ValueError(f"by must be 'instance' or 'category', got {by!r}")
+        self.json_path, self.image_dir, self.seed, self.by = json_path, image_dir, int(seed), by
+        self.crowd, self.max_pixels, self.max_side = bool(crowd), int(max_pixels), max_side
+        self.background = tuple(int(c) for c in background)
+        self._images = self._load_instances(json_path)
+        self._keys = [os.path.splitext(im[1] or "")[0] or f"img{im[0]}" for im in self._images]
+
+    def _describe(self) -> str:
+        return f"json={self.json_path!r}, by={self.by!r}, crowd={self.crowd}, max_side={self.max_side}"
+
+    def __getitem__(self, i) -> dict:
+        i = self._index(i)
+        key = self._keys[i]
+        image_id, file_name, jh, jw, anns_json = self._images[i]
+        if anns_json == "[]":
+            raise self._bad("no_masks", key)
+        img_bytes = _read_path(self, self.image_dir, file_name or "", key)
+        return self._instances_record(key, image_id, jh, jw, anns_json, img_bytes)
