@@ -9,6 +9,7 @@ over synthetic COCO-format files the module writes; only the download step is re
 folders) and the one TensorFlow dtype of its ``_info`` (``tf.int64``) is given as numpy's.
 """
 import json
+import os
 import types
 
 import numpy as np
@@ -167,6 +168,8 @@ def test_panoptic_same_records_as_coco_json(coco, query):
     reasons = {k: v for k, v in a.items() if isinstance(v, str)}
     assert reasons == {"000000000006": "corrupt_image", "000000000007": "bad_annotation",
                        "000000000008": "no_masks"}
+    src = sources.make_source(tf_spec, seed=3)
+    assert sorted(src.key(i) for i in range(len(src))) == sorted(a)
     good = [r for r in a.values() if isinstance(r, dict)]
     assert len(good) == N_GOOD + 1                 # + the bad-RLE image (a good panoptic PNG)
     if not query:                                  # colors=coco: the PNG's own colours, exactly
@@ -233,3 +236,29 @@ def test_grain_pipeline_reads_tfds(coco, tmp_path):
     assert seen > 0
     for reason in ("corrupt_image", "bad_annotation", "no_masks"):
         assert stats.get(f"total/skipped/{reason}", 0) >= 1, (reason, stats)
+
+
+def test_subset_is_the_same_images_in_every_reader(coco, tmp_path):
+    """``subset=N``: the same N COCO image ids whatever the reader (TFDS panoptic / instances,
+    COCO-JSON panoptic / instances) -- the proxy presets' shared image set -- nested across N,
+    and the TFDS id pass cached in the workdir."""
+    def ids(spec, workdir=None):
+        src = sources.make_source(spec, seed=0, workdir=workdir)
+        return {src.key(i) for i in range(len(src))}
+
+    tf_pan = f"tfds:coco/2017_panoptic:train?data_dir={coco['data_dir']}"
+    tf_ins = f"tfds:coco/2017:train?data_dir={coco['data_dir']}&instances={coco['instances_json']}"
+    for n in (3, 6):
+        q = f"?subset={n}&subset_seed=1"
+        sets = [ids(tf_pan + q.replace("?", "&"), str(tmp_path)), ids(tf_ins + q.replace("?", "&")),
+                ids(_json_spec(coco, "panoptic", q)), ids(_json_spec(coco, "instances", q))]
+        assert all(s == sets[0] for s in sets) and len(sets[0]) == n
+        if n == 3:
+            small = sets[0]
+    assert small < sets[0]
+    assert ids(_json_spec(coco, "panoptic", "?subset=6&subset_seed=2")) != sets[0]
+    assert [f for f in os.listdir(tmp_path / "index_cache") if f.startswith("tfds_ids_")]
+    # the subset's records are the full reader's records for those keys
+    a = _by_key(sources.make_source(tf_pan + "&subset=6&subset_seed=1", seed=0))
+    b = _by_key(sources.make_source(tf_pan, seed=0))
+    _assert_same(a, {k: b[k] for k in a})

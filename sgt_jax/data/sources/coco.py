@@ -1,11 +1,14 @@
 """COCO panoptic and COCO instances -> seg records.
 
-    coco_panoptic:JSON::PNG_DIR::IMAGE_DIR[?colors=coco|render&max_pixels=N&max_side=N]
+    coco_panoptic:JSON::PNG_DIR::IMAGE_DIR[?colors=coco|render&max_pixels=N&max_side=N
+                                          &subset=N&subset_seed=S]
     coco_instances:JSON::IMAGE_DIR[?by=instance|category&crowd=0|1&background=R,G,B
-                                   &max_pixels=N&max_side=N]
+                                   &max_pixels=N&max_side=N&subset=N&subset_seed=S]
 
 ``colors``: the target colours are the panoptic PNG's own, or our renderer's. Instances JSON
-(polygons / RLE) is decoded by pycocotools.
+(polygons / RLE) is decoded by pycocotools. ``subset=N``: only the N image ids
+``base.subset_ids`` ranks first (seeded hash of the COCO image id: the same images in every
+reader and every proxy task; ``subset_seed``, default 0, picks another set).
 """
 from __future__ import annotations
 
@@ -20,8 +23,8 @@ from PIL import Image
 
 from sgt_jax import fileio
 from sgt_jax.data import render
-from sgt_jax.data.sources.base import (SEG_OPTIONS, Spec, _image_size_or_bad, _read_path, _seg_record,
-                                       _Source)
+from sgt_jax.data.sources.base import (SEG_OPTIONS, SUBSET_OPTIONS, Spec, _image_size_or_bad, _read_path,
+                                       _seg_record, _Source, subset_ids)
 from sgt_jax.data.sources.images import DEFAULT_MAX_PIXELS, _fit_size
 
 
@@ -62,18 +65,19 @@ class CocoPanopticSource(_PanopticRecords, _Source):
     renderer instead (largest first, distinct, seeded per image) -- class-agnostic like SA-1B.
     """
     name = "coco_panoptic"
-    options = SEG_OPTIONS | {"colors"}
+    options = SEG_OPTIONS | SUBSET_OPTIONS | {"colors"}
     usage = "coco_panoptic:/ann/panoptic_train2017.json::/ann/panoptic_train2017::/train2017"
 
     @classmethod
     def from_spec(cls, spec: Spec) -> "CocoPanopticSource":
         seg = spec.seg()
         js, png_dir, img_dir = spec.paths(3, 3)
-        return cls(js, png_dir, img_dir, seed=spec.seed, colors=spec.opts.get("colors", "coco"), **seg)
+        return cls(js, png_dir, img_dir, seed=spec.seed, colors=spec.opts.get("colors", "coco"),
+                   **seg, **spec.subset())
 
     def __init__(self, json_path: str, png_dir: str, image_dir: str, *, seed: int = 0,
                  colors: str = "coco", max_pixels: int = DEFAULT_MAX_PIXELS,
-                 max_side: int | None = None):
+                 max_side: int | None = None, subset: int | None = None, subset_seed: int = 0):
         if colors not in ("coco", "render"):
             raise ValueError(f"colors must be 'coco' or 'render', got {colors!r}")
         self.json_path, self.png_dir, self.image_dir = json_path, png_dir, image_dir
@@ -84,10 +88,12 @@ class CocoPanopticSource(_PanopticRecords, _Source):
             raise ValueError(f"{json_path}: not a COCO panoptic JSON (needs 'images' and "
                              f"'annotations')")
         files = {im["id"]: im["file_name"] for im in meta["images"]}
+        keep = subset_ids([a.get("image_id") for a in meta["annotations"]], subset, subset_seed)
         self._entries = []    # (image file, png file, number of segments)
         for a in meta["annotations"]:
-            self._entries.append((files.get(a.get("image_id")), a.get("file_name"),
-                                  len(a.get("segments_info") or [])))
+            if a.get("image_id") in keep:
+                self._entries.append((files.get(a.get("image_id")), a.get("file_name"),
+                                      len(a.get("segments_info") or [])))
         self._keys = [os.path.splitext(png or "")[0] or f"ann{j}"
                       for j, (_, png, _) in enumerate(self._entries)]
 
@@ -196,25 +202,28 @@ class CocoInstancesSource(_InstancesRecords, _Source):
     fixed for the run (semantic target). Crowd annotations are skipped unless ``crowd=True``.
     """
     name = "coco_instances"
-    options = SEG_OPTIONS | {"background", "by", "crowd"}
+    options = SEG_OPTIONS | SUBSET_OPTIONS | {"background", "by", "crowd"}
     usage = "coco_instances:/ann/instances_train2017.json::/train2017"
 
     @classmethod
     def from_spec(cls, spec: Spec) -> "CocoInstancesSource":
-        kw = {**spec.seg(), **spec.background()}
+        kw = {**spec.seg(), **spec.background(), **spec.subset()}
         js, img_dir = spec.paths(2, 2)
         return cls(js, img_dir, seed=spec.seed, by=spec.opts.get("by", "instance"),
                    crowd=spec.flag("crowd"), **kw)
 
     def __init__(self, json_path: str, image_dir: str, *, seed: int = 0, by: str = "instance",
                  crowd: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 max_side: int | None = None, background: Sequence[int] = (0, 0, 0)):
+                 max_side: int | None = None, background: Sequence[int] = (0, 0, 0),
+                 subset: int | None = None, subset_seed: int = 0):
         if by not in ("instance", "category"):
             raise ValueError(f"by must be 'instance' or 'category', got {by!r}")
         self.json_path, self.image_dir, self.seed, self.by = json_path, image_dir, int(seed), by
         self.crowd, self.max_pixels, self.max_side = bool(crowd), int(max_pixels), max_side
         self.background = tuple(int(c) for c in background)
-        self._images = self._load_instances(json_path)
+        images = self._load_instances(json_path)
+        keep = subset_ids([im[0] for im in images], subset, subset_seed)
+        self._images = [im for im in images if im[0] in keep]
         self._keys = [os.path.splitext(im[1] or "")[0] or f"img{im[0]}" for im in self._images]
 
     def _describe(self) -> str:

@@ -4,7 +4,8 @@ instances, or any dataset with an image and a pre-rendered target image.
     tfds:NAME:SPLIT[?data_dir=DIR&version=V&max_pixels=N&max_side=N
                     &colors=coco|render                        (panoptic)
                     &instances=JSON&by=instance|category&crowd=0|1&background=R,G,B   (instances)
-                    &target=FEATURE]                           (any other target image)
+                    &target=FEATURE                            (any other target image)
+                    &subset=N&subset_seed=S]                   (N images, as coco.py's)
 
     tfds:coco/2017_panoptic:train?data_dir=/tfds                   COCO panoptic
     tfds:coco/2017:train?data_dir=/tfds&instances=/ann/instances_train2017.json
@@ -24,13 +25,17 @@ on any machine (docs/data_sources.md). ``data_dir`` must be a local (or mounted)
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import threading
 
 import numpy as np
 from PIL import Image
 
-from sgt_jax.data.sources.base import SEG_OPTIONS, Spec, _image_size_or_bad, _seg_record, _Source
+from sgt_jax.data.sources.base import (SEG_OPTIONS, SUBSET_OPTIONS, Spec, _image_size_or_bad,
+                                       _seg_record, _Source, subset_ids)
+from sgt_jax.data.sources.cache import _cache_put, _cached
 from sgt_jax.data.sources.coco import _InstancesRecords, _PanopticRecords
 from sgt_jax.data.sources.images import DEFAULT_MAX_PIXELS, _fit_size
 
@@ -50,8 +55,8 @@ class TfdsSource(_PanopticRecords, _InstancesRecords, _Source):
     ``panoptic_objects``. Mode ``target``: ``target=FEATURE`` is a pre-rendered colour target.
     """
     name = "tfds"
-    options = SEG_OPTIONS | {"data_dir", "version", "target", "colors", "instances", "by",
-                             "crowd", "background"}
+    options = SEG_OPTIONS | SUBSET_OPTIONS | {"data_dir", "version", "target", "colors",
+                                              "instances", "by", "crowd", "background"}
     usage = "tfds:coco/2017_panoptic:train?data_dir=/tfds"
 
     @classmethod
@@ -63,13 +68,15 @@ class TfdsSource(_PanopticRecords, _InstancesRecords, _Source):
                                          "by") if k in spec.opts}
         if "crowd" in spec.opts:
             kw["crowd"] = spec.flag("crowd")
-        return cls(name, split, seed=spec.seed, **kw, **spec.seg(), **spec.background())
+        return cls(name, split, seed=spec.seed, cache_dir=spec.cache_dir, **kw, **spec.seg(),
+                   **spec.background(), **spec.subset())
 
     def __init__(self, dataset: str, split: str, *, data_dir: str | None = None,
                  version: str = "*.*.*", target: str = "panoptic_image", seed: int = 0,
                  colors: str = "coco", instances: str | None = None, by: str = "instance",
                  crowd: bool = False, background=(0, 0, 0),
-                 max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int | None = None):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int | None = None,
+                 subset: int | None = None, subset_seed: int = 0, cache_dir: str | None = None):
         try:
             import tensorflow_datasets  # noqa: F401
         except ImportError:
@@ -108,11 +115,41 @@ class TfdsSource(_PanopticRecords, _InstancesRecords, _Source):
                              f"has {sorted(feats)}" + ("; COCO instances: tfds:coco/2017:SPLIT?"
                                                        "instances=JSON" if self.mode != "instances"
                                                        else ""))
-        self._keys = range(len(ds))
         self._by_id: dict = {}
         if instances:
             for im in self._load_instances(instances):
                 self._by_id[im[0]] = im
+        self._rows: list[int] | None = None        # the TFDS indexes a subset keeps
+        if subset is not None:
+            if "image/id" not in feats:
+                raise ValueError(f"subset= needs an 'image/id' feature; {dataset} has {sorted(feats)}")
+            ids = self._record_ids(ds, cache_dir)
+            keep = subset_ids(ids, subset, subset_seed)
+            self._rows = [j for j, v in enumerate(ids) if v in keep]
+        self.subset, self.subset_seed = subset, subset_seed
+        self._keys = range(len(ds) if self._rows is None else len(self._rows))
+
+    def _record_ids(self, ds, cache_dir: str | None) -> list[int]:
+        """``image/id`` of every record, in TFDS order: one pass over the split (the JPEG bytes
+        are read, not decoded), cached in ``cache_dir`` (``WORKDIR/index_cache``) keyed by the
+        prepared dataset's directory, version, split size and shard lengths."""
+        info = ds.dataset_info
+        split = info.splits[self.split]
+        tag = hashlib.sha256(json.dumps([str(info.data_dir), str(info.version), self.split, len(ds),
+                                         int(split.num_bytes), list(split.shard_lengths)])
+                             .encode()).hexdigest()[:20]
+        cache = os.path.join(cache_dir, f"tfds_ids_{tag}.json") if cache_dir else None
+        if cache:
+            hit = _cached([(cache_dir, cache)], json.loads, True)
+            if isinstance(hit, list) and len(hit) == len(ds):
+                return hit
+        ids = []
+        for lo in range(0, len(ds), 256):
+            for ex in ds.__getitems__(range(lo, min(lo + 256, len(ds)))):
+                ids.append(int(ex["image/id"]))
+        if cache:
+            _cache_put(cache_dir, cache, json.dumps(ids).encode())
+        return ids
 
     def _source(self):
         """The ``tfds.data_source`` (opened once per process: not pickled)."""
@@ -140,8 +177,23 @@ class TfdsSource(_PanopticRecords, _InstancesRecords, _Source):
         return (f"{self.dataset}:{self.version}:{self.split}, data_dir={self.data_dir!r}, "
                 f"mode={self.mode}{extra}, max_side={self.max_side}")
 
-    def __getitem__(self, i) -> dict:
+    def key(self, i: int) -> str:
+        """The record key (the file name's stem, as the COCO-JSON readers key): read from the
+        example, so one read."""
+        i = self._row(i)
+        try:
+            ex = self._source()[i]
+        except Exception:  # noqa: BLE001
+            return f"{self.dataset}:{self.split}:{i}"
+        fname = ex.get("panoptic_image/filename" if self.mode == "panoptic" else "image/filename")
+        return os.path.splitext(_text(fname))[0] if fname else f"{self.dataset}:{self.split}:{i}"
+
+    def _row(self, i) -> int:
         i = self._index(i)
+        return i if self._rows is None else self._rows[i]
+
+    def __getitem__(self, i) -> dict:
+        i = self._row(i)
         key = f"{self.dataset}:{self.split}:{i}"
         try:
             ex = self._source()[i]
