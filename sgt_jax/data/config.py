@@ -27,6 +27,16 @@ VLM_MAX_PIXELS = 2_007_040                      # BAGEL / SGT VLM config
 MIX_MODES = ("samples", "tokens", "weights")
 RESAMPLE = ("bicubic", "bilinear", "nearest")
 
+# The generative proxy tasks of the paper's study (issue 16; Table 4 + reconstruction + Mixed):
+# the values ``data.proxy`` accepts. The one list: the target builders, presets and docs use it.
+PROXY_TASKS = (
+    "semantic_seg", "instance_seg", "panoptic_seg", "sa1b_seg", "detection",      # high level
+    "edge", "depth",                                                               # mid level
+    "denoise", "derain", "dehaze", "deblur_motion", "deblur_defocus", "lowlight",  # low level
+    "super_resolution", "inpainting", "reconstruction",
+    "mixed",                             # panoptic + reconstruction + edge, equal thirds
+)
+
 # data key -> where it comes from in the model config
 MODEL_KEYS = {
     "vit_patch_size": "model.vit.patch_size",
@@ -99,6 +109,10 @@ def default_data_config(model: ml_collections.ConfigDict | None = None) -> ml_co
     t.resample = "bicubic"             # images (BAGEL: PIL bicubic, antialiased)
     t.target_resample = "bicubic"      # seg target masks: bicubic as SGT does; "nearest" keeps colours pure
     c.transforms = t
+
+    # ---- the generative proxy task of the seg stream's records (PROXY_TASKS); None: the seg
+    # records' own (input image, target) pairs, as before issue 16 ----
+    c.proxy = ml_collections.config_dict.placeholder(str)
 
     # ---- samples ----
     s = ml_collections.ConfigDict()
@@ -213,6 +227,9 @@ def validate(cfg, process_count: int = 1) -> ml_collections.ConfigDict:
          f"{sorted(streams)}: give every source a ratio (0 disables it)")
     need(all(v >= 0 for v in table.values()) and sum(table.values()) > 0,
          f"{key} must be >= 0 with a positive sum")
+    proxy = cfg.get("proxy")
+    need(proxy is None or proxy in PROXY_TASKS,
+         f"proxy={proxy!r} must be None or one of {', '.join(PROXY_TASKS)}")
     need(cfg.packer.max_buffer >= 1, "packer.max_buffer must be >= 1")
     need(cfg.vae_images_dtype in ("float32", "bfloat16"), "vae_images_dtype: float32 or bfloat16")
     need(cfg.samples.ce_weighting in ("square", "token", "sample"), "samples.ce_weighting: square|token|sample")
