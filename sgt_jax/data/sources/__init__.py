@@ -53,8 +53,8 @@ Spec grammar (``make_source``)::
                                                         COCO panoptic / instances as coco.py
     every seg kind also takes max_pixels=N (default 67108864) and max_side=N (downscale image and
     target so the long side <= N; the target by nearest neighbour, colours stay exact); the COCO
-    kinds (coco_panoptic, coco_instances, tfds) take subset=N[&subset_seed=S]: the N image ids
-    ``base.subset_ids`` ranks first, the same images in every reader and proxy task.
+    kinds (coco_panoptic, coco_instances, tfds) and sgt_pairs take subset=N[&subset_seed=S]: the
+    N image ids (keys) ``base.subset_ids`` ranks first, the same images in every reader and task.
 
     examples:  sa1b:/data/sa1b/sa_00000*.tar      sgt_pairs:/data/SAM-SGT?max_side=1024
                llava:/data/ov/all_data.jsonl::/data/ov/images      synthetic_seg:?n=5000
