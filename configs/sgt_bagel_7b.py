@@ -11,7 +11,7 @@ in 1200 rows), so 60 samples are 13.6 rows: the preset ships ``data.rows_per_bat
 samples), the nearest row count that splits evenly over the slice's chips. ``vae_images_per_row=4``
 caps the generation samples of a row (a SAM-SGT target is ~2.7k latent tokens: at most 3 fit the
 10 240 gen positions anyway); a COCO proxy sample (one 688x512 target, ~1.6k tokens) is capped
-by it: 16 rows hold at most 64 of them (configs/sgt_proxy.py). docs/training.md, "Global batch".
+by it: 16 rows hold at most 64 of them (configs/sgt_proxy.py). docs/study.md, "Global batch".
 
 Runs as shipped on a v5p-16 (``TOPOLOGY``: 8 chips, 2 rows per chip): pure FSDP, remat
 ``full``, ``train.grad_accum=2`` (one 16k row per chip per micro-batch) and
