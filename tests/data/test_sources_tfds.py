@@ -262,3 +262,49 @@ def test_subset_is_the_same_images_in_every_reader(coco, tmp_path):
     a = _by_key(sources.make_source(tf_pan + "&subset=6&subset_seed=1", seed=0))
     b = _by_key(sources.make_source(tf_pan, seed=0))
     _assert_same(a, {k: b[k] for k in a})
+
+
+def test_instances_scene_records(coco):
+    """``scene(i)`` (the proxy tasks' record: masks, classes, boxes) of the instances readers:
+    TFDS and COCO-JSON give the same scenes; the masks are pycocotools' decoding of the JSON, the
+    boxes the JSON's, scaled with ``max_side``."""
+    meta = _load_json(coco["instances_json"])
+    names = {c["id"]: c["name"] for c in meta["categories"]}
+    for query in ("", "?max_side=40"):
+        tf = sources.make_source(f"tfds:coco/2017:train?data_dir={coco['data_dir']}"
+                                 f"&instances={coco['instances_json']}" + query.replace("?", "&"), seed=0)
+        js = sources.make_source(_json_spec(coco, "instances", query), seed=0)
+        scenes = {}
+        for src in (tf, js):
+            out = {}
+            for i in range(len(src)):
+                try:
+                    sc = src.scene(i)
+                    out[sc["key"]] = sc
+                except BadRecord as e:
+                    out[e.key] = e.reason
+            scenes[src.name] = out
+        a, b = scenes["tfds"], scenes["coco_instances"]
+        assert sorted(a) == sorted(b)
+        for k in a:
+            if isinstance(a[k], str):
+                assert a[k] == b[k]
+                continue
+            for f in ("image", "boxes"):
+                assert np.array_equal(a[k][f], b[k][f]), (k, f)
+            assert [m.tobytes() for m in a[k]["masks"]] == [m.tobytes() for m in b[k]["masks"]]
+            assert a[k]["label_ids"] == b[k]["label_ids"] and a[k]["labels"] == b[k]["labels"]
+        r = a["000000000003"]                              # odd id: RLE masks
+        anns = [x for x in meta["annotations"] if x["image_id"] == 3]
+        h, w = r["image"].shape[:2]
+        assert r["labels"] == [names[x["category_id"]] for x in anns]
+        ref = [pycoco.decode(x["segmentation"]).astype(bool) for x in anns]
+        full_h, full_w = ref[0].shape
+        if (h, w) == (full_h, full_w):
+            assert all(np.array_equal(m, q) for m, q in zip(r["masks"], ref))
+            assert np.allclose(r["boxes"], [x["bbox"] for x in anns])
+        else:
+            assert np.allclose(r["boxes"], [[x["bbox"][0] * w / full_w, x["bbox"][1] * h / full_h,
+                                             x["bbox"][2] * w / full_w, x["bbox"][3] * h / full_h]
+                                            for x in anns], atol=1e-4)
+            assert all(m.shape == (h, w) and m.dtype == bool for m in r["masks"])

@@ -141,9 +141,10 @@ class _InstancesRecords:
             if not self.crowd and a.get("iscrowd", 0):
                 continue
             per_image[a.get("image_id")].append(
-                [a.get("segmentation"), a.get("category_id", 0), a.get("id")])
+                [a.get("segmentation"), a.get("category_id", 0), a.get("id"), a.get("bbox")])
+        self._cat_names = {c["id"]: str(c.get("name", c["id"])) for c in meta.get("categories", [])}
         cats = sorted({c["id"] for c in meta.get("categories", [])} |
-                      {c for anns in per_image.values() for _, c, _ in anns})
+                      {a[1] for anns in per_image.values() for a in anns})
         self._cat_index = {c: j for j, c in enumerate(cats)}
         self._cat_colors = render.distinct_colors(len(cats), render.render_seed(self.seed, "categories"),
                                                   background=self.background)
@@ -151,15 +152,15 @@ class _InstancesRecords:
                  json.dumps(per_image.get(im.get("id"), []), separators=(",", ":")))
                 for im in meta["images"]]
 
-    def _instances_record(self, key: str, image_id, jh, jw, anns_json: str,
-                          img_bytes: bytes) -> dict:
+    def _instances_masks(self, key: str, jh, jw, anns_json: str, img_bytes: bytes):
+        """(h, w), the decoded masks, their category ids and JSON boxes (x, y, w, h)."""
         from pycocotools import mask as mask_utils
         h, w = _image_size_or_bad(self, img_bytes, key)
         if (jh, jw) != (h, w):
             raise self._bad("bad_annotation", key, f"JSON size {jh}x{jw} != image {h}x{w}")
-        masks, cats = [], []
+        masks, cats, boxes = [], [], []
         try:
-            for seg, cat, _ in json.loads(anns_json):
+            for seg, cat, _, box in json.loads(anns_json):
                 if isinstance(seg, list):                      # polygons
                     rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
                 elif isinstance(seg, dict) and isinstance(seg.get("counts"), list):
@@ -174,8 +175,36 @@ class _InstancesRecords:
                     raise ValueError(f"unsupported segmentation {type(seg).__name__}")
                 masks.append(mask_utils.decode(rle))
                 cats.append(cat)
+                boxes.append([float(v) for v in box] if isinstance(box, list) and len(box) == 4
+                             else None)
         except Exception as e:  # noqa: BLE001 -- pycocotools raises assorted types
             raise self._bad("bad_annotation", key, f"{type(e).__name__}: {e}") from None
+        return (h, w), masks, cats, boxes
+
+    def _instances_scene(self, key: str, jh, jw, anns_json: str, img_bytes: bytes) -> dict:
+        """A scene record (the proxy tasks' contract, ``records.py``): the image, each
+        annotation's mask (bool, resized like the image: nearest), category id and name, box
+        (COCO x, y, w, h in the output pixels; from the mask where the JSON has none)."""
+        (h, w), masks, cats, boxes = self._instances_masks(key, jh, jw, anns_json, img_bytes)
+        oh, ow = _fit_size(h, w, self.max_side)
+        image, _ = self._decode(img_bytes, key, max_pixels=self.max_pixels, out_hw=(oh, ow))
+        sy, sx = oh / h, ow / w
+        out_boxes = []
+        for m, b in zip(masks, boxes):
+            if b is None:
+                b = [float(v) for v in render.mask_bbox(m)]
+            out_boxes.append([b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy])
+        if (oh, ow) != (h, w):
+            masks = [render.resize_labels(m, (oh, ow)) for m in masks]
+        return {"task": "scene", "id": key, "key": key, "image": image,
+                "masks": [np.asarray(m, bool) for m in masks], "label_ids": [int(c) for c in cats],
+                "labels": [self._cat_names.get(c, str(c)) for c in cats],
+                "isthing": [True] * len(masks),
+                "boxes": np.asarray(out_boxes, np.float32).reshape(-1, 4)}
+
+    def _instances_record(self, key: str, image_id, jh, jw, anns_json: str,
+                          img_bytes: bytes) -> dict:
+        (h, w), masks, cats, _ = self._instances_masks(key, jh, jw, anns_json, img_bytes)
         oh, ow = _fit_size(h, w, self.max_side)
         image, _ = self._decode(img_bytes, key, max_pixels=self.max_pixels, out_hw=(oh, ow))
         if self.by == "instance":
@@ -229,11 +258,19 @@ class CocoInstancesSource(_InstancesRecords, _Source):
     def _describe(self) -> str:
         return f"json={self.json_path!r}, by={self.by!r}, crowd={self.crowd}, max_side={self.max_side}"
 
-    def __getitem__(self, i) -> dict:
+    def _load(self, i):
         i = self._index(i)
         key = self._keys[i]
         image_id, file_name, jh, jw, anns_json = self._images[i]
         if anns_json == "[]":
             raise self._bad("no_masks", key)
-        img_bytes = _read_path(self, self.image_dir, file_name or "", key)
+        return key, image_id, jh, jw, anns_json, _read_path(self, self.image_dir, file_name or "", key)
+
+    def __getitem__(self, i) -> dict:
+        key, image_id, jh, jw, anns_json, img_bytes = self._load(i)
         return self._instances_record(key, image_id, jh, jw, anns_json, img_bytes)
+
+    def scene(self, i) -> dict:
+        """The proxy tasks' scene record of image ``i`` (``_instances_scene``)."""
+        key, _, jh, jw, anns_json, img_bytes = self._load(i)
+        return self._instances_scene(key, jh, jw, anns_json, img_bytes)

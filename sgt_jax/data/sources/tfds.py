@@ -192,7 +192,7 @@ class TfdsSource(_PanopticRecords, _InstancesRecords, _Source):
         i = self._index(i)
         return i if self._rows is None else self._rows[i]
 
-    def __getitem__(self, i) -> dict:
+    def _example(self, i) -> tuple[str, dict]:
         i = self._row(i)
         key = f"{self.dataset}:{self.split}:{i}"
         try:
@@ -203,15 +203,22 @@ class TfdsSource(_PanopticRecords, _InstancesRecords, _Source):
             raise self._bad("corrupt_image", key, "no encoded 'image' in the example")
         if "image/filename" in ex:
             key = os.path.splitext(_text(ex["image/filename"]))[0] or key
+        return key, ex
+
+    def _instances(self, key: str, ex: dict) -> tuple:
+        image_id = int(ex["image/id"])
+        im = self._by_id.get(image_id)
+        if im is None:
+            raise self._bad("bad_annotation", key, f"image/id {image_id} is not in {self.instances}")
+        _, _, jh, jw, anns_json = im
+        if anns_json == "[]":
+            raise self._bad("no_masks", key)
+        return image_id, jh, jw, anns_json
+
+    def __getitem__(self, i) -> dict:
+        key, ex = self._example(i)
         if self.mode == "instances":
-            image_id = int(ex["image/id"])
-            im = self._by_id.get(image_id)
-            if im is None:
-                raise self._bad("bad_annotation", key, f"image/id {image_id} is not in "
-                                                       f"{self.instances}")
-            _, _, jh, jw, anns_json = im
-            if anns_json == "[]":
-                raise self._bad("no_masks", key)
+            image_id, jh, jw, anns_json = self._instances(key, ex)
             return self._instances_record(key, image_id, jh, jw, anns_json, ex["image"])
         if self.mode == "panoptic":
             if "panoptic_image/filename" in ex:    # the COCO-JSON reader keys by the PNG's name
@@ -221,6 +228,15 @@ class TfdsSource(_PanopticRecords, _InstancesRecords, _Source):
                 raise self._bad("no_masks", key)
             return self._panoptic_record(key, ex["image"], ex["panoptic_image"])
         return self._target_record(key, ex["image"], ex[self.target])
+
+    def scene(self, i) -> dict:
+        """The proxy tasks' scene record (masks, category ids and names, boxes: as
+        ``coco_instances``'s) in the instances mode; the seg record in the others."""
+        if self.mode != "instances":
+            return self[i]
+        key, ex = self._example(i)
+        _, jh, jw, anns_json = self._instances(key, ex)
+        return self._instances_scene(key, jh, jw, anns_json, ex["image"])
 
     def _target_record(self, key: str, img_bytes: bytes, target) -> dict:
         h, w = _image_size_or_bad(self, img_bytes, key)
