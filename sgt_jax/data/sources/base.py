@@ -203,7 +203,10 @@ def subset_ids(ids, n: int | None, seed: int = 0) -> set:
     uniq = list(dict.fromkeys(ids))
     if n is None or n >= len(uniq):
         return set(uniq)
-    rank = lambda i: hashlib.blake2b(f"sgt-subset/{int(seed)}/{i}".encode(), digest_size=8).digest()
+
+    def rank(i) -> bytes:
+        return hashlib.blake2b(f"sgt-subset/{int(seed)}/{i}".encode(), digest_size=8).digest()
+
     return set(sorted(uniq, key=rank)[:n])
 
 

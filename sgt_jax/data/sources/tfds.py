@@ -39,8 +39,6 @@ from sgt_jax.data.sources.cache import _cache_put, _cached
 from sgt_jax.data.sources.coco import _InstancesRecords, _PanopticRecords
 from sgt_jax.data.sources.images import DEFAULT_MAX_PIXELS, _fit_size
 
-MODES = ("panoptic", "instances", "target")
-
 
 def _text(v) -> str:
     return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
@@ -175,7 +173,7 @@ class TfdsSource(_PanopticRecords, _InstancesRecords, _Source):
         extra = (f", instances={self.instances!r}, by={self.by!r}, crowd={self.crowd}"
                  if self.mode == "instances" else f", target={self.target!r}, colors={self.colors!r}")
         return (f"{self.dataset}:{self.version}:{self.split}, data_dir={self.data_dir!r}, "
-                f"mode={self.mode}{extra}, max_side={self.max_side}")
+                f"mode={self.mode}{extra}, max_side={self.max_side}, subset={self.subset}")
 
     def key(self, i: int) -> str:
         """The record key (the file name's stem, as the COCO-JSON readers key): read from the
