@@ -183,5 +183,6 @@ def test_study_doc_commands_build():
         seen.add((cfg.data.mix.ratios.get("seg"), cfg.data.mix.ratios.get("vqa"), cfg.data.sources.seg))
     ratios = {(s, v) for s, v, _ in seen}
     assert {(0, 1), (1, 2), (1, 1), (2, 1), (3, 1), (4, 1)} <= ratios
-    sizes = {spec.rsplit("subset=", 1)[1] for _, _, spec in seen if spec.startswith("sgt_pairs") and "subset=" in spec}
+    sizes = {spec.rsplit("subset=", 1)[1] for _, _, spec in seen
+             if spec.startswith("sgt_pairs") and "subset=" in spec}
     assert sizes == {"2000", "5000", "10000", "20000", "50000", "100000"}
