@@ -308,3 +308,21 @@ def test_instances_scene_records(coco):
                                              x["bbox"][2] * w / full_w, x["bbox"][3] * h / full_h]
                                             for x in anns], atol=1e-4)
             assert all(m.shape == (h, w) and m.dtype == bool for m in r["masks"])
+
+
+def test_damaged_array_record_is_a_counted_skip(coco, tmp_path):
+    """Bytes flipped inside the ArrayRecord file: the records in the damaged chunks are
+    ``read_error`` skips (ArrayRecord's chunk hash check), the others still read."""
+    import shutil
+
+    data_dir = tmp_path / "tfds"
+    shutil.copytree(coco["data_dir"], data_dir)
+    (f,) = (data_dir / "coco" / "2017_panoptic" / "1.1.0").glob("*.array_record-*")
+    raw = bytearray(f.read_bytes())
+    for i in range(100, 3000):
+        raw[i] ^= 0x5A
+    f.write_bytes(bytes(raw))
+    out = _by_key(sources.make_source(f"tfds:coco/2017_panoptic:train?data_dir={data_dir}", seed=0))
+    reasons = [v for v in out.values() if isinstance(v, str)]
+    assert "read_error" in reasons
+    assert any(isinstance(v, dict) for v in out.values())
