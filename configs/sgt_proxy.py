@@ -38,7 +38,8 @@ SOURCES = {
     "instance_seg": _INSTANCES + "&by=instance",
     "semantic_seg": _INSTANCES + "&by=category",
     "detection": _INSTANCES + "&by=instance",
-    "sa1b_seg": "sa1b:gs://BUCKET/sa1b/sa_0000*.tar",     # 20k SA-1B images: ~2 of the 1000 tars
+    # class-agnostic SA-1B segmentation: two of SA-1B's 1000 tars, ~22k images (~11k each)
+    "sa1b_seg": "sa1b:gs://BUCKET/sa1b/sa_000000.tar,gs://BUCKET/sa1b/sa_000001.tar",
 }
 
 
