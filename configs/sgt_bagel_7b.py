@@ -8,7 +8,7 @@ rows of 16 384 tokens into which samples of varying length are packed (as BAGEL'
 packs them into ~16k-token sequences). Our packer puts 4.4 SGT samples in a 16k row at Seg:VQA =
 2:1 (SAM-SGT and LLaVA-OV sizes: ``bench/packing.py``, bench/results/packing.json, 5274 samples
 in 1200 rows), so 60 samples are 13.6 rows: the preset ships ``data.rows_per_batch=16`` (~70
-samples), the nearest row count that splits evenly over the slice's chips. ``vae_images_per_row=4``
+samples), the nearest multiple of the v5p-16's 8 chips. ``vae_images_per_row=4``
 caps the generation samples of a row (a SAM-SGT target is ~2.7k latent tokens: at most 3 fit the
 10 240 gen positions anyway); a COCO proxy sample (one 688x512 target, ~1.6k tokens) is capped
 by it: 16 rows hold at most 64 of them (configs/sgt_proxy.py). docs/study.md, "Global batch".
@@ -17,7 +17,8 @@ Runs as shipped on a v5p-16 (``TOPOLOGY``: 8 chips, 2 rows per chip): pure FSDP,
 ``full``, ``train.grad_accum=2`` (one 16k row per chip per micro-batch) and
 ``llm.attention_impl="auto"`` (the Pallas flash kernel when compiling for TPU, also ahead of time
 from a CPU machine; dense XLA elsewhere). ``python -m sgt_jax.aot --config
-configs/sgt_bagel_7b.py --topology v5p-16`` compiles it (docs/tpu_plan.md); tests/test_aot.py
+configs/sgt_bagel_7b.py --topology v5p-16`` compiles it at 66.1 GiB of 95 per chip
+(docs/tpu_plan.md, "The paper's batch on a v5p-16"); tests/test_aot.py
 compiles every preset that names a ``TOPOLOGY`` for it. A bigger slice with more rows runs a
 bigger batch than the paper's (docs/tpu_plan.md's v5p-64 plan: 64 rows, ``grad_accum=2``). Where
 Table 8 is silent the released code's values are used (AdamW eps 1e-15, clip 1.0, EMA 0.9999,
