@@ -20,12 +20,18 @@ from __future__ import annotations
 
 import ml_collections
 
+from sgt_jax.data.proxy import tasks as proxy_tasks
 from sgt_jax.models import config as model_config
 
 BAGEL_MAX_PIXELS = 14 * 14 * 9 * 1024          # ImageTransform default (1,806,336)
 VLM_MAX_PIXELS = 2_007_040                      # BAGEL / SGT VLM config
 MIX_MODES = ("samples", "tokens", "weights")
 RESAMPLE = ("bicubic", "bilinear", "nearest")
+
+# The generative proxy tasks of the paper's study (issue 16; Table 4 + reconstruction + Mixed):
+# the values ``data.proxy`` accepts (or ``a+b``: one of them per sample). The one list lives
+# with the builders (data/proxy/tasks.py); presets and docs read it here.
+PROXY_TASKS = proxy_tasks.TASKS
 
 # data key -> where it comes from in the model config
 MODEL_KEYS = {
@@ -224,9 +230,8 @@ def validate(cfg, process_count: int = 1) -> ml_collections.ConfigDict:
     need(cfg.packer.max_buffer >= 1, "packer.max_buffer must be >= 1")
     proxy = cfg.get("proxy", "")
     if proxy:
-        from sgt_jax.data.proxy.tasks import check_task
         try:
-            check_task(proxy)
+            proxy_tasks.check_task(proxy)
         except ValueError as e:
             need(False, f"proxy={e} ('' for off)")
         need(cfg.proxy_stream in streams, f"proxy_stream={cfg.proxy_stream!r} is not a stream of "
