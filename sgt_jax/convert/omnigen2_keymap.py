@@ -1,0 +1,94 @@
+"""Qwen2.5-VL checkpoint keys <-> this port's parameters, through ``qwen25_vl.torch_key_table``
+(the module owns its names). ``load_qwen25_vl`` refuses missing / unexpected / mis-shaped keys
+(reported by sgt_jax/keydiff.py) before changing anything; ``export_qwen25_vl`` writes the
+released checkpoint's names and layouts (fp32 numpy)."""
+from __future__ import annotations
+
+import numpy as np
+from flax import nnx
+
+from sgt_jax.keydiff import key_diff, listing
+from sgt_jax.models import qwen25_vl
+
+# transformers >= 5 names the modules model.visual / model.language_model; the released files
+# (and transformers 4.x) use visual.* / model.*. Both are accepted on load.
+_V5_PREFIXES = (("model.visual.", "visual."), ("model.language_model.", "model."))
+
+
+def released_name(key: str) -> str:
+    """A transformers-5 state-dict key -> the released checkpoint's key (others unchanged)."""
+    for new, old in _V5_PREFIXES:
+        if key.startswith(new):
+            return old + key[len(new):]
+    return key
+
+
+def _params(model) -> dict:
+    return {tuple(p): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def _torch_shape(cfg, kind: str, shape) -> tuple:
+    if kind == "linear":
+        return tuple(shape)[::-1]
+    if kind == "patch":
+        return qwen25_vl.patch_torch_shape(cfg)
+    return tuple(shape)
+
+
+def expected_shapes(model) -> dict[str, tuple]:
+    """torch key -> torch-layout shape, for every key the model's config expects."""
+    params = _params(model)
+    out = {}
+    for key, path, kind, layer in qwen25_vl.torch_key_table(model.cfg):
+        shape = params[path].shape if layer is None else params[path].shape[1:]
+        out[key] = _torch_shape(model.cfg, kind, shape)
+    return out
+
+
+def load_qwen25_vl(model, tensors: dict, what: str = "Qwen2.5-VL checkpoint"):
+    """Assign ``tensors`` (released or transformers-5 key names -> arrays) into ``model``."""
+    tensors = {released_name(k): v for k, v in tensors.items()}
+    if model.cfg.llm.tie_word_embeddings and "lm_head.weight" in tensors:
+        # tied checkpoints may still carry the head; it must equal the embedding.
+        head = np.asarray(tensors.pop("lm_head.weight"))
+        emb = tensors.get("model.embed_tokens.weight")
+        if emb is not None and not np.array_equal(np.asarray(emb), head):
+            raise ValueError(f"{what}: tie_word_embeddings=true but lm_head.weight differs from "
+                             "model.embed_tokens.weight")
+    expected = expected_shapes(model)
+    diff = key_diff(expected, {k: np.shape(v) for k, v in tensors.items()})
+    bad = [f"{k}: {np.asarray(tensors[k]).dtype}" for k in expected if k in tensors
+           and not np.issubdtype(np.asarray(tensors[k]).dtype, np.floating)
+           and np.asarray(tensors[k]).dtype.name != "bfloat16"]
+    if diff or bad:
+        msg = [f"{what} does not match the model config:"]
+        msg += ["  " + line for line in diff.lines(limit=20, layout="torch layout", shape=tuple)]
+        if bad:
+            msg.append(f"  {len(bad)} non-float tensors: {listing(bad, 20)}")
+        msg.append("  fix: build the config from the checkpoint's config.json (omnigen2_config.from_hf_qwen25_vl)")
+        raise ValueError("\n".join(msg))
+    params = _params(model)
+    staged: dict[tuple, list] = {}
+    for key, path, kind, layer in qwen25_vl.torch_key_table(model.cfg):
+        staged.setdefault(path, []).append((layer, qwen25_vl.torch_to_jax(kind, np.asarray(tensors[key], np.float32))))
+    for path, items in staged.items():
+        var = params[path]
+        if items[0][0] is None:
+            var.set_value(np.asarray(items[0][1], np.float32))
+        else:
+            full = np.array(var.get_value(), dtype=np.float32)
+            for layer, a in items:
+                full[layer] = a
+            var.set_value(full)
+    return model
+
+
+def export_qwen25_vl(model) -> dict[str, np.ndarray]:
+    """The model's parameters under the released checkpoint's names (fp32 numpy), table order."""
+    params = _params(model)
+    shape = qwen25_vl.patch_torch_shape(model.cfg)
+    out = {}
+    for key, path, kind, layer in qwen25_vl.torch_key_table(model.cfg):
+        a = np.asarray(params[path].get_value())
+        out[key] = qwen25_vl.jax_to_torch(kind, a if layer is None else a[layer], shape)
+    return out
