@@ -42,7 +42,8 @@ def hf_config(cfg):
                            spatial_merge_size=v.spatial_merge_size, window_size=v.window_size,
                            fullatt_block_indexes=list(v.fullatt_block_indexes), hidden_act="silu"),
         image_token_id=c.image_token_id, vision_start_token_id=VS, vision_end_token_id=VE,
-        video_token_id=154, tie_word_embeddings=c.tie_word_embeddings)
+        video_token_id=154, bos_token_id=None, eos_token_id=None,
+        tie_word_embeddings=c.tie_word_embeddings)
     hc._attn_implementation = "eager"
     hc.text_config._attn_implementation = "eager"
     hc.vision_config._attn_implementation = "eager"
@@ -86,7 +87,7 @@ def golden():
         loss = (torch.nn.functional.cross_entropy(res.logits[0], torch.tensor(labels), reduction="sum")
                 + (h * torch.tensor(proj)).sum())
         loss.backward()
-        total += float(loss)
+        total += loss.item()
         with torch.no_grad():
             vis = model.model.visual(torch.tensor(np.concatenate(pix)), grid_thw=torch.tensor(grids)).pooler_output
             pos, _ = model.model.get_rope_index(ids_t, (ids_t == cfg.llm.image_token_id).int(), torch.tensor(grids))
@@ -131,9 +132,14 @@ def test_forward_parity(golden):
     cfg = golden["cfg"]
     model = jax_model(golden)
     vision, text = packed_inputs(cfg, golden["samples"])
-    v = model.visual(*(jnp.asarray(vision[k]) for k in ("patches", "pos_hw", "image_ids", "window_ids")))
-    h = model(jax.tree.map(jnp.asarray, vision), jax.tree.map(jnp.asarray, text))
-    logits = np.asarray(model.logits(h))
+    @nnx.jit
+    def run(m, vision, text):
+        v = m.visual(vision["patches"], vision["pos_hw"], vision["image_ids"], vision["window_ids"])
+        h = m(vision, text)
+        return v, h, m.logits(h)
+
+    v, h, logits = run(model, jax.tree.map(jnp.asarray, vision), jax.tree.map(jnp.asarray, text))
+    logits = np.asarray(logits)
     v = np.asarray(v).reshape(-1, cfg.llm.hidden_size)
     at_v = at_t = 0
     errs = {}
@@ -170,7 +176,7 @@ def test_gradient_parity(golden):
         ce = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, jnp.asarray(labels)[..., None], -1)[..., 0]
         return jnp.sum(ce * weight) + jnp.sum(h * jnp.asarray(proj))
 
-    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    loss, grads = nnx.jit(nnx.value_and_grad(loss_fn))(model)
     assert abs(float(loss) - golden["loss"]) <= 1e-5 * abs(golden["loss"])
     gmodel = qwen25_vl.Qwen25VL(cfg, rngs=nnx.Rngs(0))
     nnx.update(gmodel, grads)
@@ -204,19 +210,21 @@ def test_export_round_trip_and_refusals(golden):
 
 def test_preprocess_matches_hf_image_processor():
     from PIL import Image
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize as hf_smart_resize
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil, smart_resize as hf_smart_resize)
 
     cfg = omnigen2_config.qwen25_vl_tiny()
     for h, w in [(100, 37), (1000, 3000), (20, 30), (333, 777), (4000, 3000)]:
         assert qwen25_vl.smart_resize(h, w, 28, 56 * 56, 28 * 28 * 1280) == \
             tuple(hf_smart_resize(h, w, 28, 56 * 56, 28 * 28 * 1280))
     rng = np.random.default_rng(1)
-    img = rng.integers(0, 256, (84, 140, 3), dtype=np.uint8)   # already a multiple of 28: no resize
-    proc = transformers.Qwen2VLImageProcessor(patch_size=14, temporal_patch_size=2, merge_size=2)
-    ref = proc(images=[Image.fromarray(img)], return_tensors="np")
-    patches, grid = qwen25_vl.preprocess_image(img, cfg.vision)
-    assert tuple(ref["image_grid_thw"][0]) == grid
-    np.testing.assert_allclose(patches, ref["pixel_values"], atol=1e-6)
+    proc = Qwen2VLImageProcessorPil(patch_size=14, temporal_patch_size=2, merge_size=2)
+    for shape in [(84, 140, 3), (61, 130, 3)]:       # a multiple of 28 (no resize), and a resized one
+        img = rng.integers(0, 256, shape, dtype=np.uint8)
+        ref = proc(images=[Image.fromarray(img)], return_tensors="np")
+        patches, grid = qwen25_vl.preprocess_image(img, cfg.vision)
+        assert tuple(ref["image_grid_thw"][0]) == grid
+        np.testing.assert_allclose(patches, ref["pixel_values"], atol=1e-5)
 
 
 def test_config_validation():

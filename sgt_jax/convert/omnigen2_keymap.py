@@ -8,7 +8,7 @@ import numpy as np
 from flax import nnx
 
 from sgt_jax.keydiff import key_diff, listing
-from sgt_jax.models import qwen25_vl
+from sgt_jax.models import omnigen2_dit, qwen25_vl
 
 # transformers >= 5 names the modules model.visual / model.language_model; the released files
 # (and transformers 4.x) use visual.* / model.*. Both are accepted on load.
@@ -45,17 +45,7 @@ def expected_shapes(model) -> dict[str, tuple]:
     return out
 
 
-def load_qwen25_vl(model, tensors: dict, what: str = "Qwen2.5-VL checkpoint"):
-    """Assign ``tensors`` (released or transformers-5 key names -> arrays) into ``model``."""
-    tensors = {released_name(k): v for k, v in tensors.items()}
-    if model.cfg.llm.tie_word_embeddings and "lm_head.weight" in tensors:
-        # tied checkpoints may still carry the head; it must equal the embedding.
-        head = np.asarray(tensors.pop("lm_head.weight"))
-        emb = tensors.get("model.embed_tokens.weight")
-        if emb is not None and not np.array_equal(np.asarray(emb), head):
-            raise ValueError(f"{what}: tie_word_embeddings=true but lm_head.weight differs from "
-                             "model.embed_tokens.weight")
-    expected = expected_shapes(model)
+def _load(model, tensors: dict, table, expected: dict, what: str, fix: str):
     diff = key_diff(expected, {k: np.shape(v) for k, v in tensors.items()})
     bad = [f"{k}: {np.asarray(tensors[k]).dtype}" for k in expected if k in tensors
            and not np.issubdtype(np.asarray(tensors[k]).dtype, np.floating)
@@ -65,11 +55,11 @@ def load_qwen25_vl(model, tensors: dict, what: str = "Qwen2.5-VL checkpoint"):
         msg += ["  " + line for line in diff.lines(limit=20, layout="torch layout", shape=tuple)]
         if bad:
             msg.append(f"  {len(bad)} non-float tensors: {listing(bad, 20)}")
-        msg.append("  fix: build the config from the checkpoint's config.json (omnigen2_config.from_hf_qwen25_vl)")
+        msg.append(f"  fix: {fix}")
         raise ValueError("\n".join(msg))
     params = _params(model)
     staged: dict[tuple, list] = {}
-    for key, path, kind, layer in qwen25_vl.torch_key_table(model.cfg):
+    for key, path, kind, layer in table:
         staged.setdefault(path, []).append((layer, qwen25_vl.torch_to_jax(kind, np.asarray(tensors[key], np.float32))))
     for path, items in staged.items():
         var = params[path]
@@ -83,12 +73,46 @@ def load_qwen25_vl(model, tensors: dict, what: str = "Qwen2.5-VL checkpoint"):
     return model
 
 
+def _export(model, table, patch_shape=None) -> dict[str, np.ndarray]:
+    params = _params(model)
+    out = {}
+    for key, path, kind, layer in table:
+        a = np.asarray(params[path].get_value())
+        out[key] = qwen25_vl.jax_to_torch(kind, a if layer is None else a[layer], patch_shape)
+    return out
+
+
+def load_qwen25_vl(model, tensors: dict, what: str = "Qwen2.5-VL checkpoint"):
+    """Assign ``tensors`` (released or transformers-5 key names -> arrays) into ``model``."""
+    tensors = {released_name(k): v for k, v in tensors.items()}
+    if model.cfg.llm.tie_word_embeddings and "lm_head.weight" in tensors:
+        # tied checkpoints may still carry the head; it must equal the embedding.
+        head = np.asarray(tensors.pop("lm_head.weight"))
+        emb = tensors.get("model.embed_tokens.weight")
+        if emb is not None and not np.array_equal(np.asarray(emb), head):
+            raise ValueError(f"{what}: tie_word_embeddings=true but lm_head.weight differs from "
+                             "model.embed_tokens.weight")
+    return _load(model, tensors, qwen25_vl.torch_key_table(model.cfg), expected_shapes(model), what,
+                 "build the config from the checkpoint's config.json (omnigen2_config.from_hf_qwen25_vl)")
+
+
 def export_qwen25_vl(model) -> dict[str, np.ndarray]:
     """The model's parameters under the released checkpoint's names (fp32 numpy), table order."""
+    return _export(model, qwen25_vl.torch_key_table(model.cfg), qwen25_vl.patch_torch_shape(model.cfg))
+
+
+def dit_expected_shapes(model) -> dict[str, tuple]:
     params = _params(model)
-    shape = qwen25_vl.patch_torch_shape(model.cfg)
-    out = {}
-    for key, path, kind, layer in qwen25_vl.torch_key_table(model.cfg):
-        a = np.asarray(params[path].get_value())
-        out[key] = qwen25_vl.jax_to_torch(kind, a if layer is None else a[layer], shape)
-    return out
+    return {key: _torch_shape(model.cfg, kind, params[path].shape if layer is None else params[path].shape[1:])
+            for key, path, kind, layer in omnigen2_dit.torch_key_table(model.cfg)}
+
+
+def load_dit(model, tensors: dict, what: str = "OmniGen2 transformer checkpoint"):
+    """Assign a diffusers-layout ``transformer/`` state (key -> array) into an OmniGen2DiT."""
+    return _load(model, tensors, omnigen2_dit.torch_key_table(model.cfg), dit_expected_shapes(model), what,
+                 "build the DiT config from the checkpoint's transformer/config.json")
+
+
+def export_dit(model) -> dict[str, np.ndarray]:
+    """The DiT's parameters under the diffusers names (fp32 numpy), table order."""
+    return _export(model, omnigen2_dit.torch_key_table(model.cfg))

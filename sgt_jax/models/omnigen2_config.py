@@ -137,3 +137,62 @@ def validate_qwen25_vl(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigD
          f"llm.attention_impl must be one of {ATTENTION_IMPLS}")
     need(cfg.compute_dtype in ("float32", "bfloat16"), "compute_dtype must be float32 or bfloat16")
     return cfg
+
+
+# ------------------------------------------------------------------------------------------------
+# The OmniGen2 diffusion transformer (OmniGen2Transformer2DModel)
+
+
+def dit_tiny() -> ml_collections.ConfigDict:
+    """CPU preset of the DiT parity fixture (tests/fixtures/omnigen2_golden)."""
+    return ml_collections.ConfigDict(dict(
+        patch_size=2, in_channels=4, out_channels=4, hidden_size=48, num_layers=2,
+        num_refiner_layers=1, num_heads=4, num_kv_heads=2, multiple_of=16, ffn_dim_multiplier=0.5,
+        norm_eps=1e-5, axes_dim_rope=(4, 4, 4), axes_lens=(64, 64, 64), text_feat_dim=32,
+        timestep_scale=1000.0, rope_theta=10000.0, max_ref_images=5,
+        remat_policy="none", scan_layers=True, compute_dtype="float32",
+    ))
+
+
+def dit_omnigen2() -> ml_collections.ConfigDict:
+    """OmniGen2's transformer (reference notes §2.2: hidden 2520, 32 layers, 2+2+2 refiner
+    layers, 21 heads / 7 kv heads, rope axes 40/40/40, text features 2048, timestep scale 1000)."""
+    return ml_collections.ConfigDict(dict(
+        patch_size=2, in_channels=16, out_channels=16, hidden_size=2520, num_layers=32,
+        num_refiner_layers=2, num_heads=21, num_kv_heads=7, multiple_of=256, ffn_dim_multiplier=None,
+        norm_eps=1e-5, axes_dim_rope=(40, 40, 40), axes_lens=(10000, 10000, 10000), text_feat_dim=2048,
+        timestep_scale=1000.0, rope_theta=10000.0, max_ref_images=5,
+        remat_policy="full", scan_layers=True, compute_dtype="bfloat16",
+    ))
+
+
+def dit_ffn_dim(cfg) -> int:
+    """LuminaFeedForward's inner width: multiple_of * ceil(int(mult * 4 * hidden) / multiple_of)."""
+    inner = 4 * cfg.hidden_size
+    if cfg.ffn_dim_multiplier is not None:
+        inner = int(cfg.ffn_dim_multiplier * inner)
+    return cfg.multiple_of * ((inner + cfg.multiple_of - 1) // cfg.multiple_of)
+
+
+def validate_dit(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Raise ValueError naming the offending key and the fix; return cfg."""
+    def need(cond, msg):
+        if not cond:
+            raise ValueError(f"invalid OmniGen2 DiT config: {msg}")
+
+    for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "patch_size", "in_channels",
+                 "text_feat_dim", "multiple_of"):
+        val = cfg[name]
+        need(isinstance(val, int) and val > 0, f"{name} must be a positive int, got {val!r}")
+    need(isinstance(cfg.num_refiner_layers, int) and cfg.num_refiner_layers >= 0,
+         "num_refiner_layers must be a non-negative int")
+    need(cfg.hidden_size % cfg.num_heads == 0,
+         f"num_heads={cfg.num_heads} does not divide hidden_size={cfg.hidden_size}")
+    need(cfg.num_heads % cfg.num_kv_heads == 0,
+         f"num_kv_heads={cfg.num_kv_heads} does not divide num_heads={cfg.num_heads}")
+    hd = cfg.hidden_size // cfg.num_heads
+    need(len(cfg.axes_dim_rope) == 3 and sum(cfg.axes_dim_rope) == hd and all(a % 2 == 0 for a in cfg.axes_dim_rope),
+         f"axes_dim_rope={tuple(cfg.axes_dim_rope)} must be 3 even sizes summing to head_dim={hd}")
+    need(cfg.remat_policy in REMAT_POLICIES, f"remat_policy must be one of {REMAT_POLICIES}")
+    need(cfg.compute_dtype in ("float32", "bfloat16"), "compute_dtype must be float32 or bfloat16")
+    return cfg
