@@ -29,19 +29,21 @@ def golden():
     return g, load_file(os.path.join(FIX, "dit_tiny.safetensors"))
 
 
-def batches(g, cfg, lr=LR):
-    out = []
+def rows(g, cfg):
+    """Both fixture batches as ONE static batch of 4 rows (the second batch's rows simply have no
+    reference tokens): -> timesteps (4,), layout arrays, [(batch, index, sample)]."""
+    samples, ts, keys = [], [], []
     for b in (0, 1):
-        text, mask, t = g[f"b{b}_text"], g[f"b{b}_mask"], g[f"b{b}_t"]
-        samples = []
+        text, mask = g[f"b{b}_text"], g[f"b{b}_mask"]
         for i in range(len(text)):
             refs = []
             while f"b{b}_ref{i}_{len(refs)}" in g:
                 refs.append(g[f"b{b}_ref{i}_{len(refs)}"])
             samples.append(dict(text=text[i][mask[i]], latent=g[f"b{b}_latent{i}"], refs=refs))
-        lay = omnigen2_dit.layout(samples, cfg, LT, lr if b == 0 else 0, LN)
-        out.append((t, lay, samples))
-    return out
+            ts.append(g[f"b{b}_t"][i])
+            keys.append((b, i))
+    lay = omnigen2_dit.layout(samples, cfg, LT, LR, LN)
+    return np.asarray(ts, np.float32), lay, list(zip(keys, samples))
 
 
 def model_from(state):
@@ -67,41 +69,44 @@ def test_generator_config_is_dit_tiny():
         assert tuple(cfg[names.get(k, k)]) == tuple(v) if isinstance(v, tuple) else cfg[names.get(k, k)] == v, k
 
 
-def test_velocity_parity(golden):
+@pytest.fixture(scope="module")
+def ran(golden):
+    """One compiled program for both checks: velocity (aux) and the gradient of sum(v * w)."""
     g, state = golden
     cfg = omnigen2_config.dit_tiny()
     model = model_from(state)
-    run = nnx.jit(lambda m, t, *a: m(t, *a))
+    t, lay, items = rows(g, cfg)
+    w = np.zeros(lay["x_tokens"].shape, np.float32)
+    for r, ((b, i), s) in enumerate(items):
+        tok = omnigen2_dit.patchify_latent(g[f"b{b}_w{i}"], cfg.patch_size)
+        w[r, :len(tok)] = tok
+    args = [jnp.asarray(lay[k]) for k in ARGS]
+
+    def loss_fn(m):
+        v = m(jnp.asarray(t), *args)
+        return jnp.sum(v * jnp.asarray(w)), v
+
+    (loss, v), grads = nnx.jit(nnx.value_and_grad(loss_fn, has_aux=True))(model)
+    return dict(cfg=cfg, items=items, v=np.asarray(v), loss=float(loss), grads=grads)
+
+
+def test_velocity_parity(golden, ran):
+    g, _ = golden
+    cfg = ran["cfg"]
     errs = {}
-    for b, (t, lay, samples) in enumerate(batches(g, cfg)):
-        v = np.asarray(run(model, jnp.asarray(t), *(jnp.asarray(lay[k]) for k in ARGS)))
-        for i, s in enumerate(samples):
-            c, h, w = s["latent"].shape
-            got = omnigen2_dit.unpatchify_latent(v[i], h, w, cfg.patch_size, cfg.out_channels)
-            errs[f"b{b}s{i}"] = rel(got, g[f"b{b}_out{i}"])
+    for r, ((b, i), s) in enumerate(ran["items"]):
+        c, h, w = s["latent"].shape
+        got = omnigen2_dit.unpatchify_latent(ran["v"][r], h, w, cfg.patch_size, cfg.out_channels)
+        errs[f"b{b}s{i}"] = rel(got, g[f"b{b}_out{i}"])
     print(errs)
     assert max(errs.values()) <= 1e-5, errs
 
 
-def test_gradient_parity(golden):
-    g, state = golden
-    cfg = omnigen2_config.dit_tiny()
-    model = model_from(state)
-    data = []
-    for b, (t, lay, samples) in enumerate(batches(g, cfg)):
-        w = np.zeros(lay["x_tokens"].shape, np.float32)
-        for i, s in enumerate(samples):
-            tok = omnigen2_dit.patchify_latent(g[f"b{b}_w{i}"], cfg.patch_size)
-            w[i, :len(tok)] = tok
-        data.append((jnp.asarray(t), [jnp.asarray(lay[k]) for k in ARGS], jnp.asarray(w)))
-
-    def loss_fn(m):
-        return sum(jnp.sum(m(t, *a) * w) for t, a, w in data)
-
-    loss, grads = nnx.jit(nnx.value_and_grad(loss_fn))(model)
-    assert abs(float(loss) - float(g["loss"])) <= 1e-5 * abs(float(g["loss"]))
-    gm = omnigen2_dit.OmniGen2DiT(cfg, rngs=nnx.Rngs(0))
-    nnx.update(gm, grads)
+def test_gradient_parity(golden, ran):
+    g, _ = golden
+    assert abs(ran["loss"] - float(g["loss"])) <= 1e-5 * abs(float(g["loss"]))
+    gm = omnigen2_dit.OmniGen2DiT(ran["cfg"], rngs=nnx.Rngs(0))
+    nnx.update(gm, ran["grads"])
     ours = omnigen2_keymap.export_dit(gm)
     want = {k[len("grad/"):]: v for k, v in g.items() if k.startswith("grad/")}
     assert set(ours) == set(want)
