@@ -128,58 +128,56 @@ def test_rope_index_matches_get_rope_index(golden):
         np.testing.assert_array_equal(qwen25_vl.rope_index(s["ids"], s["grids"], cfg), s["positions"])
 
 
-def test_forward_parity(golden):
+@pytest.fixture(scope="module")
+def ran(golden):
+    """One compiled program for the forward and gradient checks: the loss of the golden run (CE of
+    the logits against random labels + a random projection of the last hidden states, summed over
+    both samples) with (vision tokens, hidden states, logits) as aux, and its gradient."""
     cfg = golden["cfg"]
     model = jax_model(golden)
     vision, text = packed_inputs(cfg, golden["samples"])
-    @nnx.jit
-    def run(m, vision, text):
+    labels = np.zeros(text["input_ids"].shape, np.int32)
+    proj = np.zeros(text["input_ids"].shape + (cfg.llm.hidden_size,), np.float32)
+    at = 0
+    for s in golden["samples"]:
+        n = len(s["ids"])
+        labels[0, at:at + n], proj[0, at:at + n] = s["labels"], s["proj"]
+        at += n
+    weight = jnp.asarray((text["doc"] >= 0).astype(np.float32))
+    vision, text = jax.tree.map(jnp.asarray, vision), jax.tree.map(jnp.asarray, text)
+
+    def loss_fn(m):
         v = m.visual(vision["patches"], vision["pos_hw"], vision["image_ids"], vision["window_ids"])
         h = m(vision, text)
-        return v, h, m.logits(h)
+        logits = m.logits(h)
+        ce = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, jnp.asarray(labels)[..., None], -1)[..., 0]
+        return jnp.sum(ce * weight) + jnp.sum(h * jnp.asarray(proj)), (v, h, logits)
 
-    v, h, logits = run(model, jax.tree.map(jnp.asarray, vision), jax.tree.map(jnp.asarray, text))
-    logits = np.asarray(logits)
-    v = np.asarray(v).reshape(-1, cfg.llm.hidden_size)
+    (loss, (v, h, logits)), grads = nnx.jit(nnx.value_and_grad(loss_fn, has_aux=True))(model)
+    return dict(loss=float(loss), v=np.asarray(v), h=np.asarray(h), logits=np.asarray(logits), grads=grads)
+
+
+def test_forward_parity(golden, ran):
+    cfg = golden["cfg"]
+    v = ran["v"].reshape(-1, cfg.llm.hidden_size)
     at_v = at_t = 0
     errs = {}
     for i, s in enumerate(golden["samples"]):
         nv, nt = len(s["vision"]), len(s["ids"])
         errs[f"vision{i}"] = rel(v[at_v:at_v + nv], s["vision"])
-        errs[f"hidden{i}"] = rel(np.asarray(h)[0, at_t:at_t + nt], s["hidden"])
-        errs[f"logits{i}"] = rel(logits[0, at_t:at_t + nt], s["logits"])
+        errs[f"hidden{i}"] = rel(ran["h"][0, at_t:at_t + nt], s["hidden"])
+        errs[f"logits{i}"] = rel(ran["logits"][0, at_t:at_t + nt], s["logits"])
         at_v, at_t = at_v + nv, at_t + nt
-    # the padding tail of the vision row is zero
-    assert not np.any(v[at_v:])
+    assert not np.any(v[at_v:])   # the padding tail of the vision row is zero
     print(errs)
     assert max(errs.values()) <= 1e-5, errs
 
 
-def test_gradient_parity(golden):
+def test_gradient_parity(golden, ran):
     cfg = golden["cfg"]
-    model = jax_model(golden)
-    vision, text = packed_inputs(cfg, golden["samples"])
-    samples = golden["samples"]
-    labels = np.zeros(text["input_ids"].shape, np.int32)
-    proj = np.zeros(text["input_ids"].shape + (cfg.llm.hidden_size,), np.float32)
-    at = 0
-    for s in samples:
-        n = len(s["ids"])
-        labels[0, at:at + n], proj[0, at:at + n] = s["labels"], s["proj"]
-        at += n
-    weight = (text["doc"] >= 0).astype(np.float32)
-    vision, text = jax.tree.map(jnp.asarray, vision), jax.tree.map(jnp.asarray, text)
-
-    def loss_fn(m):
-        h = m(vision, text)
-        logits = m.logits(h)
-        ce = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, jnp.asarray(labels)[..., None], -1)[..., 0]
-        return jnp.sum(ce * weight) + jnp.sum(h * jnp.asarray(proj))
-
-    loss, grads = nnx.jit(nnx.value_and_grad(loss_fn))(model)
-    assert abs(float(loss) - golden["loss"]) <= 1e-5 * abs(golden["loss"])
+    assert abs(ran["loss"] - golden["loss"]) <= 1e-5 * abs(golden["loss"])
     gmodel = qwen25_vl.Qwen25VL(cfg, rngs=nnx.Rngs(0))
-    nnx.update(gmodel, grads)
+    nnx.update(gmodel, ran["grads"])
     ours = omnigen2_keymap.export_qwen25_vl(gmodel)
     assert set(ours) == set(golden["grads"])
     errs = {k: rel(ours[k], golden["grads"][k]) for k in ours}
