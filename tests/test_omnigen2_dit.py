@@ -150,3 +150,11 @@ def test_layout_positions_follow_the_original_rules():
     bad.axes_dim_rope = (4, 4, 2)
     with pytest.raises(ValueError, match="axes_dim_rope"):
         omnigen2_config.validate_dit(bad)
+
+
+def test_real_config_parameter_count():
+    """3,967,161,400: the unmodified OmniGen2Transformer2DModel built on the meta device with the
+    config of omnigen2_config.dit_omnigen2() (command in docs/omnigen2.md)."""
+    st = nnx.state(nnx.eval_shape(lambda: omnigen2_dit.OmniGen2DiT(omnigen2_config.dit_omnigen2(),
+                                                                   rngs=nnx.Rngs(0))), nnx.Param)
+    assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(st)) == 3_967_161_400

@@ -238,3 +238,32 @@ def test_config_validation():
     cfg.vision.fullatt_block_indexes = (9,)
     with pytest.raises(ValueError, match="fullatt_block_indexes"):
         omnigen2_config.validate_qwen25_vl(cfg)
+
+
+def _count(build):
+    st = nnx.state(nnx.eval_shape(build), nnx.Param)
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(st))
+
+
+def test_qwen25_vl_3b_parameter_count():
+    """The real config's parameters, counted on transformers' own model (meta device) and here:
+    3,754,622,976 (vision tower 668,684,288; the head is tied to the embedding)."""
+    from transformers import Qwen2_5_VLConfig
+
+    cfg = omnigen2_config.qwen25_vl_3b()
+    hc = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                         num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True, rms_norm_eps=1e-6,
+                         rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[16, 24, 24])),
+        vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
+                           window_size=112, fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu"),
+        tie_word_embeddings=True)
+    with torch.device("meta"):
+        ref = transformers.Qwen2_5_VLForConditionalGeneration(hc)
+    want = sum(p.numel() for p in ref.parameters())
+    assert want == 3_754_622_976
+    assert _count(lambda: qwen25_vl.Qwen25VL(cfg, rngs=nnx.Rngs(0))) == want
+    # and the config read back from the transformers config equals the preset
+    back = omnigen2_config.from_hf_qwen25_vl(hc.to_dict())
+    for part in ("llm", "vision"):
+        assert back[part].to_dict() == cfg[part].to_dict(), part
