@@ -116,3 +116,94 @@ def load_dit(model, tensors: dict, what: str = "OmniGen2 transformer checkpoint"
 def export_dit(model) -> dict[str, np.ndarray]:
     """The DiT's parameters under the diffusers names (fp32 numpy), table order."""
     return _export(model, omnigen2_dit.torch_key_table(model.cfg))
+
+
+# ------------------------------------------------------------------------------------------------
+# The FLUX VAE in diffusers layout (OmniGen2's vae/: AutoencoderKL, no quant convs)
+
+
+def diffusers_vae_name(flux_key: str, num_levels: int) -> tuple[str, bool]:
+    """A FLUX (BFL) AE key of ``vae.torch_key_table`` -> (diffusers AutoencoderKL key, is the
+    attention's 1x1 conv stored as a diffusers Linear). The decoder's levels are numbered in
+    reverse there (up_blocks.0 is the FLUX up.{n-1})."""
+    import re
+
+    k = flux_key
+    attn = False
+    m = re.match(r"(encoder|decoder)\.mid\.attn_1\.(norm|q|k|v|proj_out)\.(weight|bias)$", k)
+    if m:
+        part, name, wb = m.groups()
+        new = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}[name]
+        return f"{part}.mid_block.attentions.0.{new}.{wb}", name != "norm" and wb == "weight"
+    k = re.sub(r"^(encoder|decoder)\.mid\.block_1\.", r"\1.mid_block.resnets.0.", k)
+    k = re.sub(r"^(encoder|decoder)\.mid\.block_2\.", r"\1.mid_block.resnets.1.", k)
+    k = re.sub(r"^encoder\.down\.(\d+)\.block\.(\d+)\.", r"encoder.down_blocks.\1.resnets.\2.", k)
+    k = re.sub(r"^encoder\.down\.(\d+)\.downsample\.conv\.", r"encoder.down_blocks.\1.downsamplers.0.conv.", k)
+    k = re.sub(r"^decoder\.up\.(\d+)\.block\.(\d+)\.",
+               lambda m: f"decoder.up_blocks.{num_levels - 1 - int(m.group(1))}.resnets.{m.group(2)}.", k)
+    k = re.sub(r"^decoder\.up\.(\d+)\.upsample\.conv\.",
+               lambda m: f"decoder.up_blocks.{num_levels - 1 - int(m.group(1))}.upsamplers.0.conv.", k)
+    k = k.replace(".nin_shortcut.", ".conv_shortcut.")
+    k = re.sub(r"^(encoder|decoder)\.norm_out\.", r"\1.conv_norm_out.", k)
+    return k, attn
+
+
+def vae_diffusers_table(cfg) -> list[tuple[str, tuple, str, None]]:
+    """(diffusers key, nnx path, kind, None) for every AE parameter; kind "conv" (torch OIHW <->
+    HWIO), "attn" (diffusers Linear (out, in) <-> the 1x1 conv kernel (1, 1, in, out)), "copy"."""
+    from sgt_jax.models import vae
+
+    n = len(vae.vae_config(cfg).ch_mult)
+    out = []
+    for key, path, kind in vae.torch_key_table(cfg):
+        name, attn = diffusers_vae_name(key, n)
+        out.append((name, tuple(path), "attn" if attn else kind, None))
+    return out
+
+
+def vae_to_jax(kind: str, w: np.ndarray) -> np.ndarray:
+    w = np.asarray(w)
+    if kind == "conv":
+        return np.ascontiguousarray(w.transpose(2, 3, 1, 0))
+    if kind == "attn":
+        return np.ascontiguousarray(w.T[None, None])
+    return w
+
+
+def vae_to_torch(kind: str, w: np.ndarray) -> np.ndarray:
+    w = np.asarray(w)
+    if kind == "conv":
+        return np.ascontiguousarray(w.transpose(3, 2, 0, 1))
+    if kind == "attn":
+        return np.ascontiguousarray(w[0, 0].T)
+    return w
+
+
+def vae_torch_shape(kind: str, shape) -> tuple:
+    shape = tuple(shape)
+    if kind == "conv":
+        kh, kw, cin, cout = shape
+        return (cout, cin, kh, kw)
+    if kind == "attn":
+        return (shape[3], shape[2])
+    return shape
+
+
+def load_vae_diffusers(model, tensors: dict, what: str = "FLUX VAE (diffusers) checkpoint"):
+    """Assign a diffusers AutoencoderKL state (FLUX layout, no quant convs) into ``vae.AutoEncoder``."""
+    table = vae_diffusers_table(model.config)
+    params = _params(model)
+    expected = {k: vae_torch_shape(kind, params[p].shape) for k, p, kind, _ in table}
+    diff = key_diff(expected, {k: np.shape(v) for k, v in tensors.items()})
+    if diff:
+        raise ValueError("\n".join([f"{what} does not match the VAE config:"] +
+                                   ["  " + x for x in diff.lines(limit=20, layout="torch layout", shape=tuple)]))
+    for k, p, kind, _ in table:
+        params[p].set_value(np.asarray(vae_to_jax(kind, np.asarray(tensors[k], np.float32)), np.float32))
+    return model
+
+
+def export_vae_diffusers(model) -> dict[str, np.ndarray]:
+    params = _params(model)
+    return {k: vae_to_torch(kind, np.asarray(params[p].get_value()))
+            for k, p, kind, _ in vae_diffusers_table(model.config)}
