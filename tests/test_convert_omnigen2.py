@@ -31,6 +31,11 @@ DIT_CONFIG = {"_class_name": "OmniGen2Transformer2DModel", "patch_size": 2, "in_
               "num_kv_heads": 2, "multiple_of": 16, "ffn_dim_multiplier": 0.5, "norm_eps": 1e-5,
               "axes_dim_rope": [4, 4, 4], "axes_lens": [64, 64, 64], "text_feat_dim": 32, "timestep_scale": 1000.0}
 
+VAE_CONFIG = {"_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3, "latent_channels": 4,
+              "block_out_channels": [16, 32], "layers_per_block": 1, "norm_num_groups": 8,
+              "down_block_types": ["DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2,
+              "use_quant_conv": False, "use_post_quant_conv": False, "scaling_factor": 0.3611, "shift_factor": 0.1159}
+
 
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
@@ -46,6 +51,9 @@ def release(tmp_path_factory):
     os.makedirs(root / "transformer")
     shutil.copy(os.path.join(FIX, "dit_tiny.safetensors"), root / "transformer" / "diffusion_pytorch_model.safetensors")
     (root / "transformer" / "config.json").write_text(json.dumps(DIT_CONFIG))
+    os.makedirs(root / "vae")
+    shutil.copy(os.path.join(FIX, "vae_tiny.safetensors"), root / "vae" / "diffusion_pytorch_model.safetensors")
+    (root / "vae" / "config.json").write_text(json.dumps(VAE_CONFIG))
     return root
 
 
@@ -61,7 +69,8 @@ def test_round_trip_is_bit_exact(release, tmp_path):
     assert main(["export", "--arch", "omnigen2", "--from", str(md_dir), "--to", str(out), "--no-progress"]) == 0
     for sub, src_name, out_name in [("mllm", "model.safetensors.index.json", "model.safetensors"),
                                     ("transformer", "diffusion_pytorch_model.safetensors",
-                                     "diffusion_pytorch_model.safetensors")]:
+                                     "diffusion_pytorch_model.safetensors"),
+                                    ("vae", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors")]:
         a, b = read_all(str(release / sub / src_name)), read_all(str(out / sub / out_name))
         assert set(a) == set(b), sub
         for k in a:

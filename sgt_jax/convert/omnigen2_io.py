@@ -2,15 +2,17 @@
 
 Release layout (as published, e.g. the OmniGen2/OmniGen2 repo): ``mllm/`` (Qwen2.5-VL-3B:
 config.json + model.safetensors or shards + model.safetensors.index.json) and ``transformer/``
-(the DiT in diffusers layout: config.json + diffusion_pytorch_model.safetensors or shards + index).
-Other subdirs (vae/, processor/, scheduler/) are not converted here.
+(the DiT in diffusers layout: config.json + diffusion_pytorch_model.safetensors or shards + index)
+and, optional, ``vae/`` (the FLUX AutoencoderKL in diffusers layout, mapped onto models/vae.py by
+``omnigen2_keymap.vae_diffusers_table``). processor/ and scheduler/ are not converted.
 
 Model dir::
 
     DIR/model_dir.json       {"format": "sgt-jax omnigen2 model dir", items, dtypes, provenance}; written last
-    DIR/model_config.json    {"mllm": Qwen2.5-VL config, "dit": DiT config}
-    DIR/checkpoint/          Orbax (OCDBT + zarr3) {"mllm": pure dict of Qwen25VL, "dit": pure dict of OmniGen2DiT}
-    DIR/source_configs/      mllm/config.json and transformer/config.json verbatim (an export writes them back)
+    DIR/model_config.json    {"mllm": Qwen2.5-VL config, "dit": DiT config, "vae": AE config}
+    DIR/checkpoint/          Orbax (OCDBT + zarr3) {"mllm": pure dict of Qwen25VL, "dit": pure dict of
+                             OmniGen2DiT, "vae": pure dict of vae.AutoEncoder}
+    DIR/source_configs/      the config.json files verbatim (an export writes them back)
 
 Streaming: one parameter slice (one source tensor) in memory at a time, both ways; weights keep
 their stored dtype (bf16 stays bf16). Refusals (exit 2 in the CLI): pickles, and missing /
@@ -31,19 +33,26 @@ from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
 from sgt_jax import fileio
 from sgt_jax.convert import model_dir as md
+from sgt_jax.convert import omnigen2_keymap
 from sgt_jax.convert.omnigen2_keymap import released_name
 from sgt_jax.convert.safetensors_io import (PICKLE_SUFFIXES, ConversionError, PlannedTensor,
                                             SafetensorsPlanWriter, SafetensorsSource)
 from sgt_jax.keydiff import key_diff
-from sgt_jax.models import omnigen2_config, omnigen2_dit, qwen25_vl
+from sgt_jax.models import omnigen2_config, omnigen2_dit, qwen25_vl, vae
 
 FORMAT = "sgt-jax omnigen2 model dir"
 SOURCE_CONFIGS = "source_configs"
-PARTS = {"mllm": ("mllm", "model"), "dit": ("transformer", "diffusion_pytorch_model")}   # item: (subdir, stem)
+# item: (subdir, weights stem); vae/ is optional
+PARTS = {"mllm": ("mllm", "model"), "dit": ("transformer", "diffusion_pytorch_model"),
+         "vae": ("vae", "diffusion_pytorch_model")}
 
 
 def _tables(cfg):
-    return {"mllm": qwen25_vl.torch_key_table(cfg.mllm), "dit": omnigen2_dit.torch_key_table(cfg.dit)}
+    out = {"mllm": qwen25_vl.torch_key_table(cfg.mllm), "dit": omnigen2_dit.torch_key_table(cfg.dit)}
+    if "vae" in cfg:
+        out["vae"] = omnigen2_keymap.vae_diffusers_table(cfg.vae)
+    # nnx paths as strings (the VAE's level / block indices are ints in nnx.state)
+    return {k: [(key, tuple(str(x) for x in path), kind, layer) for key, path, kind, layer in t] for k, t in out.items()}
 
 
 def _abstract(cfg) -> dict:
@@ -51,16 +60,51 @@ def _abstract(cfg) -> dict:
         st = nnx.state(nnx.eval_shape(build), nnx.Param)
         return {tuple(str(k) for k in p): tuple(v.shape) for p, v in nnx.to_flat_state(st)}
 
-    return {"mllm": shapes(lambda: qwen25_vl.Qwen25VL(cfg.mllm, rngs=nnx.Rngs(0))),
-            "dit": shapes(lambda: omnigen2_dit.OmniGen2DiT(cfg.dit, rngs=nnx.Rngs(0)))}
+    out = {"mllm": shapes(lambda: qwen25_vl.Qwen25VL(cfg.mllm, rngs=nnx.Rngs(0))),
+           "dit": shapes(lambda: omnigen2_dit.OmniGen2DiT(cfg.dit, rngs=nnx.Rngs(0)))}
+    if "vae" in cfg:
+        out["vae"] = shapes(lambda: vae.AutoEncoder(cfg.vae, rngs=nnx.Rngs(0)))
+    return out
 
 
 def _torch_shape(cfg, kind, shape):
+    if kind in ("conv", "attn"):
+        return omnigen2_keymap.vae_torch_shape(kind, shape)
     if kind == "linear":
         return tuple(shape)[::-1]
     if kind == "patch":
         return qwen25_vl.patch_torch_shape(cfg.mllm)
     return tuple(shape)
+
+
+def _to_jax(kind, a):
+    return omnigen2_keymap.vae_to_jax(kind, a) if kind in ("conv", "attn") else qwen25_vl.torch_to_jax(kind, a)
+
+
+def _to_torch(kind, a, patch_shape):
+    if kind in ("conv", "attn"):
+        return omnigen2_keymap.vae_to_torch(kind, a)
+    return qwen25_vl.jax_to_torch(kind, a, patch_shape)
+
+
+def vae_config_from_json(j: dict, where: str) -> ml_collections.ConfigDict:
+    """FLUX AutoencoderKL config.json (diffusers) -> the vae config of models/vae.py."""
+    if j.get("use_quant_conv", True) or j.get("use_post_quant_conv", True):
+        raise ConversionError(f"{where}: only the FLUX layout without quant convs is supported "
+                              "(use_quant_conv / use_post_quant_conv must be false)")
+    boc = list(j["block_out_channels"])
+    c = ml_collections.ConfigDict(dict(
+        in_channels=j.get("in_channels", 3), out_ch=j.get("out_channels", 3), ch=boc[0],
+        ch_mult=tuple(b // boc[0] for b in boc), num_res_blocks=j.get("layers_per_block", 2),
+        z_channels=j["latent_channels"], scale_factor=float(j.get("scaling_factor", 0.3611)),
+        shift_factor=float(j.get("shift_factor") or 0.0), groupnorm_groups=j.get("norm_num_groups", 32), eps=1e-6))
+    if any(b % boc[0] for b in boc):
+        raise ConversionError(f"{where}: block_out_channels {boc} are not multiples of the first")
+    try:
+        vae.vae_config(c)
+    except ValueError as e:
+        raise ConversionError(f"{where}: {e}") from None
+    return c
 
 
 def _weights(d: str, stem: str) -> str:
@@ -98,6 +142,8 @@ def import_omnigen2(src: str, dst: str, *, overwrite: bool = False, progress: bo
     for item, (sub, stem) in PARTS.items():
         d = fileio.join(src, sub)
         cj = fileio.join(d, "config.json")
+        if item == "vae" and not fileio.isdir(d):
+            continue
         if not fileio.exists(cj):
             raise ConversionError(f"{src}: no {sub}/config.json (expected the OmniGen2 release layout: mllm/, transformer/)")
         raw[item] = fileio.read_json(cj)
@@ -105,6 +151,8 @@ def import_omnigen2(src: str, dst: str, *, overwrite: bool = False, progress: bo
     try:
         cfg = ml_collections.ConfigDict(dict(mllm=omnigen2_config.from_hf_qwen25_vl(raw["mllm"], where=f"{src}/mllm/config.json"),
                                              dit=dit_config_from_json(raw["dit"])))
+        if "vae" in raw:
+            cfg.vae = vae_config_from_json(raw["vae"], f"{src}/vae/config.json")
     except ValueError as e:
         raise ConversionError(str(e)) from None
     abstract, tables = _abstract(cfg), _tables(cfg)
@@ -153,7 +201,8 @@ def import_omnigen2(src: str, dst: str, *, overwrite: bool = False, progress: bo
         tree[item] = sub
     md._write_checkpoint(fileio.join(dst, md.CHECKPOINT_DIR), tree)
     fileio.makedirs(fileio.join(dst, SOURCE_CONFIGS))
-    for item, (sub, _) in PARTS.items():
+    for item in tree:
+        sub = PARTS[item][0]
         fileio.write_text(fileio.join(dst, SOURCE_CONFIGS, f"{sub}_config.json"), json.dumps(raw[item], indent=2))
     fileio.write_text(fileio.join(dst, md.CONFIG_FILE), json.dumps(json.loads(cfg.to_json()), indent=2))
     fileio.write_text(fileio.join(dst, md.INFO_FILE), json.dumps({
@@ -169,7 +218,7 @@ def sub_of(item: str) -> str:
 def _producer(srcs, names, rows, dtype):
     def produce(chunk) -> Iterator[tuple]:
         for key, path, kind, layer in rows:
-            a = qwen25_vl.torch_to_jax(kind, srcs.read(names[key]))
+            a = _to_jax(kind, srcs.read(names[key]))
             yield ((Ellipsis,) if layer is None else (layer, Ellipsis)), np.asarray(a, dtype)
     return produce
 
@@ -192,8 +241,12 @@ def read_config(path: str) -> ml_collections.ConfigDict:
     mllm.vision.fullatt_block_indexes = tuple(mllm.vision.fullatt_block_indexes)
     dit = ml_collections.ConfigDict(d["dit"])
     dit.axes_dim_rope, dit.axes_lens = tuple(dit.axes_dim_rope), tuple(dit.axes_lens)
-    return ml_collections.ConfigDict(dict(mllm=omnigen2_config.validate_qwen25_vl(mllm),
-                                          dit=omnigen2_config.validate_dit(dit)))
+    out = ml_collections.ConfigDict(dict(mllm=omnigen2_config.validate_qwen25_vl(mllm),
+                                         dit=omnigen2_config.validate_dit(dit)))
+    if "vae" in d:
+        out.vae = ml_collections.ConfigDict(d["vae"])
+        out.vae.ch_mult = tuple(out.vae.ch_mult)
+    return out
 
 
 def _open(path: str, name: str):
@@ -205,8 +258,8 @@ def _open(path: str, name: str):
 
 
 def export_omnigen2(model_dir: str, dst: str, *, overwrite: bool = False, progress: bool = False) -> dict:
-    """Write ``dst/mllm/`` (model.safetensors + config.json) and ``dst/transformer/``
-    (diffusion_pytorch_model.safetensors + config.json) in the stored dtype."""
+    """Write ``dst/mllm/`` (model.safetensors + config.json), ``dst/transformer/`` and, when
+    imported, ``dst/vae/`` (diffusion_pytorch_model.safetensors + config.json), in the stored dtype."""
     t0 = time.time()
     model_dir, dst = fileio.abspath(model_dir), fileio.abspath(dst)
     cfg = read_config(model_dir)
@@ -235,7 +288,7 @@ def export_omnigen2(model_dir: str, dst: str, *, overwrite: bool = False, progre
                 handles[name] = _open(model_dir, name)
             t = handles[name]
             a = (t if layer is None else t[layer]).read().result()
-            block = np.asarray(qwen25_vl.jax_to_torch(kind, a, pshape), p.dtype)
+            block = np.asarray(_to_torch(kind, a, pshape), p.dtype)
             writer.write(key, block)
             nbytes += block.nbytes
         writer.close()
