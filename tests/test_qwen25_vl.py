@@ -267,3 +267,24 @@ def test_qwen25_vl_3b_parameter_count():
     back = omnigen2_config.from_hf_qwen25_vl(hc.to_dict())
     for part in ("llm", "vision"):
         assert back[part].to_dict() == cfg[part].to_dict(), part
+
+
+def test_export_loads_unchanged_in_transformers(golden, tmp_path):
+    """Our export (released key names, one safetensors file + the config) loads with
+    ``from_pretrained`` into transformers' model with nothing missing or unexpected, and that
+    model reproduces the golden logits."""
+    from safetensors.numpy import save_file
+
+    cfg = golden["cfg"]
+    save_file(omnigen2_keymap.export_qwen25_vl(jax_model(golden)), str(tmp_path / "model.safetensors"))
+    hf_config(cfg).to_json_file(str(tmp_path / "config.json"))
+    model, info = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        str(tmp_path), output_loading_info=True, attn_implementation="eager")
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    s = golden["samples"][0]
+    ids = torch.tensor(s["ids"])[None]
+    with torch.no_grad():
+        logits = model.float().eval()(input_ids=ids, pixel_values=torch.tensor(np.concatenate(s["pix"])),
+                                       image_grid_thw=torch.tensor(s["grids"]),
+                                       mm_token_type_ids=(ids == cfg.llm.image_token_id).int()).logits[0].numpy()
+    np.testing.assert_array_equal(logits, s["logits"])
