@@ -277,7 +277,7 @@ class VisionTower(nnx.Module):
         self.merger_fc1 = Dense(d * self.unit, d * self.unit, (None, "mlp"), use_bias=True, rngs=rngs, dtype=dtype)
         self.merger_fc2 = Dense(d * self.unit, v.out_hidden_size, ("mlp", "embed"), use_bias=True,
                                 rngs=rngs, dtype=dtype)
-        self.full = np.array([i in tuple(v.fullatt_block_indexes) for i in range(v.depth)])
+        self.full = tuple(i in tuple(v.fullatt_block_indexes) for i in range(v.depth))   # static, per layer
         self.dtype = dtype
 
     def __call__(self, patches, pos_hw, image_ids, window_ids):
