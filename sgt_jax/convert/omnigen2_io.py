@@ -138,7 +138,7 @@ def dit_config_from_json(j: dict, base=None) -> ml_collections.ConfigDict:
 def import_omnigen2(src: str, dst: str, *, overwrite: bool = False, progress: bool = False) -> dict:
     t0 = time.time()
     src = fileio.abspath(src)
-    cfgs, sources, raw = {}, {}, {}
+    sources, raw = {}, {}
     for item, (sub, stem) in PARTS.items():
         d = fileio.join(src, sub)
         cj = fileio.join(d, "config.json")
