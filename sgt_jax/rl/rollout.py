@@ -167,3 +167,49 @@ def policy_logprobs(model, ctx_batch: B.PackedBatch, rope_end, tokens, mask, bos
     batch = update_batch(ctx_batch, rope_end, tokens, mask, bos)
     ce = model(batch, num_gen=0)["ce"]
     return jnp.where(mask, -ce[:, ctx_batch.kind.shape[1]:], 0.0)
+
+
+def recon_batch(cfg, tokens, num_tokens, images, raw_t, special, vit_patch_dim: int) -> B.PackedBatch:
+    """The flow-matching row of (policy caption -> input image), built on device in the training
+    layout (``data.samples.layout`` of ``[text, noised vae_image]``): ``<|im_start|> caption
+    <|im_end|>`` (causal, RoPE 0..n+1), then ``<|vision_start|> h*w noised latents
+    <|vision_end|>`` (one NOISE split at RoPE n+2; latents through the gen expert, MSE on them).
+    ``images`` (R, S, S, 3) uint8, ``raw_t`` (R,) raw timesteps (N(0, 1), shifted by the model)."""
+    rows, t = tokens.shape
+    s = images.shape[1]
+    g = s // (vae_downsample(cfg) * cfg.bagel.latent_patch_size)
+    ids, valid, n = caption_block(tokens, num_tokens, special.bos_token_id, special.eos_token_id)
+    lt = t + 2
+    hw = g * g
+    zt = jnp.zeros((rows, lt), jnp.int32)
+    rr, cc = np.meshgrid(np.arange(g), np.arange(g), indexing="ij")
+    lat_pos = jnp.asarray((rr * cfg.bagel.max_latent_size + cc).reshape(-1), jnp.int32)
+    img_pos = jnp.broadcast_to(n[:, None], (rows, hw + 2))
+    kind_img = jnp.concatenate([jnp.full((rows, 1), B.TEXT), jnp.full((rows, hw), B.VAE_NOISED),
+                                jnp.full((rows, 1), B.TEXT)], 1)
+    marks = jnp.zeros((rows, hw + 2), jnp.int32).at[:, 0].set(special.start_of_image).at[:, -1].set(special.end_of_image)
+    fields = dict(
+        kind=(jnp.where(valid, B.TEXT, B.PAD), kind_img),
+        text_ids=(ids, marks),
+        position_ids=(jnp.where(valid, jnp.arange(lt)[None, :], 0), img_pos),
+        doc_ids=(jnp.where(valid, 0, 1), jnp.zeros((rows, hw + 2))),
+        split_ids=(jnp.where(valid, 0, 2), jnp.ones((rows, hw + 2))),
+        split_mode=(jnp.full((rows, lt), B.CAUSAL), jnp.full((rows, hw + 2), B.NOISE)),
+        expert=(zt, jnp.zeros((rows, hw + 2)).at[:, 1:-1].set(B.GEN)),
+        ce_mask=(jnp.zeros((rows, lt), bool), jnp.zeros((rows, hw + 2), bool)),
+        ce_labels=(zt, jnp.zeros((rows, hw + 2))),
+        ce_weights=(jnp.ones((rows, lt)), jnp.ones((rows, hw + 2))),
+        mse_mask=(jnp.zeros((rows, lt), bool), jnp.zeros((rows, hw + 2), bool).at[:, 1:-1].set(True)),
+        vit_index=(zt, jnp.zeros((rows, hw + 2))),
+        vae_token_index=(zt, jnp.zeros((rows, hw + 2)).at[:, 1:-1].set(jnp.arange(hw))),
+        latent_position_ids=(zt, jnp.zeros((rows, hw + 2)).at[:, 1:-1].set(lat_pos)),
+        timesteps=(jnp.zeros((rows, lt)), jnp.zeros((rows, hw + 2)).at[:, 1:-1].set(raw_t[:, None])),
+    )
+    out = {}
+    for f, (a, b) in fields.items():
+        dt = B.dtype(f)
+        out[f] = jnp.concatenate([a.astype(dt), b.astype(dt)], axis=1)
+    pix = (images.astype(jnp.float32) / 255.0 - 0.5) / 0.5      # data.samples.normalize
+    return B.PackedBatch(**out, vit_patches=jnp.zeros((rows, 1, vit_patch_dim), jnp.float32),
+                         vit_position_ids=jnp.zeros((rows, 1), jnp.int32),
+                         vit_image_ids=jnp.full((rows, 1), -1, jnp.int32), vae_images=pix[:, None])
