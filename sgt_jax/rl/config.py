@@ -40,6 +40,9 @@ def default_rl_config() -> ml_collections.ConfigDict:
         reward_path="",                # HF checkpoint dir; '' = a random encoder of reward_vit (tiny runs)
         reward_vit=dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                         image_size=56, patch_size=14, projection_dim=32),
+        reward_init_scale=0.2,         # random encoders: weights N(0, s^2) (rewards.rescale_random); 0 = the 0.02 init
+        tokenizer_path="",             # a Qwen2 tokenizer dir to encode rl.prompt ('' = rl.prompt_ids)
+        prompt_ids=[],
         eval_encoders="",              # extra encoders of the held-out evaluation ("dinov2,siglip"; random tiny ones
                                        # unless *_path below is set)
         dinov2_path="",

@@ -88,15 +88,16 @@ def scenes(seed: int, index: int, n: int, size: int, num_shapes=(1, 3)) -> np.nd
     return np.stack([make_scene(rng, size, size, int(rng.integers(lo, hi + 1)))["image"] for _ in range(n)])
 
 
-def build_encoder(kind: str, path: str, vit: dict, model_cfg, image_size: int, seed: int):
+def build_encoder(kind: str, path: str, vit: dict, model_cfg, image_size: int, seed: int, init_scale: float = 0.0):
     if path:
         return rewards_lib.load_encoder(kind, path, model_cfg=model_cfg, image_size=image_size)
     v = dict(vit)
     if kind == "dinov2":
         from sgt_jax.models.dinov2 import IMAGENET_MEAN, IMAGENET_STD
         v.update(projection_dim=0, hidden_act="gelu", layer_norm_eps=1e-6, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    return rewards_lib.random_encoder(kind, seed=seed, config=VitConfig(**v), model_cfg=model_cfg,
-                                      image_size=v["image_size"])
+    enc = rewards_lib.random_encoder(kind, seed=seed, config=VitConfig(**v), model_cfg=model_cfg,
+                                     image_size=v["image_size"])
+    return rewards_lib.rescale_random(enc, init_scale, seed=seed) if init_scale else enc
 
 
 class RLProgram:
@@ -153,7 +154,7 @@ class RLProgram:
     def _encoder(self, kind: str, path: str):
         r = self.cfg.rl
         return build_encoder(kind, path, r.reward_vit.to_dict(), self.cfg.model, r.reward_vit.image_size,
-                             seed=self.cfg.train.seed + 7)
+                             seed=self.cfg.train.seed + 7, init_scale=r.reward_init_scale)
 
     def contexts(self, images: np.ndarray, group_size: int | None = None) -> ctx_lib.ContextBatch:
         g = self.rc.group_size if group_size is None else group_size
@@ -362,9 +363,10 @@ def _host(m: dict) -> dict:
 
 
 def train(cfg, workdir: str, *, stop_after: int | None = None, quiet: bool = False, mesh=None,
-          tokenizer=None) -> dict:
+          tokenizer=None, on_step=None) -> dict:
     """Run (or resume) the RL stages in ``workdir``; returns a summary (history of logged rows,
-    held-out evaluations, compilations of the step functions inside the loop)."""
+    held-out evaluations, compilations of the step functions inside the loop). ``on_step(step,
+    state)``: called after each step's save (tests: fault injection)."""
     t, r = cfg.train, cfg.rl
     program = RLProgram(cfg, mesh, tokenizer=tokenizer)
     fileio.makedirs(workdir)
@@ -417,6 +419,8 @@ def train(cfg, workdir: str, *, stop_after: int | None = None, quiet: bool = Fal
             if ckpt.save(step, state, consts, {"step": step}, meta) if step != last_saved else False:
                 last_saved = step
             run_eval(step)
+            if on_step is not None:
+                on_step(step, state)
         if step != last_saved:
             ckpt.save(step, state, consts, {"step": step}, meta, force=True)
     finally:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from sgt_jax import fileio
@@ -121,3 +122,17 @@ def random_encoder(kind: str, *, seed: int = 0, config: clip.VitConfig | None = 
         return SiglipPooled(model_cfg, image_size, rngs=nnx.Rngs(seed))
     raise ValueError(f"unknown reward encoder {kind!r}; expected one of {ENCODERS}")
 
+
+
+def rescale_random(model, scale: float, *, seed: int = 0):
+    """Redraw a random encoder's weights as N(0, scale^2) (norm scales 1 + N(0, scale^2), biases
+    N(0, scale^2)): at the default 0.02 init a random ViT maps every image to nearly the same
+    embedding (cosine ~ 1), useless as a reward; larger weights give discriminative random features."""
+    rng = np.random.default_rng(seed)
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        shape = var.get_value().shape
+        v = rng.normal(scale=scale, size=shape).astype(np.float32)
+        if path[-1] == "scale" and "norm" in "/".join(map(str, path)):
+            v = v + 1.0
+        var.set_value(jnp.asarray(v))
+    return model
