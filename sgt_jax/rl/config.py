@@ -40,6 +40,7 @@ def default_rl_config() -> ml_collections.ConfigDict:
         reward_path="",                # HF checkpoint dir; '' = a random encoder of reward_vit (tiny runs)
         reward_vit=dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                         image_size=56, patch_size=14, projection_dim=32),
+        require_reward_path=False,     # True (real models): refuse to start with a random reward encoder
         reward_init_scale=0.2,         # random encoders: weights N(0, s^2) (rewards.rescale_random); 0 = the 0.02 init
         tokenizer_path="",             # a Qwen2 tokenizer dir to encode rl.prompt ('' = rl.prompt_ids)
         prompt_ids=[],
@@ -98,6 +99,9 @@ def validate(cfg) -> ml_collections.ConfigDict:
     need(r.vit_image_size % cfg.model.vit.patch_size == 0,
          f"rl.vit_image_size={r.vit_image_size} must be a multiple of the ViT patch {cfg.model.vit.patch_size}")
     need(r.reward_encoder in ENCODERS, f"rl.reward_encoder must be one of {ENCODERS}")
+    need(r.reward_path or not r.require_reward_path,
+         "rl.reward_path is empty: set it to an HF checkpoint dir of the reward encoder (e.g. "
+         "openai/clip-vit-large-patch14: config.json + model.safetensors)")
     need(r.updates_per_batch >= 1, "rl.updates_per_batch must be >= 1")
     need(r.temperature > 0 or all(s != "und" for s, _ in stages),
          "rl.temperature must be > 0 for the und (GRPO) stage: a group of greedy captions has no variance")

@@ -88,9 +88,12 @@ def scenes(seed: int, index: int, n: int, size: int, num_shapes=(1, 3)) -> np.nd
     return np.stack([make_scene(rng, size, size, int(rng.integers(lo, hi + 1)))["image"] for _ in range(n)])
 
 
-def build_encoder(kind: str, path: str, vit: dict, model_cfg, image_size: int, seed: int, init_scale: float = 0.0):
+def build_encoder(kind: str, path: str, vit: dict, model_cfg, image_size: int, seed: int, init_scale: float = 0.0,
+                  init: bool = True):
+    """The reward / evaluation encoder: from an HF checkpoint dir (``init=False``: shapes only), or
+    random with the ``vit`` shape (tiny runs)."""
     if path:
-        return rewards_lib.load_encoder(kind, path, model_cfg=model_cfg, image_size=image_size)
+        return rewards_lib.load_encoder(kind, path, model_cfg=model_cfg, image_size=image_size, init=init)
     v = dict(vit)
     if kind == "dinov2":
         from sgt_jax.models.dinov2 import IMAGENET_MEAN, IMAGENET_STD
@@ -131,7 +134,7 @@ class RLProgram:
         self.graphdef, a_params, a_fixed = nnx.split(abstract, nnx.Param, ...)
         vae_abs = nnx.eval_shape(lambda: AutoEncoder(cfg.model, rngs=nnx.Rngs(0), dtype=vae_dtype(cfg)))
         self.vae_graphdef, a_vae = nnx.split(vae_abs, nnx.Param)
-        enc_abs = nnx.eval_shape(lambda: self._encoder(r.reward_encoder, ""))
+        enc_abs = nnx.eval_shape(lambda: self._encoder(r.reward_encoder, r.reward_path, init=False))
         self.enc_graphdef, a_enc = nnx.split(enc_abs, nnx.Param)
         a_opt = jax.eval_shape(self.tx.init, a_params)
         sh = lambda tree: mesh_lib.state_shardings(tree, self.mesh)
@@ -151,10 +154,10 @@ class RLProgram:
 
     # -- pieces --------------------------------------------------------------------------------
 
-    def _encoder(self, kind: str, path: str):
+    def _encoder(self, kind: str, path: str, init: bool = True):
         r = self.cfg.rl
         return build_encoder(kind, path, r.reward_vit.to_dict(), self.cfg.model, r.reward_vit.image_size,
-                             seed=self.cfg.train.seed + 7, init_scale=r.reward_init_scale)
+                             seed=self.cfg.train.seed + 7, init_scale=r.reward_init_scale, init=init)
 
     def contexts(self, images: np.ndarray, group_size: int | None = None) -> ctx_lib.ContextBatch:
         g = self.rc.group_size if group_size is None else group_size
@@ -325,10 +328,13 @@ class RLProgram:
         r = self.cfg.rl
         out = {r.reward_encoder: (self.enc_graphdef, consts.frozen["reward"])}
         for name in filter(None, str(r.eval_encoders).split(",")):
-            if name not in out:
-                path = r.dinov2_path if name == "dinov2" else ""
-                gd, p = nnx.split(self._encoder(name, path), nnx.Param)
-                out[name] = (gd, p)
+            if name in out:
+                continue
+            path = r.dinov2_path if name == "dinov2" else ""
+            gd, p = nnx.split(self._encoder(name, path), nnx.Param)
+            if name == "siglip":          # BAGEL's own SigLIP: the reference policy's (initial) ViT
+                p["vit"] = consts.frozen["ref"]["vit_model"]
+            out[name] = (gd, p)
         return out
 
 

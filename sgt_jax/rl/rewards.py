@@ -91,22 +91,32 @@ def _weights_file(path: str) -> str:
     raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
-def load_encoder(kind: str, path: str, *, model_cfg=None, image_size: int = 224):
+def encoder_config(kind: str, path: str):
+    """The ``VitConfig`` of an HF checkpoint dir's ``config.json`` (clip / dinov2)."""
+    cfg = fileio.read_json(fileio.join(path, "config.json"))
+    if kind == "dinov2":
+        return dinov2.from_hf_config(cfg)
+    c = clip.from_hf_config(cfg)
+    src = SafetensorsSource(_weights_file(path))
+    if "visual_projection.weight" not in src:
+        c = clip.VitConfig(**{**c.__dict__, "projection_dim": 0})
+    return c
+
+
+def load_encoder(kind: str, path: str, *, model_cfg=None, image_size: int = 224, init: bool = True):
     """An encoder built from an HF checkpoint directory (config.json + safetensors). ``siglip``
-    takes the ViT shape from ``model_cfg`` (BAGEL's model config) instead of a config.json."""
+    takes the ViT shape from ``model_cfg`` (BAGEL's model config) instead of a config.json.
+    ``init=False``: the module with its shapes only, weights not read (``nnx.eval_shape``)."""
     if kind not in ENCODERS:
         raise ValueError(f"unknown reward encoder {kind!r}; expected one of {ENCODERS}")
-    src = SafetensorsSource(_weights_file(path))
-    tensors = {k: src.read(k) for k in src.keys()}
     if kind == "siglip":
         model = SiglipPooled(model_cfg, image_size, rngs=nnx.Rngs(0))
     else:
-        cfg = fileio.read_json(fileio.join(path, "config.json"))
-        c = clip.from_hf_config(cfg) if kind == "clip" else dinov2.from_hf_config(cfg)
-        if kind == "clip" and "visual_projection.weight" not in tensors:
-            c = clip.VitConfig(**{**c.__dict__, "projection_dim": 0})
+        c = encoder_config(kind, path)
         model = (clip.CLIPVision if kind == "clip" else dinov2.Dinov2)(c, rngs=nnx.Rngs(0))
-    load_tensors(model, kind, tensors, what=f"{kind} reward encoder {path}")
+    if init:
+        src = SafetensorsSource(_weights_file(path))
+        load_tensors(model, kind, {k: src.read(k) for k in src.keys()}, what=f"{kind} reward encoder {path}")
     return model
 
 
