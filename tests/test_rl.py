@@ -107,3 +107,24 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     row = ref["rows"][0]
     for k in ("reward_mean", "reward_std", "caption_len", "kl", "clip_fraction", "loss"):
         assert k in row and np.isfinite(row[k])
+
+
+def test_stage_freezing_masks(tiny_policy):
+    """und trains the encoder side only, gen the decoder side only, cold_start everything."""
+    from sgt_jax.rl import loop
+
+    _, model, _ = tiny_policy
+    p = nnx.state(model, nnx.Param)
+    ones = jax.tree.map(jnp.ones_like, p)
+    und_side = {"connector", "vit_model", "language_model/embed_tokens", "language_model/layers/und",
+                "language_model/lm_head", "language_model/norm"}
+    for stage in ("und", "gen", "cold_start"):
+        kept = {}
+        for kp, x in jax.tree_util.tree_leaves_with_path(loop.mask_tree(ones, loop.trainable(stage))):
+            n = loop._names(kp)
+            group = n[0] if n[0] != "language_model" else "/".join(n[:3] if n[1] == "layers" else n[:2])
+            kept.setdefault(group, set()).add(bool(np.asarray(x).all()) if np.asarray(x).any() else False)
+        assert all(len(v) == 1 for v in kept.values()), kept
+        trained = {g for g, v in kept.items() if True in v}
+        want = {"und": und_side, "gen": set(kept) - und_side, "cold_start": set(kept)}[stage]
+        assert trained == want, (stage, trained ^ want)
