@@ -346,19 +346,22 @@ def heldout_eval(program: RLProgram, params, consts, encoders=None) -> dict:
     encoders = encoders or program.eval_encoders(consts)
     imgs = scenes(r.heldout_seed, 0, r.heldout_images, r.image_size, r.num_shapes)
     per = max(1, program.rows // max(r.eval_samples, 1))          # images per eval batch
+    fn = program.eval_function(encoders)
+    enc_params = {k: p for k, (_, p) in encoders.items()}
     sums, lens, n = {}, [], 0
     for i in range(0, len(imgs), per):
-        chunk = imgs[i:i + per]
+        real = imgs[i:i + per]
+        chunk = np.concatenate([real, np.repeat(real[-1:], per - len(real), axis=0)])   # static shapes
         cb = program.contexts(chunk, group_size=r.eval_samples)
         keys = jax.vmap(lambda j: jax.random.fold_in(jax.random.key(r.heldout_seed), j))(
-            jnp.arange(i * r.eval_samples, (i + len(chunk)) * r.eval_samples))
-        fn = program.eval_function(encoders)
-        res, ntok, _ = fn(params, consts, {k: p for k, (_, p) in encoders.items()}, cb.batch,
-                          jnp.asarray(cb.n_valid), jnp.asarray(cb.rope_end), jnp.asarray(chunk), keys)
+            jnp.arange(i * r.eval_samples, (i + per) * r.eval_samples))
+        res, ntok, _ = fn(params, consts, enc_params, cb.batch, jnp.asarray(cb.n_valid), jnp.asarray(cb.rope_end),
+                          jnp.asarray(chunk), keys)
+        keep = len(real) * r.eval_samples
         for k, v in res.items():
-            sums[k] = sums.get(k, 0.0) + float(jnp.sum(v))
-        lens.append(np.asarray(ntok))
-        n += len(chunk) * r.eval_samples
+            sums[k] = sums.get(k, 0.0) + float(jnp.sum(v[:keep]))
+        lens.append(np.asarray(ntok)[:keep])
+        n += keep
     out = {k: v / n for k, v in sums.items()}
     out["caption_len"] = float(np.mean(np.concatenate(lens)))
     return out
@@ -422,7 +425,7 @@ def train(cfg, workdir: str, *, stop_after: int | None = None, quiet: bool = Fal
                 writer.write(step, row)
                 history.append({"step": step, **row})
             writer.advance()
-            if ckpt.save(step, state, consts, {"step": step}, meta) if step != last_saved else False:
+            if ckpt.save(step, state, consts, {"step": step}, meta):
                 last_saved = step
             run_eval(step)
             if on_step is not None:
