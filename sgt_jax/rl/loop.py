@@ -252,7 +252,7 @@ class RLProgram:
         return rl_step
 
     def _make_eval(self):
-        cfg, rc, special = self.cfg, self.rc, self.special
+        rc, special = self.rc, self.special
         gd, vgd = self.graphdef, self.vae_graphdef
 
         def rl_eval(params, consts, encoders, ctx_batch, n_valid, rope_end, images, keys):
