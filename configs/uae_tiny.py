@@ -17,7 +17,7 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.rl.update(stages="cold_start:20,und:160,gen:20", images_per_step=2, group_size=4, max_caption_tokens=8,
                   temperature=1.0, image_size=64, vit_image_size=56, num_timesteps=6, cfg_text_scale=2.0,
                   kl_beta=0.01, updates_per_batch=2, heldout_images=8, eval_every=50, eval_samples=2,
-                  eval_encoders="dinov2,siglip")
+                  eval_encoders="dinov2,siglip", train_vit=True)
     cfg.rl.prompt_ids = [20, 21, 22, 23]           # no tokenizer: a fixed 4-token prompt
     cfg.train = default_train_config()
     cfg.train.update(steps=200, lr=1e-3, warmup_steps=10, ema_decay=0.99, save_every=50, log_every=1,

@@ -128,3 +128,6 @@ def test_stage_freezing_masks(tiny_policy):
         trained = {g for g, v in kept.items() if True in v}
         want = {"und": und_side, "gen": set(kept) - und_side, "cold_start": set(kept)}[stage]
         assert trained == want, (stage, trained ^ want)
+    frozen_vit = loop.mask_tree(ones, loop.trainable("und", train_vit=False))
+    assert not any(np.asarray(x).any() for x in jax.tree.leaves(frozen_vit["vit_model"]))
+    assert all(np.asarray(x).all() for x in jax.tree.leaves(frozen_vit["connector"]))

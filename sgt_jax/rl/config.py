@@ -35,7 +35,8 @@ def default_rl_config() -> ml_collections.ConfigDict:
         cfg_interval=(0.4, 1.0), cfg_renorm_type="global", cfg_renorm_min=0.0,
         clip_eps_low=0.2, clip_eps_high=0.2, kl_beta=0.04, std_eps=1e-4, reduction="sequence",
         scale_by_std=True,
-        updates_per_batch=1,           # GRPO iterations (mu) per rollout batch
+        updates_per_batch=1,
+        train_vit=False,               # und / cold_start: also train the SigLIP ViT (UAE trains the LLM)           # GRPO iterations (mu) per rollout batch
         reward_encoder="clip",         # clip | dinov2 | siglip
         reward_path="",                # HF checkpoint dir; '' = a random encoder of reward_vit (tiny runs)
         reward_vit=dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,

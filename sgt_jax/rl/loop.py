@@ -68,12 +68,15 @@ def is_und_side(path: tuple) -> bool:
             or path[:3] == ("language_model", "layers", "und"))
 
 
-def trainable(stage: str):
+def trainable(stage: str, train_vit: bool = True):
+    """The parameters a stage trains (path -> bool); ``train_vit=False`` keeps the ViT frozen in
+    the und / cold-start stages (UAE trains the LLM)."""
+    vit_ok = lambda p: train_vit or p[0] != "vit_model"
     if stage == "und":
-        return is_und_side
+        return lambda p: is_und_side(p) and vit_ok(p)
     if stage == "gen":
         return lambda p: not is_und_side(p)
-    return lambda p: True
+    return vit_ok
 
 
 def mask_tree(tree, keep):
@@ -175,7 +178,7 @@ class RLProgram:
         r, t = cfg.rl, cfg.train
         gd, vgd, egd, tx = self.graphdef, self.vae_graphdef, self.enc_graphdef, self.tx
         G, rows, mu = r.group_size, self.rows, int(r.updates_per_batch) if stage == "und" else 1
-        keep = trainable(stage)
+        keep = trainable(stage, bool(r.train_vit))
         hw = self.grid * self.grid
         vit_dim = 3 * cfg.model.vit.patch_size ** 2
 
