@@ -36,6 +36,7 @@ def default_rl_config() -> ml_collections.ConfigDict:
         clip_eps_low=0.2, clip_eps_high=0.2, kl_beta=0.04, std_eps=1e-4, reduction="sequence",
         scale_by_std=True,
         updates_per_batch=1,
+        shared_group_noise=True,       # one flow noise per group: within-group reward differences come from the captions
         train_vit=False,               # und / cold_start: also train the SigLIP ViT (UAE trains the LLM)           # GRPO iterations (mu) per rollout batch
         reward_encoder="clip",         # clip | dinov2 | siglip
         reward_path="",                # HF checkpoint dir; '' = a random encoder of reward_vit (tiny runs)

@@ -193,7 +193,10 @@ class RLProgram:
             if stage == "und":
                 vae = nnx.merge(vgd, consts.vae)
                 enc = nnx.merge(egd, consts.frozen["reward"])
-                recon = ro.generate_images(model, vae, out["tokens"], out["num_tokens"], keys, rc, special)
+                # the flow noise of a group is shared (common random numbers): reward differences within a
+                # group come from the captions, not from the image noise
+                nkeys = keys if not r.shared_group_noise else jnp.repeat(keys[::G], G, axis=0)
+                recon = ro.generate_images(model, vae, out["tokens"], out["num_tokens"], nkeys, rc, special)
                 ref_emb = jnp.repeat(enc.encode(images), G, axis=0)
                 rew = jnp.sum(ref_emb * enc.encode(recon), axis=-1)
                 used = jax.random.permutation(k_shuffle, rew) if r.shuffle_rewards else rew
