@@ -276,7 +276,7 @@ def _presets():
     import pathlib
 
     names = sorted(p.stem for p in (pathlib.Path(__file__).resolve().parents[1] / "configs").glob("*.py")
-                   if p.stem != "__init__")
+                   if p.stem != "__init__" and not p.stem.startswith("uae_"))   # RL presets: sgt_jax.rl
     return {n: importlib.import_module(f"configs.{n}") for n in names}
 
 
