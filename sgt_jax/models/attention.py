@@ -68,7 +68,7 @@ def mesh_axes_from_rules(rules) -> tuple[tuple[str, ...], str | None]:
 def resolve_impl(impl: str, head_dim: int, platform: str | None = None) -> str:
     """The kernel ``impl`` runs: "auto" is "flash" when the compile target is a TPU and the
     Pallas kernel takes the shapes (head_dim a multiple of 128, as every BAGEL / Qwen2 size),
-    else "blocked" (CPU, GPU). The target is ``platform`` when given, else the active mesh's devices -- an
+    "dense" on TPU otherwise, and "blocked" on CPU / GPU. The target is ``platform`` when given, else the active mesh's devices -- an
     AOT topology mesh on a CPU host counts as TPU (``flash_attention.target_is_tpu``) -- else
     the default backend."""
     if impl != "auto":
@@ -77,7 +77,20 @@ def resolve_impl(impl: str, head_dim: int, platform: str | None = None) -> str:
         tpu = fa.target_is_tpu()
     else:
         tpu = platform == "tpu"
-    return "flash" if tpu and head_dim % 128 == 0 else "blocked"
+    if not tpu:
+        return "blocked"
+    return "flash" if head_dim % 128 == 0 else "dense"
+
+
+def resolve_vit_impl(impl: str, platform: str | None = None) -> str:
+    """The ViT's attention, "dense" or "blocked" (no flash kernel for its head sizes): "auto" is
+    dense when compiling for TPU (as before the blocked path existed), else blocked."""
+    if impl == "auto":
+        tpu = fa.target_is_tpu() if platform is None else platform == "tpu"
+        return "dense" if tpu else "blocked"
+    if impl not in ("dense", "blocked"):
+        raise ValueError(f"vit.attention_impl={impl!r} must be one of ('dense', 'blocked', 'auto')")
+    return impl
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, seg: Segments, impl: str = "dense",
