@@ -43,7 +43,7 @@ _M_INIT = -1e30          # finite running-max start (masked scores are -inf)
 @dataclasses.dataclass(frozen=True)
 class Blocking:
     """``block``: tokens per q and kv block; ``chunk``: (q block, kv block) pairs per loop step."""
-    block: int = 64
+    block: int = 32
     chunk: int = 32
 
     @classmethod
