@@ -125,52 +125,61 @@ def _trips(codes, chunk):
 # ------------------------------------------------------------------------------------------------
 # forward / backward over the pair list
 
+def fwd_step(st: _St, q, k, v, tok, codes, n, carry):
+    """One loop step of the forward: chunk ``c`` of the pair list folded into (m, l, acc)."""
+    c, m, l, acc = carry
+    qi, ki, live = _chunk_pairs(codes, n, c, st.chunk)
+    s = _scores(st, q[qi], k[ki], _mask(tok, qi, ki, live))
+    m_new = m.at[qi].max(jnp.max(s, axis=-1))
+    alpha = jnp.exp(m - m_new)
+    p = jnp.exp(s - m_new[qi][..., None])
+    l = (l * alpha).at[qi].add(jnp.sum(p, axis=-1))
+    pv = jnp.einsum("phgqk,pkhd->phgqd", p.astype(v.dtype), v[ki], preferred_element_type=jnp.float32)
+    acc = (acc * alpha[..., None]).at[qi].add(pv)
+    return c + 1, m_new, l, acc
+
+
+def fwd_carry(st: _St, nb: int):
+    """The forward loop's initial (step, running max, running sum, accumulator)."""
+    m0 = jnp.full((nb, st.nkv, st.g, st.bl), _M_INIT, jnp.float32)
+    return jnp.int32(0), m0, jnp.zeros_like(m0), jnp.zeros((nb, st.nkv, st.g, st.bl, st.hd), jnp.float32)
+
+
 def _fwd(st: _St, q, k, v, tok, codes, n):
     """q (NB, bl, nkv, g, hd), k / v (NB, bl, nkv, hd) -> o (like q), lse (NB, nkv, g, bl)."""
-    nb = q.shape[0]
-    m0 = jnp.full((nb, st.nkv, st.g, st.bl), _M_INIT, jnp.float32)
-    acc0 = jnp.zeros((nb, st.nkv, st.g, st.bl, st.hd), jnp.float32)
-
-    def body(carry):
-        c, m, l, acc = carry
-        qi, ki, live = _chunk_pairs(codes, n, c, st.chunk)
-        s = _scores(st, q[qi], k[ki], _mask(tok, qi, ki, live))
-        m_new = m.at[qi].max(jnp.max(s, axis=-1))
-        alpha = jnp.exp(m - m_new)
-        p = jnp.exp(s - m_new[qi][..., None])
-        l = (l * alpha).at[qi].add(jnp.sum(p, axis=-1))
-        pv = jnp.einsum("phgqk,pkhd->phgqd", p.astype(v.dtype), v[ki], preferred_element_type=jnp.float32)
-        acc = (acc * alpha[..., None]).at[qi].add(pv)
-        return c + 1, m_new, l, acc
-
     trips = _trips(codes, st.chunk)
-    _, m, l, acc = lax.while_loop(lambda cr: cr[0] < trips, body, (jnp.int32(0), m0, jnp.zeros_like(m0), acc0))
+    _, m, l, acc = lax.while_loop(lambda cr: cr[0] < trips,
+                                  functools.partial(fwd_step, st, q, k, v, tok, codes, n),
+                                  fwd_carry(st, q.shape[0]))
     live = l > 0
     o = acc * jnp.where(live, 1.0 / jnp.where(live, l, 1.0), 0.0)[..., None]
     lse = jnp.where(live, m + jnp.log(jnp.where(live, l, 1.0)), jnp.inf)
     return o.transpose(0, 3, 1, 2, 4).astype(q.dtype), lse
 
 
+def bwd_step(st: _St, q, k, v, tok, codes, n, lse, di, do, carry):
+    """One loop step of the backward: chunk ``c``'s contributions scatter-added to (dq, dk, dv)."""
+    c, dq, dk, dv = carry
+    qi, ki, live = _chunk_pairs(codes, n, c, st.chunk)
+    qb, kb, vb, dob = q[qi], k[ki], v[ki], do[qi]
+    s = _scores(st, qb, kb, _mask(tok, qi, ki, live))
+    p = jnp.exp(s - lse[qi][..., None])                                   # (P, nkv, g, bl, bl)
+    dv = dv.at[ki].add(jnp.einsum("phgqk,pqhgd->pkhd", p.astype(do.dtype), dob,
+                                  preferred_element_type=jnp.float32))
+    dp = jnp.einsum("pqhgd,pkhd->phgqk", dob, vb, preferred_element_type=jnp.float32)
+    ds = (p * (dp - di[qi][..., None])).astype(q.dtype)
+    dq = dq.at[qi].add(jnp.einsum("phgqk,pkhd->pqhgd", ds, kb, preferred_element_type=jnp.float32))
+    dk = dk.at[ki].add(jnp.einsum("phgqk,pqhgd->pkhd", ds, qb, preferred_element_type=jnp.float32))
+    return c + 1, dq, dk, dv
+
+
 def _bwd(st: _St, q, k, v, tok, codes, n, o, lse, do):
     di = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1).transpose(0, 2, 3, 1)  # (NB, nkv, g, bl)
-
-    def body(carry):
-        c, dq, dk, dv = carry
-        qi, ki, live = _chunk_pairs(codes, n, c, st.chunk)
-        qb, kb, vb, dob = q[qi], k[ki], v[ki], do[qi]
-        s = _scores(st, qb, kb, _mask(tok, qi, ki, live))
-        p = jnp.exp(s - lse[qi][..., None])                                   # (P, nkv, g, bl, bl)
-        dv = dv.at[ki].add(jnp.einsum("phgqk,pqhgd->pkhd", p.astype(do.dtype), dob,
-                                      preferred_element_type=jnp.float32))
-        dp = jnp.einsum("pqhgd,pkhd->phgqk", dob, vb, preferred_element_type=jnp.float32)
-        ds = (p * (dp - di[qi][..., None])).astype(q.dtype)
-        dq = dq.at[qi].add(jnp.einsum("phgqk,pkhd->pqhgd", ds, kb, preferred_element_type=jnp.float32))
-        dk = dk.at[ki].add(jnp.einsum("phgqk,pqhgd->pkhd", ds, qb, preferred_element_type=jnp.float32))
-        return c + 1, dq, dk, dv
-
     z = lambda x: jnp.zeros(x.shape, jnp.float32)  # noqa: E731
     trips = _trips(codes, st.chunk)
-    _, dq, dk, dv = lax.while_loop(lambda cr: cr[0] < trips, body, (jnp.int32(0), z(q), z(k), z(v)))
+    _, dq, dk, dv = lax.while_loop(lambda cr: cr[0] < trips,
+                                   functools.partial(bwd_step, st, q, k, v, tok, codes, n, lse, di, do),
+                                   (jnp.int32(0), z(q), z(k), z(v)))
     return (dq * st.scale).astype(q.dtype), (dk * st.scale).astype(k.dtype), dv.astype(v.dtype)
 
 
@@ -197,7 +206,9 @@ _blocked.defvjp(_blocked_fwd, _blocked_bwd)
 # ------------------------------------------------------------------------------------------------
 # public entry point
 
-def _blocked_local(q, k, v, seg, blocking: Blocking, sm_scale):
+def prepare(q, k, v, seg, blocking: Blocking, sm_scale=None):
+    """(static settings, blocked q, k, v, token fields, pair codes, blocks per row, padded L):
+    the operands of the loops (also used by bench/attention_cpu.py to count one step's FLOPs)."""
     b, length, nh, hd = q.shape
     nkv = k.shape[2]
     if nh % nkv or k.shape != v.shape or k.shape[:2] != (b, length) or k.shape[3] != hd:
@@ -213,7 +224,13 @@ def _blocked_local(q, k, v, seg, blocking: Blocking, sm_scale):
     pad = lambda x: jnp.pad(x, ((0, 0), (0, lp - length), (0, 0), (0, 0)))  # noqa: E731
     qb = pad(q).reshape(nb, bl, nkv, st.g, hd)
     kb, vb = pad(k).reshape(nb, bl, nkv, hd), pad(v.astype(k.dtype)).reshape(nb, bl, nkv, hd)
-    o = _blocked(st, qb, kb, vb, _tokens(seg_p, nb, bl), codes, n)
+    return st, qb, kb, vb, _tokens(seg_p, nb, bl), codes, n, lp
+
+
+def _blocked_local(q, k, v, seg, blocking: Blocking, sm_scale):
+    b, length, nh, hd = q.shape
+    st, qb, kb, vb, tok, codes, n, lp = prepare(q, k, v, seg, blocking, sm_scale)
+    o = _blocked(st, qb, kb, vb, tok, codes, n)
     return o.reshape(b, lp, nh, hd)[:, :length]
 
 
