@@ -43,8 +43,8 @@ _M_INIT = -1e30          # finite running-max start (masked scores are -inf)
 @dataclasses.dataclass(frozen=True)
 class Blocking:
     """``block``: tokens per q and kv block; ``chunk``: (q block, kv block) pairs per loop step."""
-    block: int = 32
-    chunk: int = 32
+    block: int = 16
+    chunk: int = 96
 
     @classmethod
     def from_config(cls, llm) -> "Blocking":
