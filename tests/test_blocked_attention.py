@@ -82,8 +82,9 @@ def test_compiles_once_for_any_layout():
     assert f._cache_size() == 1
 
 
-@pytest.mark.parametrize("policy", ["nothing", "context"])
-def test_under_remat(policy):
+def test_under_remat():
+    """Inside jax.checkpoint saving only "context" (the decoder's minimal policy): o and lse saved."""
+    policy = "context"
     seg = random_segments(8, 1, 64)
     q, k, v, ct = random_qkv(8, 1, 64, 2, 1, 16)
     pol = (jax.checkpoint_policies.nothing_saveable if policy == "nothing"
