@@ -11,7 +11,8 @@ The CPU / GPU counterpart of the Pallas kernel (flash_attention.py), in plain XL
     ``ceil(live pairs / chunk)``: each step gathers the chunk's q and k/v blocks, computes the
     (chunk, heads, block, block) scores, applies the mask from the token vectors, and folds the
     result into per-q-block running max / sum / accumulator with an online softmax (scatter-max and
-    scatter-add by q block, so one chunk may hold several pairs of one q block);
+    scatter-add by q block, so one chunk may hold several pairs of one q block; a step touches
+    only its chunk's blocks);
   * the backward (custom VJP) recomputes the scores chunk by chunk from q, k, v and the forward's
     log-sum-exp, and scatter-adds dq, dk, dv -- one pass, no L x L residual.
 
@@ -126,17 +127,25 @@ def _trips(codes, chunk):
 # forward / backward over the pair list
 
 def fwd_step(st: _St, q, k, v, tok, codes, n, carry):
-    """One loop step of the forward: chunk ``c`` of the pair list folded into (m, l, acc)."""
+    """One loop step of the forward: chunk ``c`` of the pair list folded into (m, l, acc).
+
+    Only the chunk's q blocks are touched (O(chunk) work, never O(L)): the live pairs of one q
+    block are contiguous in the list, so the first of them in the chunk carries the rescale of
+    its block's previous sum / accumulator (``x * alpha = x + x * (alpha - 1)``, scatter-added with
+    the chunk's contributions)."""
     c, m, l, acc = carry
     qi, ki, live = _chunk_pairs(codes, n, c, st.chunk)
     s = _scores(st, q[qi], k[ki], _mask(tok, qi, ki, live))
-    m_new = m.at[qi].max(jnp.max(s, axis=-1))
-    alpha = jnp.exp(m - m_new)
-    p = jnp.exp(s - m_new[qi][..., None])
-    l = (l * alpha).at[qi].add(jnp.sum(p, axis=-1))
+    m_old = m[qi]
+    m = m.at[qi].max(jnp.max(s, axis=-1))
+    m_new = m[qi]
+    first = live & jnp.concatenate([jnp.ones((1,), bool), qi[1:] != qi[:-1]])
+    grow = jnp.where(first[:, None, None, None], jnp.exp(m_old - m_new) - 1.0, 0.0)   # alpha - 1
+    p = jnp.exp(s - m_new[..., None])
+    l = l.at[qi].add(l[qi] * grow + jnp.sum(p, axis=-1))
     pv = jnp.einsum("phgqk,pkhd->phgqd", p.astype(v.dtype), v[ki], preferred_element_type=jnp.float32)
-    acc = (acc * alpha[..., None]).at[qi].add(pv)
-    return c + 1, m_new, l, acc
+    acc = acc.at[qi].add(acc[qi] * grow[..., None] + pv)
+    return c + 1, m, l, acc
 
 
 def fwd_carry(st: _St, nb: int):
