@@ -177,7 +177,7 @@ def test_auto_picks_flash_on_tpu_blocked_elsewhere():
 
     cfg = C.tiny()
     assert cfg.llm.attention_impl == "auto" and cfg.vit.attention_impl == "auto"
-    assert BA.Blocking.from_config(cfg.llm) == BA.Blocking(16, 96)
+    assert BA.Blocking.from_config(cfg.llm) == BA.Blocking(16, 32)
     for bad in (dict(attention_blocked_block=0), dict(attention_blocked_chunk=-1)):
         c = C.tiny()
         c.llm.update(bad)

@@ -45,7 +45,7 @@ _M_INIT = -1e30          # finite running-max start (masked scores are -inf)
 class Blocking:
     """``block``: tokens per q and kv block; ``chunk``: (q block, kv block) pairs per loop step."""
     block: int = 16
-    chunk: int = 96
+    chunk: int = 32
 
     @classmethod
     def from_config(cls, llm) -> "Blocking":

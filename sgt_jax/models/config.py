@@ -36,7 +36,7 @@ def _llm(**kw) -> ml_collections.ConfigDict:
         attention_impl="auto",     # one of ATTENTION_IMPLS: "dense" (XLA, whole L x L), "blocked" (XLA,
                                    # live blocks only), "flash" (Pallas), "auto" (flash on TPU, else blocked)
         attention_blocked_block=16,  # blocked: tokens per q / kv block
-        attention_blocked_chunk=96,  # blocked: (q block, kv block) pairs per loop step
+        attention_blocked_chunk=32,  # blocked: (q block, kv block) pairs per loop step
         attention_block_q=512,     # flash: q / kv block sizes of the forward and dq kernels
         attention_block_kv=512,
         attention_block_q_dkv=512,   # flash: q / kv block sizes of the dk/dv kernel
@@ -55,7 +55,7 @@ def _vit(**kw) -> ml_collections.ConfigDict:
         max_patches_per_side=8, layer_norm_eps=1e-6, remat_policy="none", scan_layers=True,
         attention_impl="auto",     # "dense" (whole P x P mask), "blocked" (the block diagonal only),
                                    # "auto" (dense when compiling for TPU, else blocked)
-        attention_blocked_block=16, attention_blocked_chunk=96,   # blocked: as llm.attention_blocked_*
+        attention_blocked_block=16, attention_blocked_chunk=32,   # blocked: as llm.attention_blocked_*
     ))
     c.update(kw)
     return c
