@@ -31,7 +31,6 @@ Writes bench/results/attention_cpu.json.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import platform

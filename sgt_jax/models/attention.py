@@ -68,9 +68,9 @@ def mesh_axes_from_rules(rules) -> tuple[tuple[str, ...], str | None]:
 def resolve_impl(impl: str, head_dim: int, platform: str | None = None) -> str:
     """The kernel ``impl`` runs: "auto" is "flash" when the compile target is a TPU and the
     Pallas kernel takes the shapes (head_dim a multiple of 128, as every BAGEL / Qwen2 size),
-    "dense" on TPU otherwise, and "blocked" on CPU / GPU. The target is ``platform`` when given, else the active mesh's devices -- an
-    AOT topology mesh on a CPU host counts as TPU (``flash_attention.target_is_tpu``) -- else
-    the default backend."""
+    "dense" on TPU otherwise, and "blocked" on CPU / GPU. The target is ``platform`` when given,
+    else the active mesh's devices -- an AOT topology mesh on a CPU host counts as TPU
+    (``flash_attention.target_is_tpu``) -- else the default backend."""
     if impl != "auto":
         return impl
     if platform is None:
