@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
-from sgt_jax.batch import CAUSAL, NOISE, Segments
+from sgt_jax.batch import Segments
 from sgt_jax.models import flash_attention as fa
 
 _M_INIT = -1e30          # finite running-max start (masked scores are -inf)
@@ -98,12 +98,12 @@ def _chunk_pairs(codes, n, c, chunk):
 
 
 def _mask(tok, qi, ki, live):
-    """(P, bl, bl) allowed; ``tok``: (doc, split, order, ko_same, ko_other) per block (NB, bl)."""
+    """(P, bl, bl) allowed (the kernel's ``_allowed``); ``tok``: (doc, split, order, ko_same,
+    ko_other) per block (NB, bl), from the kernel's ``token_table``."""
     doc, split, order, ko_same, ko_other = tok
-    qd, qs, qo = doc[qi][:, :, None], split[qi][:, :, None], order[qi][:, :, None]
-    kd, ks = doc[ki][:, None, :], split[ki][:, None, :]
-    thr = jnp.where(qs == ks, ko_same[ki][:, None, :], ko_other[ki][:, None, :])
-    return (qd == kd) & (thr <= qo) & live[:, None, None]
+    q = lambda x: x[qi][:, :, None]  # noqa: E731
+    k = lambda x: x[ki][:, None, :]  # noqa: E731
+    return fa._allowed(q(doc), q(split), q(order), k(doc), k(split), k(ko_same), k(ko_other)) & live[:, None, None]
 
 
 def _scores(st, qb, kb, mask):
@@ -113,9 +113,8 @@ def _scores(st, qb, kb, mask):
 
 
 def _tokens(seg_p, nb, bl):
-    ko_same = jnp.where(seg_p.mode == CAUSAL, seg_p.order, fa._I32_MIN)
-    ko_other = jnp.where(seg_p.mode == NOISE, fa._I32_MAX, seg_p.order)
-    return tuple(x.reshape(nb, bl) for x in (seg_p.doc, seg_p.split, seg_p.order, ko_same, ko_other))
+    t = fa.token_table(seg_p)
+    return tuple(t[..., f].reshape(nb, bl) for f in (fa._DOC, fa._SPLIT, fa._ORDER, fa._KO_SAME, fa._KO_OTHER))
 
 
 def _trips(codes, chunk):
