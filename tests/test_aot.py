@@ -237,8 +237,8 @@ def test_auto_attention_resolution():
 
     assert resolve_impl("auto", 128, "tpu") == "flash"
     assert resolve_impl("auto", 16, "tpu") == "dense"          # shapes the Pallas kernel refuses
-    assert resolve_impl("auto", 128, "cpu") == resolve_impl("auto", 128, "gpu") == "dense"
-    assert resolve_impl("auto", 128) == "dense"                # this CPU process, no mesh
+    assert resolve_impl("auto", 128, "cpu") == resolve_impl("auto", 128, "gpu") == "blocked"
+    assert resolve_impl("auto", 128) == "blocked"              # this CPU process, no mesh
     assert resolve_impl("flash", 16, "cpu") == "flash" and resolve_impl("dense", 128, "tpu") == "dense"
 
 

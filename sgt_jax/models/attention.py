@@ -11,9 +11,11 @@ Per token (all int32, shape (B, L); ``Segments`` and the split modes live in sgt
                   AND ( order[k] <= order[q]  OR  (split[q] == split[k] AND mode[k] != CAUSAL) )
                   AND NOT ( mode[k] == NOISE AND split[q] != split[k] )
 
-One interface, ``attention(q, k, v, seg, impl)``; ``impl="dense"`` is the XLA reference used on CPU
-and in tests; ``impl="flash"`` is the Pallas TPU kernel (flash_attention.py), ``"auto"`` picks it
-when compiling for TPU, also ahead of time for a TPU topology from a CPU host (``resolve_impl``).
+One interface, ``attention(q, k, v, seg, impl)``; ``impl="dense"`` is the simple XLA reference (the
+whole L x L mask); ``impl="blocked"`` is XLA over the live (q block, kv block) pairs only
+(blocked_attention.py); ``impl="flash"`` is the Pallas TPU kernel (flash_attention.py); ``"auto"``
+picks flash when compiling for TPU, also ahead of time for a TPU topology from a CPU host, and
+blocked on CPU / GPU (``resolve_impl``).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from sgt_jax.batch import CAUSAL, FULL, NOISE, Segments  # noqa: F401  (the mask vocabulary)
+from sgt_jax.models import blocked_attention as ba
 from sgt_jax.models import flash_attention as fa
 from sgt_jax.models.config import ATTENTION_IMPLS
 
@@ -65,30 +68,48 @@ def mesh_axes_from_rules(rules) -> tuple[tuple[str, ...], str | None]:
 def resolve_impl(impl: str, head_dim: int, platform: str | None = None) -> str:
     """The kernel ``impl`` runs: "auto" is "flash" when the compile target is a TPU and the
     Pallas kernel takes the shapes (head_dim a multiple of 128, as every BAGEL / Qwen2 size),
-    else "dense". The target is ``platform`` when given, else the active mesh's devices -- an
-    AOT topology mesh on a CPU host counts as TPU (``flash_attention.target_is_tpu``) -- else
-    the default backend."""
+    "dense" on TPU otherwise, and "blocked" on CPU / GPU. The target is ``platform`` when given,
+    else the active mesh's devices -- an AOT topology mesh on a CPU host counts as TPU
+    (``flash_attention.target_is_tpu``) -- else the default backend."""
     if impl != "auto":
         return impl
     if platform is None:
         tpu = fa.target_is_tpu()
     else:
         tpu = platform == "tpu"
-    return "flash" if tpu and head_dim % 128 == 0 else "dense"
+    if not tpu:
+        return "blocked"
+    return "flash" if head_dim % 128 == 0 else "dense"
+
+
+def resolve_vit_impl(impl: str, platform: str | None = None) -> str:
+    """The ViT's attention, "dense" or "blocked" (no flash kernel for its head sizes): "auto" is
+    dense when compiling for TPU (as before the blocked path existed), else blocked."""
+    if impl == "auto":
+        tpu = fa.target_is_tpu() if platform is None else platform == "tpu"
+        return "dense" if tpu else "blocked"
+    if impl not in ("dense", "blocked"):
+        raise ValueError(f"vit.attention_impl={impl!r} must be one of ('dense', 'blocked', 'auto')")
+    return impl
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, seg: Segments, impl: str = "dense",
-              block_sizes=None, mesh_axes: tuple = ((), None)) -> jax.Array:
+              block_sizes=None, mesh_axes: tuple = ((), None), blocking=None) -> jax.Array:
     """BAGEL's packed attention. q (B, L, nh, hd), k/v (B, L, nkv, hd) -> (B, L, nh, hd).
 
-    ``impl``: "dense" (XLA, materialises the mask per row), "flash" (the Pallas kernel of
-    flash_attention.py; interpret mode off TPU), "auto" (``resolve_impl``: flash when compiling
-    for TPU, else dense). ``block_sizes``: a ``flash_attention.BlockSizes`` (None: its defaults).
-    ``mesh_axes``: (batch mesh axes, kv-head mesh axis) the flash kernel's shard_map splits rows and
-    kv heads over (``mesh_axes_from_rules``; the caller resolves them from its rules table)."""
+    ``impl``: "dense" (XLA, materialises the mask per row), "blocked" (XLA over the live block
+    pairs, blocked_attention.py), "flash" (the Pallas kernel of flash_attention.py; interpret mode
+    off TPU), "auto" (``resolve_impl``: flash when compiling for TPU, else blocked).
+    ``block_sizes``: the kernel's ``flash_attention.BlockSizes`` (None: its defaults);
+    ``blocking``: the blocked path's ``blocked_attention.Blocking`` (None: its defaults).
+    ``mesh_axes``: (batch mesh axes, kv-head mesh axis) the flash / blocked shard_map splits rows
+    and kv heads over (``mesh_axes_from_rules``; the caller resolves them from its rules table)."""
     impl = resolve_impl(impl, q.shape[-1])
     if impl == "dense":
         return dot_product_attention(q, k, v, bagel_mask(seg))
+    if impl == "blocked":
+        return ba.blocked_attention(q, k, v, seg, blocking=blocking, batch_axes=mesh_axes[0],
+                                    kv_head_axis=mesh_axes[1])
     if impl == "flash":
         return fa.flash_attention(q, k, v, seg, block_sizes=block_sizes, batch_axes=mesh_axes[0],
                                   kv_head_axis=mesh_axes[1])

@@ -83,7 +83,7 @@ class Bagel(nnx.Module):
         self.language_model = Qwen2MoT(cfg, rngs=rngs, dtype=dtype, rules=rules)
         b = cfg.bagel
         if b.visual_und:
-            self.vit_model = SiglipNaViT(cfg, rngs=rngs, dtype=dtype)
+            self.vit_model = SiglipNaViT(cfg, rngs=rngs, dtype=dtype, rules=rules)
             self.connector = MLPConnector(cfg.vit.hidden_size, h, rngs=rngs, dtype=dtype)
             self.vit_pos_embed = FixedTable(jnp.asarray(sincos_2d_table(h, b.vit_max_num_patch_per_side)))
         if b.visual_gen:

@@ -23,7 +23,7 @@ REMAT_SAVED_NAMES = {
 }
 REMAT_POLICIES = ("none", "full") + tuple(REMAT_SAVED_NAMES)
 LAYER_MODULES = ("mot", "dense")
-ATTENTION_IMPLS = ("dense", "flash", "auto")   # "auto": flash when compiling for TPU, else dense
+ATTENTION_IMPLS = ("dense", "blocked", "flash", "auto")   # "auto": flash when compiling for TPU, else blocked
 
 
 def _llm(**kw) -> ml_collections.ConfigDict:
@@ -33,7 +33,10 @@ def _llm(**kw) -> ml_collections.ConfigDict:
         layer_module="mot",        # "mot" (und + gen experts) or "dense" (Qwen2DecoderLayer)
         scan_layers=True,          # one compiled layer body (False: a Python loop, for debugging)
         remat_policy="none",       # one of REMAT_POLICIES (names as in MaxText)
-        attention_impl="dense",    # one of ATTENTION_IMPLS: "dense" (XLA), "flash" (Pallas), "auto"
+        attention_impl="auto",     # one of ATTENTION_IMPLS: "dense" (XLA, whole L x L), "blocked" (XLA,
+                                   # live blocks only), "flash" (Pallas), "auto" (flash on TPU, else blocked)
+        attention_blocked_block=16,  # blocked: tokens per q / kv block
+        attention_blocked_chunk=32,  # blocked: (q block, kv block) pairs per loop step
         attention_block_q=512,     # flash: q / kv block sizes of the forward and dq kernels
         attention_block_kv=512,
         attention_block_q_dkv=512,   # flash: q / kv block sizes of the dk/dv kernel
@@ -50,6 +53,9 @@ def _vit(**kw) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict(dict(
         hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, patch_size=14,
         max_patches_per_side=8, layer_norm_eps=1e-6, remat_policy="none", scan_layers=True,
+        attention_impl="auto",     # "dense" (whole P x P mask), "blocked" (the block diagonal only),
+                                   # "auto" (dense when compiling for TPU, else blocked)
+        attention_blocked_block=16, attention_blocked_chunk=32,   # blocked: as llm.attention_blocked_*
     ))
     c.update(kw)
     return c
@@ -119,12 +125,20 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
          f"vit.num_heads={vit.num_heads} does not divide vit.hidden_size={vit.hidden_size}")
     need(llm.layer_module in LAYER_MODULES, f"llm.layer_module must be one of {LAYER_MODULES}")
     need(llm.remat_policy in REMAT_POLICIES, f"llm.remat_policy must be one of {REMAT_POLICIES}")
-    need(llm.get("attention_impl", "dense") in ATTENTION_IMPLS,
+    need(llm.get("attention_impl", "auto") in ATTENTION_IMPLS,
          f"llm.attention_impl={llm.get('attention_impl')!r} must be one of {ATTENTION_IMPLS}")
     for n in ("q", "kv", "q_dkv", "kv_dkv"):
         bsz = llm.get(f"attention_block_{n}", 512)
         need(isinstance(bsz, int) and bsz > 0 and bsz % 8 == 0,
              f"llm.attention_block_{n}={bsz!r} must be a positive multiple of 8 (128 on TPU)")
+    for n in ("block", "chunk"):
+        x = llm.get(f"attention_blocked_{n}", 1)
+        need(isinstance(x, int) and x > 0, f"llm.attention_blocked_{n}={x!r} must be a positive int")
+    need(vit.get("attention_impl", "auto") in ("dense", "blocked", "auto"),
+         f"vit.attention_impl={vit.get('attention_impl')!r} must be one of ('dense', 'blocked', 'auto')")
+    for n in ("block", "chunk"):
+        x = vit.get(f"attention_blocked_{n}", 1)
+        need(isinstance(x, int) and x > 0, f"vit.attention_blocked_{n}={x!r} must be a positive int")
     need(vit.remat_policy in REMAT_POLICIES, f"vit.remat_policy must be one of {REMAT_POLICIES}")
     need(all(vae.ch * m % vae.groupnorm_groups == 0 for m in vae.ch_mult),
          f"vae.groupnorm_groups={vae.groupnorm_groups} must divide every vae.ch*ch_mult")

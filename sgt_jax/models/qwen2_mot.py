@@ -102,7 +102,7 @@ class DecoderLayer(nnx.Module):
     """``Qwen2MoTDecoderLayer`` (und + gen experts, one joint attention) or, with
     ``layer_module="dense"``, ``Qwen2DecoderLayer`` (one copy of the weights for every token).
     ``rules``: the logical-axis rules table (parallel/mesh.py RULES) the flash kernel's shard_map
-    takes its batch / kv-head mesh axes from; None: not split."""
+    takes its batch / kv-head mesh axes from (the blocked path's too); None: not split."""
 
     def __init__(self, cfg, *, rngs: nnx.Rngs, dtype, rules=None):
         self.mot = cfg.llm.layer_module == "mot"
@@ -114,6 +114,7 @@ class DecoderLayer(nnx.Module):
             from sgt_jax.models.flash_attention import BlockSizes
 
             self.attention_blocks = BlockSizes.from_config(cfg.llm)
+        self.attention_blocking = attn_lib.ba.Blocking.from_config(cfg.llm)
         self.attention_mesh_axes = attn_lib.mesh_axes_from_rules(rules)
         self.freeze_und = bool(cfg.llm.freeze_und)
 
@@ -145,7 +146,7 @@ class DecoderLayer(nnx.Module):
     def __call__(self, x, cos, sin, seg: attn_lib.Segments, num_gen: int):
         q, k, v = self.project_qkv(x, cos, sin, num_gen)
         o = checkpoint_name(attn_lib.attention(q, k, v, seg, self.attention_impl, self.attention_blocks,
-                                               self.attention_mesh_axes),
+                                               self.attention_mesh_axes, self.attention_blocking),
                             "context")
         return self.finish(x, o.reshape(x.shape[:2] + (-1,)), num_gen)
 

@@ -9,6 +9,8 @@ plus padding. Per token:
 Forward (BAGEL siglip_navit.py, with the ViT's last layer already dropped by the config):
   x = Linear(patches) + position_embedding[pos_ids]
   for each layer:  x += out_proj(attn(LN1 x))    # non-causal, only among patches of the same image
+                                                 # (``vit.attention_impl``: "blocked" computes only
+                                                 # the blocks of the block diagonal, see image_segments)
                    x += fc2(gelu_tanh(fc1(LN2 x)))
   out = post_layernorm(x)
 Padding slots attend to nothing and their outputs are set to 0.
@@ -28,7 +30,8 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from sgt_jax.models.attention import dot_product_attention
+from sgt_jax.models import attention as attn_lib
+from sgt_jax.models.blocked_attention import Blocking
 from sgt_jax.models.layers import Dense, LayerNorm, gelu_tanh, normal_init, param, remat
 
 
@@ -71,6 +74,16 @@ def image_ids_from_lengths(lengths, total: int | None = None) -> np.ndarray:
     return np.concatenate([ids, np.full(total - len(ids), -1, np.int32)])
 
 
+def image_segments(image_ids: jax.Array) -> attn_lib.Segments:
+    """The ViT's block-diagonal mask as BAGEL mask vectors: one document and one FULL split per
+    image; every padding slot (-1) its own document after the images (so a padding block is live
+    only against itself; padding outputs are zeroed at the end anyway)."""
+    b, p = image_ids.shape
+    idx = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+    doc = jnp.where(image_ids >= 0, image_ids.astype(jnp.int32), p + idx)
+    return attn_lib.Segments(doc, doc, jnp.full_like(doc, attn_lib.FULL), idx)
+
+
 def conv_patch_weight_to_linear(w):
     """Stock (HF) SigLIP Conv2d patch weight (hidden, C, p, p) -> BAGEL's Linear (hidden, p*p*C)
     (feature order (py, px, c), matching ``patchify``)."""
@@ -91,10 +104,12 @@ def linear_patch_weight_to_conv(w, patch: int, channels: int = 3):
 class SiglipEncoderLayer(nnx.Module):
     """One pre-LN SigLIP encoder layer (attention within each image, then the GELU-tanh MLP)."""
 
-    def __init__(self, vit, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    def __init__(self, vit, *, rngs: nnx.Rngs, dtype=jnp.float32, mesh_axes=((), None)):
         d, m = vit.hidden_size, vit.intermediate_size
         self.num_heads = vit.num_heads
         self.head_dim = d // vit.num_heads
+        self.attention_blocking = Blocking.from_config(vit)
+        self.attention_mesh_axes = mesh_axes
         self.layer_norm1 = LayerNorm(d, vit.layer_norm_eps, ("norm",), rngs=rngs)
         self.q_proj = Dense(d, d, ("embed", "heads"), use_bias=True, rngs=rngs, dtype=dtype)
         self.k_proj = Dense(d, d, ("embed", "heads"), use_bias=True, rngs=rngs, dtype=dtype)
@@ -104,14 +119,21 @@ class SiglipEncoderLayer(nnx.Module):
         self.fc1 = Dense(d, m, ("embed", "mlp"), use_bias=True, rngs=rngs, dtype=dtype)
         self.fc2 = Dense(m, d, ("mlp", "embed"), use_bias=True, rngs=rngs, dtype=dtype)
 
-    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mask) -> jax.Array:
+        """``mask``: the (B, P, P) bool mask ("dense") or ``image_segments`` ("blocked")."""
         b, l, _ = x.shape
         nh, hd = self.num_heads, self.head_dim
         h = self.layer_norm1(x)
         q = checkpoint_name(self.q_proj(h), "query_proj").reshape(b, l, nh, hd)
         k = checkpoint_name(self.k_proj(h), "key_proj").reshape(b, l, nh, hd)
         v = checkpoint_name(self.v_proj(h), "value_proj").reshape(b, l, nh, hd)
-        o = checkpoint_name(dot_product_attention(q, k, v, mask), "context")
+        if not isinstance(mask, attn_lib.Segments):
+            o = attn_lib.dot_product_attention(q, k, v, mask)
+        else:
+            o = attn_lib.ba.blocked_attention(q, k, v, mask, blocking=self.attention_blocking,
+                                              batch_axes=self.attention_mesh_axes[0],
+                                              kv_head_axis=self.attention_mesh_axes[1])
+        o = checkpoint_name(o, "context")
         x = x + checkpoint_name(self.out_proj(o.reshape(b, l, nh * hd)), "out_proj")
         h = self.layer_norm2(x)
         h = gelu_tanh(checkpoint_name(self.fc1(h), "mlpwi"))
@@ -121,7 +143,9 @@ class SiglipEncoderLayer(nnx.Module):
 class SiglipNaViT(nnx.Module):
     """BAGEL's ``vit_model.vision_model``: (B, P, 3*p*p) packed patches -> (B, P, hidden)."""
 
-    def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32, rules=None):
+        """``rules``: the logical-axis rules table the blocked attention's shard_map takes its
+        batch / head mesh axes from (``attention.mesh_axes_from_rules``); None: not split."""
         vit = cfg.vit
         if vit.hidden_size % vit.num_heads:
             raise ValueError(f"vit.num_heads={vit.num_heads} does not divide "
@@ -133,6 +157,7 @@ class SiglipNaViT(nnx.Module):
         self.num_layers = vit.num_layers
         self.scan_layers = bool(vit.scan_layers)
         self.remat_policy = str(vit.remat_policy)
+        self.attention_impl = str(vit.get("attention_impl", "auto"))   # resolved when traced
         remat(lambda: None, self.remat_policy, "vit.remat_policy")  # validate the policy name early
         self.dtype = dtype
 
@@ -144,14 +169,17 @@ class SiglipNaViT(nnx.Module):
         @nnx.split_rngs(splits=vit.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def make_layers(r):
-            return SiglipEncoderLayer(vit, rngs=r, dtype=dtype)
+            return SiglipEncoderLayer(vit, rngs=r, dtype=dtype, mesh_axes=attn_lib.mesh_axes_from_rules(rules))
 
         self.layers = make_layers(rngs)
         self.post_layernorm = LayerNorm(d, vit.layer_norm_eps, ("norm",), rngs=rngs)
 
     def __call__(self, patches: jax.Array, pos_ids: jax.Array, image_ids: jax.Array) -> jax.Array:
         valid = image_ids >= 0
-        mask = (image_ids[:, :, None] == image_ids[:, None, :]) & valid[:, :, None] & valid[:, None, :]
+        if attn_lib.resolve_vit_impl(self.attention_impl) == "dense":
+            mask = (image_ids[:, :, None] == image_ids[:, None, :]) & valid[:, :, None] & valid[:, None, :]
+        else:
+            mask = image_segments(image_ids)
         pos = jnp.where(valid, pos_ids, 0)
         x = self.patch_embedding(patches)
         x = x + jnp.take(self.position_embedding[...], pos, axis=0, mode="clip").astype(self.dtype)
