@@ -158,8 +158,8 @@ def ceiling_miou(cfg, tensors: dict, workdir: str, num_scenes: int = 32) -> dict
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(ROOT, "sgt_jax", "assets", "tiny_vae.safetensors"))
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scenes", type=int, default=1024, help="synthetic scenes (each gives 2 images)")
     p.add_argument("--gen_seed", type=int, default=7)

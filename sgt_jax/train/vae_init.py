@@ -72,12 +72,25 @@ def to_flux(ae) -> dict[str, np.ndarray]:
 
 
 def save(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
-    from safetensors.numpy import save as st_save
+    """Write fp32 ``tensors`` as safetensors, byte-for-byte deterministic: keys and metadata
+    sorted (the ``safetensors`` package writes its metadata in hash order, different per process,
+    so a file's sha256 could not be reproduced). Any safetensors reader reads it."""
+    import json
 
+    header, chunks, off = {}, [], 0
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}
+    for k in sorted(tensors):
+        a = np.ascontiguousarray(np.asarray(tensors[k], np.float32))
+        b = a.astype("<f4").tobytes()
+        header[k] = {"dtype": "F32", "shape": list(a.shape), "data_offsets": [off, off + len(b)]}
+        chunks.append(b)
+        off += len(b)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)             # the data starts 8-byte aligned, as safetensors pads
     fileio.makedirs(os.path.dirname(path) or ".")
-    data = st_save(tensors, metadata=metadata)
     with fileio.open_write(path) as f:
-        f.write(data)
+        f.write(len(head).to_bytes(8, "little") + head + b"".join(chunks))
 
 
 def _read_header(path: str) -> tuple[dict, dict]:
