@@ -160,6 +160,7 @@ def _one_device():
     return mesh_lib.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
 
 
+@pytest.mark.slow
 def test_a_run_keeps_the_file_vae_through_resume_export_and_engine(tmp_path):
     """The VAE is part of the checkpointed state: a resumed run, the export and Engine.load see
     the file's VAE (bit for bit), not the random init of the run's seed."""
