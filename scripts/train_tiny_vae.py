@@ -68,8 +68,9 @@ def train(cfg, *, steps: int, batch: int, seed: int, n: int, gen_seed: int, lr: 
         log(f"{len(data)} images ({n} scenes + their targets) at {side} px in {time.time() - t0:.1f}s")
     model = AutoEncoder(cfg.model, rngs=nnx.Rngs(seed))
     graphdef, params = nnx.split(model, nnx.Param)
+    warmup = min(50, steps // 10 + 1)
     tx = optax.chain(optax.clip_by_global_norm(1.0),
-                     optax.adam(optax.warmup_cosine_decay_schedule(0.0, lr, min(50, steps // 10 + 1), steps,
+                     optax.adam(optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1),
                                                                    lr * 0.05)))
     opt = tx.init(params)
     zc = cfg.model.vae.z_channels
