@@ -17,6 +17,8 @@ mkdir -p "$OUT"
 export JAX_PLATFORMS=cpu
 
 C=--config=configs/sgt_bagel_7b.py
+# the plan's batch: 64 rows of 16k, 6 VAE images per row (the preset ships the paper's 16 rows, 4)
+PLAN="--config.data.rows_per_batch=64 --config.data.vae_images_per_row=6"
 FSDP_V5P="--config.train.grad_accum=2"                               # 32 chips: 2 rows/chip -> 1 per micro-batch
 TP_V5P="--config.mesh.tensor=4 --config.train.grad_accum=8"          # fsdp 8 x tensor 4
 FSDP_V6E="--config.train.grad_accum=1"                               # 64 chips: 1 row/chip
@@ -49,9 +51,9 @@ for row in "${RUNS[@]}"; do
   # the preset ships attention_impl=auto (flash on TPU): the rows without _flash are the dense ones
   [[ $flags == *attention_impl* ]] || flags="$flags --config.model.llm.attention_impl=dense"
   [[ -f $OUT/$name.json ]] && { echo "== $name: $OUT/$name.json exists, skipped"; continue; }
-  echo "== $name: python -m sgt_jax.aot $C --topology $topo $flags"
+  echo "== $name: python -m sgt_jax.aot $C --topology $topo $PLAN $flags"
   # shellcheck disable=SC2086  # $flags is a list of flags
-  python -m sgt_jax.aot "$C" --topology "$topo" $flags ${AOT_FLAGS:-} --out "$OUT/$name.json" 2>"$OUT/$name.err" \
+  python -m sgt_jax.aot "$C" --topology "$topo" $PLAN $flags ${AOT_FLAGS:-} --out "$OUT/$name.json" 2>"$OUT/$name.err" \
     | tee "$OUT/$name.log" || true
 done
 mapfile -t reports < <(ls "$OUT"/*.json 2>/dev/null)

@@ -7,6 +7,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # local copies / indexes of remote test data: a fresh dir per session, never ~/.cache
 os.environ.setdefault("SGT_JAX_CACHE_DIR", tempfile.mkdtemp(prefix="sgt_jax_test_cache_"))
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# XLA:CPU runs every device's program on ONE Eigen pool of max(NPROC or cores, devices) threads,
+# and its thunk executor hands a device's independent ready thunks to further pool threads. With
+# 8 fake devices and 8 threads, 7 devices blocked in a top-level all-gather and the 8th in an
+# all-reduce inside a while loop (FSDP gathers in the scanned layers) leave no thread for the
+# 8th device's own all-gather: a deadlock (gdb, session 3; "Termination timeout" SIGABRT after
+# 40 s). XLA reads NPROC for the pool size; 32 threads leave room for every blocked collective.
+os.environ.setdefault("NPROC", "32")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

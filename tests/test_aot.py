@@ -276,7 +276,7 @@ def _presets():
     import pathlib
 
     names = sorted(p.stem for p in (pathlib.Path(__file__).resolve().parents[1] / "configs").glob("*.py")
-                   if p.stem != "__init__")
+                   if p.stem != "__init__" and not p.stem.startswith("uae_"))   # RL presets: sgt_jax.rl
     return {n: importlib.import_module(f"configs.{n}") for n in names}
 
 
@@ -296,15 +296,16 @@ def test_every_pod_preset_names_the_slice_it_fits():
 
 def _memory_groups() -> dict[str, list[str]]:
     """Presets with a ``TOPOLOGY``, grouped by what their compiled step's memory depends on: the
-    step fingerprint with the scalar loss weights set to 1 (``sgt_bagel_7b_official`` differs from
-    ``sgt_bagel_7b`` only in ce_weight and the data mix: same buffers, one compile for both)."""
+    step fingerprint with the scalar loss weights set to 1 and no weight decay
+    (``sgt_bagel_7b_official`` differs from ``sgt_bagel_7b`` only in ce_weight, weight decay and
+    the data mix, ``sgt_proxy`` only in the data: same buffers, one compile for all)."""
     from sgt_jax.train.loop import step_fingerprint
 
     groups: dict[str, list[str]] = {}
     for name, mod in _presets().items():
         if hasattr(mod, "TOPOLOGY"):
             cfg = mod.get_config()
-            cfg.train.update(ce_weight=1.0, mse_weight=1.0)
+            cfg.train.update(ce_weight=1.0, mse_weight=1.0, weight_decay=0.0)
             groups.setdefault(f"{mod.TOPOLOGY}-{step_fingerprint(cfg)}", []).append(name)
     return groups
 

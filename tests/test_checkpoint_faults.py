@@ -29,7 +29,7 @@ def _cfg(**kw):
 
 def _train(wd, cfg=None, **kw):
     """In-process runs on one of the 8 fake devices: these tests are about checkpoints, and XLA:CPU
-    can deadlock the fake devices' collectives (the closing notes of session 3)."""
+    ran out of pool threads for the fake devices' collectives: see NPROC in conftest.py."""
     cfg = cfg or _cfg()
     mesh = mesh_lib.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
     return loop.train(cfg, str(wd), data_iterator=FakeIterator(cfg, rows=8), mesh=mesh, **kw)

@@ -33,6 +33,9 @@ LAYERS = {"sgt_jax": 0, "sgt_jax.batch": 0, "sgt_jax.fileio": 0, "sgt_jax.keydif
           "sgt_jax.infer": 5, "sgt_jax.aot": 5, "sgt_jax.convert": 5,
           "sgt_jax.generate": 6,   # the inference CLI
           "sgt_jax.eval": 6,       # evaluation over inference engines
+          "sgt_jax.analyze": 6,    # mechanistic analysis over inference engines (+ its CLI, __main__)
+          "sgt_jax.rl": 6,         # UAE's Unified-GRPO: rollouts over infer, updates through train
+          "sgt_jax.rl.__main__": 7,  # the RL CLI
           "sgt_jax.evaluate": 7,   # the evaluation CLI
           # the training CLI hands the evaluation hook (sgt_jax.eval) to train.loop.train
           "sgt_jax.train.__main__": 7,

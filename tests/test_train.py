@@ -25,7 +25,7 @@ from sgt_jax.train.config import default_mesh_config, default_train_config
 
 def _one_device():
     """A mesh of one of the 8 fake devices, for in-process loop tests that are not about sharding
-    (XLA:CPU can deadlock the fake devices' collectives: the closing notes of session 3)."""
+    (XLA:CPU ran out of pool threads for the fake devices' collectives: see NPROC in conftest.py)."""
     return mesh_lib.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="file stem: default 'ema' for one file (ema.safetensors, what BAGEL's app/inferencer "
                          "load) and 'model' when sharded (model-0000i-of-0000N + model.safetensors.index.json)")
     for p in (im, ex):
+        p.add_argument("--arch", choices=["bagel", "omnigen2"], default="bagel",
+                       help="bagel (default) or omnigen2 (mllm/ + transformer/ of an OmniGen2 release <-> "
+                            "an OmniGen2 model dir; the BAGEL-only options do not apply; docs/omnigen2.md)")
         p.add_argument("--overwrite", action="store_true", help="replace a non-empty destination")
         p.add_argument("--no-progress", action="store_true")
         p.add_argument("--stats", default=None, help="write timing / throughput / peak RSS as JSON here")
@@ -63,7 +66,12 @@ def main(argv=None) -> int:
     from sgt_jax.convert.safetensors_io import ConversionError
 
     try:
-        if args.cmd == "import":
+        if args.arch == "omnigen2":
+            from sgt_jax.convert import omnigen2_io
+
+            fn = omnigen2_io.import_omnigen2 if args.cmd == "import" else omnigen2_io.export_omnigen2
+            stats = fn(args.src, args.dst, overwrite=args.overwrite, progress=not args.no_progress)
+        elif args.cmd == "import":
             stats = import_bagel(
                 args.src, args.dst, latent_patch_size=args.latent_patch_size, max_latent_size=args.max_latent_size,
                 vit_max_patches_per_side=args.vit_max_patches_per_side, timestep_shift=args.timestep_shift,

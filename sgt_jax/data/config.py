@@ -20,12 +20,18 @@ from __future__ import annotations
 
 import ml_collections
 
+from sgt_jax.data.proxy import tasks as proxy_tasks
 from sgt_jax.models import config as model_config
 
 BAGEL_MAX_PIXELS = 14 * 14 * 9 * 1024          # ImageTransform default (1,806,336)
 VLM_MAX_PIXELS = 2_007_040                      # BAGEL / SGT VLM config
 MIX_MODES = ("samples", "tokens", "weights")
 RESAMPLE = ("bicubic", "bilinear", "nearest")
+
+# The generative proxy tasks of the paper's study (issue 16; Table 4 + reconstruction + Mixed):
+# the values ``data.proxy`` accepts (or ``a+b``: one of them per sample). The one list lives
+# with the builders (data/proxy/tasks.py); presets and docs read it here.
+PROXY_TASKS = proxy_tasks.TASKS
 
 # data key -> where it comes from in the model config
 MODEL_KEYS = {
@@ -126,6 +132,14 @@ def default_data_config(model: ml_collections.ConfigDict | None = None) -> ml_co
         "seg": "synthetic_seg:{workdir}/synthetic?n=1000",
         "vqa": "synthetic_vqa:{workdir}/synthetic?n=1000",
     })
+    # ---- proxy task (issue 16; docs/proxy_tasks.md): the generation stream's records become
+    # (degraded / plain input, task target, task instruction) pairs of one of the SGT study's tasks ----
+    c.proxy = ""                       # "" = off (today's behaviour); else a task of proxy.tasks.TASKS
+                                       # or "a+b" (one of them per sample)
+    c.proxy_stream = "seg"             # the stream whose source is read for the task
+    c.proxy_options = ml_collections.ConfigDict({
+        "depth_dir": "",               # depth: DEPTH_DIR/<key>.npy|.png per image (else the record's)
+    })
     c.tokenizer_path = "{workdir}/tokenizer"   # a Qwen2 checkpoint dir; built tiny if absent here
     c.tiny_tokenizer_vocab_size = 1024
 
@@ -214,6 +228,14 @@ def validate(cfg, process_count: int = 1) -> ml_collections.ConfigDict:
     need(all(v >= 0 for v in table.values()) and sum(table.values()) > 0,
          f"{key} must be >= 0 with a positive sum")
     need(cfg.packer.max_buffer >= 1, "packer.max_buffer must be >= 1")
+    proxy = cfg.get("proxy", "")
+    if proxy:
+        try:
+            proxy_tasks.check_task(proxy)
+        except ValueError as e:
+            need(False, f"proxy={e} ('' for off)")
+        need(cfg.proxy_stream in streams, f"proxy_stream={cfg.proxy_stream!r} is not a stream of "
+             f"sources ({sorted(streams)})")
     need(cfg.vae_images_dtype in ("float32", "bfloat16"), "vae_images_dtype: float32 or bfloat16")
     need(cfg.samples.ce_weighting in ("square", "token", "sample"), "samples.ce_weighting: square|token|sample")
     return cfg

@@ -131,6 +131,9 @@ def make_sources(cfg, workdir: str | None) -> dict[str, object]:
     for name, spec in cfg.sources.items():
         parts = [p.strip().format(workdir=workdir or "") for p in spec.split(";") if p.strip()]
         srcs = [make_source(p, seed=int(cfg.seed), workdir=workdir) for p in parts]
+        if cfg.get("proxy") and name == cfg.proxy_stream:
+            from sgt_jax.data.proxy.source import ProxyRecords
+            srcs = [ProxyRecords(s, cfg.proxy, str(cfg.proxy_options.depth_dir)) for s in srcs]
         out[name] = srcs[0] if len(srcs) == 1 else Concat(srcs)
     return out
 

@@ -22,6 +22,9 @@ host's slice of a pod of N hosts, e.g. 16 for v6e-64), and
 * writes ``DIR/samples/*.png`` (each reconstructed image, lossless) and ``DIR/preview.json``:
   static shapes, per-batch statistics, totals, counters, the reconstructed documents.
 
+Any proxy task of the SGT study previews the same way (``--config.data.proxy=<task>``, see
+docs/proxy_tasks.md); the contact sheet's title names it.
+
 The workdir (default ``DIR/work``) is where the default config generates its synthetic scenes and
 tiny tokenizer; point ``--workdir`` at a run's workdir to preview exactly its data.
 """
@@ -356,7 +359,9 @@ def run(run_cfg, *, batches: int, out: str, workdir: str | None = None, samples:
         for v in d["vit"] + d["vae"]:
             Image.fromarray(v["image"]).save(os.path.join(out, v["file"]))
     sheet = os.path.join(out, "contact_sheet.png")
-    contact_sheet(sheet_docs, sheet, title=f"{os.path.basename(config_path) or 'data preview'}: "
+    proxy = cfg.get("proxy") or ""
+    contact_sheet(sheet_docs, sheet, title=f"{os.path.basename(config_path) or 'data preview'}"
+                  f"{f' (proxy task {proxy} on stream {cfg.proxy_stream})' if proxy else ''}: "
                   f"{len(sheet_docs)} documents reconstructed from PackedBatch rows")
     log(f"contact sheet: {sheet} ({len(sheet_docs)} documents)")
 

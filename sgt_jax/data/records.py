@@ -10,13 +10,18 @@ protocol) of records, plain dicts of numpy arrays and strings:
                 (``<image>`` placeholders in human turns, one per image, in order)
   t2i           {"task": "t2i", "id": str, "image": uint8 (H, W, 3), "caption": str}
   reconstruction {"task": "recon", "id": str, "image": uint8 (H, W, 3)}   (RecA-style)
+  scene         {"task": "scene", "id": str, "image": uint8 (H, W, 3), optional "masks" [bool (H, W)],
+                 "labels" [str], "label_ids" [int], "isthing" [bool], "boxes" (N, 4) xywh,
+                 "depth" float (H, W), "target"}: what a source's ``scene(i)`` gives the proxy tasks
+  proxy         a scene (or any record with an image) plus "proxy": TASK, "task": "proxy"
+                (``proxy/source.ProxyRecords``; built by ``proxy/tasks.build``)
 
 A record that cannot be read raises ``BadRecord(reason, source, key)``: the pipeline skips it and
 counts it under ``reason`` -- a bad file never stops a run.
 """
 from __future__ import annotations
 
-TASKS = ("seg", "vqa", "t2i", "recon")
+TASKS = ("seg", "vqa", "t2i", "recon", "proxy")
 
 
 class BadRecord(Exception):

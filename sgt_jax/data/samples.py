@@ -14,6 +14,7 @@ Builders (``SampleBuilder``), one per record task (records.py):
   vqa    human turns split at <image> into text(no loss) + vit_image; gpt turns text(loss)  (BAGEL VLM SFT)
   t2i    [text(caption, cfg), vae_image(image, loss)]                                      (BAGEL T2I)
   recon  [vit_image(RGB), text(recon instruction, cfg), vae_image(same RGB, loss)]         (RecA)
+  proxy  [vit_image(task input), text(task instruction, cfg), vae_image(task target, loss)] (issue 16)
 
 All randomness of a sample (instruction choice, CFG dropout, timesteps) comes from
 ``sample_rng(seed, stream, index)``: a sample is a pure function of its record and (seed, stream,
@@ -35,6 +36,7 @@ from PIL import Image
 
 from sgt_jax.batch import CAUSAL, FULL, NOISE, PAD, TEXT, VAE_CLEAN, VAE_NOISED, VIT  # noqa: F401  (PAD, CAUSAL re-exported)
 from sgt_jax.data.instructions import RECON_INSTRUCTIONS, SEGMENT_INSTRUCTION, SEGMENT_INSTRUCTIONS
+from sgt_jax.data.proxy import tasks as proxy_tasks
 from sgt_jax.data.records import BadRecord
 from sgt_jax.data.tokenizer import SpecialTokens
 from sgt_jax.models.siglip import patchify, position_ids
@@ -310,10 +312,12 @@ def layout(items: list[Item], spec: LayoutSpec, *, stream: str = "", index: int 
 # ------------------------------------------------------------------------------------------------
 # randomness and CFG dropout
 
-def sample_rng(seed: int, stream: str, index: int) -> tuple[np.random.Generator, ...]:
-    """Independent generators (choice, cfg dropout, timesteps) for sample ``index`` of ``stream``."""
+def sample_rng(seed: int, stream: str, index: int, n: int = 3) -> tuple[np.random.Generator, ...]:
+    """Independent generators (choice, cfg dropout, timesteps[, proxy target]) for sample ``index``
+    of ``stream``. Child k depends only on k, so ``n=4`` adds a generator without changing the
+    first three."""
     ss = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, zlib.crc32(stream.encode()), int(index)])
-    return tuple(np.random.default_rng(s) for s in ss.spawn(3))
+    return tuple(np.random.default_rng(s) for s in ss.spawn(n))
 
 
 def apply_cfg_dropout(items: list[Item], rng: np.random.Generator, text_p: float, vit_p: float,
@@ -372,11 +376,15 @@ class SampleBuilder:
         task = record.get("task")
         key = str(record.get("id", index))
         fn = {"seg": self.seg_items, "vqa": self.vqa_items, "t2i": self.t2i_items,
-              "recon": self.recon_items}.get(task)
+              "recon": self.recon_items, "proxy": self.proxy_items}.get(task)
         if fn is None:
             raise BadRecord("unknown_task", key=key, detail=repr(task))
-        r_choice, r_cfg, r_t = sample_rng(self.seed, stream, index)
-        items, text = fn(record, key, r_choice)
+        if task == "proxy":
+            r_choice, r_cfg, r_t, r_proxy = sample_rng(self.seed, stream, index, n=4)
+            items, text = self.proxy_items(record, key, r_proxy, index=index)
+        else:
+            r_choice, r_cfg, r_t = sample_rng(self.seed, stream, index)
+            items, text = fn(record, key, r_choice)
         apply_cfg_dropout(items, r_cfg, self.s["text_p"], self.s["vit_p"], self.s["vae_p"])
         draw_timesteps(items, r_t, self.s["t_mean"], self.s["t_std"])
         return layout(items, self.spec, stream=stream, index=index, key=key, task=task, text=text)
@@ -401,6 +409,22 @@ class SampleBuilder:
                  Item("text", enable_cfg=1, text_ids=self._text(instr)),
                  Item("vae_image", loss=1, image=self.vae(target, resample=self.s["target_resample"]))]
         return items, instr
+
+    def proxy_items(self, record, key, rng, index: int = 0):
+        """A proxy task (``proxy/tasks.py``, issue 16): ViT(input) + task instruction (cfg) + noised
+        VAE(target) -- the plan of a seg sample and of every official per-task dataset. Seg-like
+        targets (pseudo-colour, edges, depth, boxes) resize with ``target_resample``, RGB targets
+        (the restoration tasks, reconstruction) with ``resample``."""
+        pair = proxy_tasks.build(record.get("proxy"), record, rng, seed=self.seed, index=index)
+        target = pair.target
+        if target.shape[:2] != pair.input.shape[:2]:
+            target = resize(target, pair.input.shape[1], pair.input.shape[0], self.s["target_resample"])
+        rgb = pair.task in proxy_tasks.LOW_LEVEL
+        resample = None if rgb else self.s["target_resample"]
+        items = [Item("vit_image", image=self.vit(pair.input)),
+                 Item("text", enable_cfg=1, text_ids=self._text(pair.instruction)),
+                 Item("vae_image", loss=1, image=self.vae(target, resample=resample))]
+        return items, f"[{pair.task}] {pair.instruction}"
 
     def recon_items(self, record, key, rng):
         """RecA (t2i_dataset.ReconstructionDataset): ViT(RGB) + prompt (cfg) + noised VAE(same RGB)."""

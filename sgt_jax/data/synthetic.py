@@ -227,6 +227,18 @@ def generate(out_dir: str, num_images: int, *, seed: int = 0, size: int | Sequen
     return out_dir
 
 
+def scene_depth(masks: Sequence[np.ndarray], h: int, w: int) -> np.ndarray:
+    """A plausible relative inverse depth (larger = nearer, as Depth Anything V2 outputs) for a
+    scene: the background a ground plane from 0.1 (top row, far) to 0.35 (bottom row), shape j of n
+    (drawing order: a later shape occludes the earlier ones, so it is nearer) a constant
+    0.5 + 0.5 (j + 1) / n over its visible mask. float32 (h, w)."""
+    d = np.repeat(np.linspace(0.1, 0.35, h, dtype=np.float32)[:, None], w, 1)
+    n = len(masks)
+    for j, m in enumerate(masks):
+        d[np.asarray(m, bool)] = 0.5 + 0.5 * (j + 1) / n
+    return d
+
+
 def read_stamp(out_dir: str) -> dict | None:
     """The generation parameters of a finished synthetic directory (a local path or a URL), or
     None."""

@@ -45,3 +45,19 @@ def test_sgt_pairs_flat_layout_suffix_resize_and_list(pairs, tmp_path):
     assert listed._keys == ["b"] and np.array_equal(listed[0]["target"], r["target"])
     with pytest.raises(sources.SpecError, match="also an image extension"):
         sources.make_source(f"sgt_pairs:{tmp_path}/flat?mask_suffix=.jpg", seed=0)
+
+
+def test_sgt_pairs_subset_is_nested_and_reads_the_same_records(pairs):
+    """``subset=N`` (the data-scaling sweep): N keys, nested across N, another set for another
+    seed, each record the full source's record for that key."""
+    full = sources.make_source(f"sgt_pairs:{pairs['root']}", seed=0)
+    sub = {n: sources.make_source(f"sgt_pairs:{pairs['root']}?subset={n}", seed=0) for n in (2, 4)}
+    assert [len(sub[n]) for n in (2, 4)] == [2, 4]
+    assert set(sub[2]._keys) < set(sub[4]._keys) < set(full._keys)
+    assert set(sub[4]._keys) != set(sources.make_source(
+        f"sgt_pairs:{pairs['root']}?subset=4&subset_seed=9", seed=0)._keys)
+    for i, k in enumerate(sub[4]._keys):
+        if k != "lonely":                       # the image without its mask: a skip in both
+            _same_record(sub[4][i], full[full._keys.index(k)])
+    with pytest.raises(sources.SpecError, match="subset"):
+        sources.make_source(f"sgt_pairs:{pairs['root']}?subset=0", seed=0)

@@ -47,11 +47,16 @@ Spec grammar (``make_source``)::
     sgt_pairs:PATHS                       sgt_pairs.py  image + pre-rendered colour-mask PNG
     coco_panoptic:JSON::PNG_DIR::IMAGE_DIR  coco.py     COCO panoptic PNGs
     coco_instances:JSON::IMAGE_DIR        coco.py       instances JSON via pycocotools, rendered
+    coco_scene:JSON::IMAGE_DIR            coco_scene.py instances as scene records (proxy tasks:
+                                                        boxes, classes, masks)
     llava:FILE[::IMAGE_ROOT]              llava.py      .jsonl / .json (list) / .parquet SFT data
     synthetic_seg:[DIR], synthetic_vqa:[DIR]  synthetic.py  the built-in scenes (seg / VQA)
-    tfds:NAME:SPLIT                       tfds.py       a prepared TFDS dataset
+    tfds:NAME:SPLIT                       tfds.py       a prepared TFDS dataset (ArrayRecord):
+                                                        COCO panoptic / instances as coco.py
     every seg kind also takes max_pixels=N (default 67108864) and max_side=N (downscale image and
-    target so the long side <= N; the target by nearest neighbour, colours stay exact).
+    target so the long side <= N; the target by nearest neighbour, colours stay exact); the COCO
+    kinds (coco_panoptic, coco_instances, tfds) and sgt_pairs take subset=N[&subset_seed=S]: the
+    N image ids (keys) ``base.subset_ids`` ranks first, the same images in every reader and task.
 
     examples:  sa1b:/data/sa1b/sa_00000*.tar      sgt_pairs:/data/SAM-SGT?max_side=1024
                llava:/data/ov/all_data.jsonl::/data/ov/images      synthetic_seg:?n=5000
@@ -73,7 +78,7 @@ remote .jsonl is indexed in one streaming pass (its line index cached the same w
 only (no filesystem objects), so each Grain worker process opens its own. A URL workdir's
 synthetic data is generated into the local cache (``synthetic._synthetic_dir``).
 """
-from sgt_jax.data.sources.base import REASONS, SEG_OPTIONS, Kind, SkippingSource, Spec, SpecError
+from sgt_jax.data.sources.base import REASONS, SEG_OPTIONS, Kind, SkippingSource, Spec, SpecError, subset_ids
 from sgt_jax.data.sources.coco import CocoInstancesSource, CocoPanopticSource
 from sgt_jax.data.sources.files import FileSet, expand_paths
 from sgt_jax.data.sources.images import DEFAULT_MAX_PIXELS, _ImageError, decode_image
@@ -89,4 +94,5 @@ from sgt_jax.data.sources.tfds import TfdsSource
 __all__ = ["REASONS", "SEG_OPTIONS", "Kind", "SkippingSource", "Spec", "SpecError", "CocoInstancesSource",
            "CocoPanopticSource", "FileSet", "expand_paths", "DEFAULT_MAX_PIXELS", "decode_image",
            "IMAGE_PLACEHOLDER", "LlavaSource", "KINDS", "build_index", "index_targets", "make_source",
-           "parse_spec", "SA1BSource", "SgtPairsSource", "SyntheticSeg", "SyntheticVqa", "TfdsSource"]
+           "parse_spec", "SA1BSource", "SgtPairsSource", "SyntheticSeg", "SyntheticVqa", "TfdsSource",
+           "subset_ids"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import logging
 import operator
 import os
@@ -92,6 +93,17 @@ class Spec:
         """``max_pixels`` / ``max_side`` as given (ints), as keyword arguments."""
         return {k: int(self.opts[k]) for k in ("max_pixels", "max_side") if k in self.opts}
 
+    def subset(self) -> dict:
+        """``subset=N`` / ``subset_seed=S`` as keyword arguments (empty when not given)."""
+        out = {}
+        if "subset" in self.opts:
+            out["subset"] = int(self.opts["subset"])
+            if out["subset"] <= 0:
+                raise ValueError(f"subset={self.opts['subset']} must be a positive number of images")
+        if "subset_seed" in self.opts:
+            out["subset_seed"] = int(self.opts["subset_seed"])
+        return out
+
     def background(self) -> dict:
         """``background=R,G,B`` as a keyword argument (empty when not given)."""
         if "background" not in self.opts:
@@ -177,6 +189,25 @@ class _Source(Kind):
 
     def _describe(self) -> str:
         return ""
+
+
+SUBSET_OPTIONS = frozenset({"subset", "subset_seed"})     # the COCO kinds (coco_*, tfds)
+
+
+def subset_ids(ids, n: int | None, seed: int = 0) -> set:
+    """The ``n`` image ids of ``ids`` ranked first by a seeded hash of the id (all of them when
+    ``n`` is None or >= their number): deterministic, independent of the order the reader lists
+    them in, so every reader and every proxy task over the same images keeps the same ones (the
+    paper's shared image set), and nested (the ``n`` kept for a smaller ``n`` are among those
+    kept for a larger one: the data-scaling sweep grows one set)."""
+    uniq = list(dict.fromkeys(ids))
+    if n is None or n >= len(uniq):
+        return set(uniq)
+
+    def rank(i) -> bytes:
+        return hashlib.blake2b(f"sgt-subset/{int(seed)}/{i}".encode(), digest_size=8).digest()
+
+    return set(sorted(uniq, key=rank)[:n])
 
 
 def _seg_record(key: str, image: np.ndarray, target: np.ndarray) -> dict:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from sgt_jax import fileio
 from sgt_jax.data.sources.base import Kind, Spec, SpecError
 from sgt_jax.data.sources.coco import CocoInstancesSource, CocoPanopticSource
+from sgt_jax.data.sources.coco_scene import CocoSceneSource
 from sgt_jax.data.sources.jsonl import _jsonl_index
 from sgt_jax.data.sources.llava import LlavaSource
 from sgt_jax.data.sources.sa1b import SA1BSource
@@ -16,7 +17,7 @@ from sgt_jax.data.sources.tfds import TfdsSource
 
 KINDS: dict[str, type[Kind]] = {k.name: k for k in (
     SA1BSource, SgtPairsSource, CocoPanopticSource, CocoInstancesSource, LlavaSource,
-    SyntheticSeg, SyntheticVqa, TfdsSource,
+    SyntheticSeg, SyntheticVqa, TfdsSource, CocoSceneSource,
 )}
 
 _INDEXES = {"tar": _tar_members, "jsonl": _jsonl_index}     # index kind -> builder (cached)

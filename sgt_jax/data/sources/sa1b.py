@@ -60,6 +60,42 @@ class SA1BSource(_Source):
         return f"paths={self.paths!r}, seed={self.seed}, max_side={self.max_side}"
 
     def __getitem__(self, i) -> dict:
+        key, info, rles, (h, w), image, (oh, ow), _ = self._load(i)
+        try:
+            target = render.render_masks(rles, (h, w), seed=self.seed,
+                                         image_id=info.get("image_id", key),
+                                         background=self.background, out_hw=(oh, ow))
+        except (ValueError, TypeError) as e:
+            raise self._bad("bad_annotation", key, str(e)) from None
+        return _seg_record(key, image, target)
+
+    def scene(self, i) -> dict:
+        """A scene record (``records.py``) for the proxy tasks: the image and its masks as bool
+        arrays (resized like the image, nearest), all things, class id 0."""
+        return self._scene(i)[0]
+
+    def image_record(self, i) -> dict:
+        """The image alone (no mask decoding): what the image-only proxy tasks read."""
+        key, info, _, _, image, _, _ = self._load(i)
+        return {"task": "scene", "id": str(info.get("image_id", key)), "key": key, "image": image}
+
+    def _scene(self, i) -> tuple[dict, dict]:
+        key, info, rles, (h, w), image, (oh, ow), meta = self._load(i)
+        try:
+            masks = [render.rle_decode(r) if isinstance(r, dict) else None for r in rles]
+            if any(m is None or m.shape != (h, w) for m in masks):
+                raise ValueError("a mask is not a COCO RLE of the image size")
+        except (ValueError, TypeError, KeyError) as e:
+            raise self._bad("bad_annotation", key, str(e)) from None
+        if (oh, ow) != (h, w):
+            masks = [render.resize_labels(m, (oh, ow)) for m in masks]
+        masks = [m.astype(bool) for m in masks]
+        return {"task": "scene", "id": str(info.get("image_id", key)), "key": key, "image": image,
+                "masks": masks,
+                "label_ids": [0] * len(masks), "isthing": [True] * len(masks),
+                "labels": ["object"] * len(masks)}, meta
+
+    def _load(self, i):
         i = self._index(i)
         key, kf = self._keys[i], self._kf
         img_bytes = self._read(kf.files, kf.refs["image"][i], key, "image")
@@ -81,11 +117,5 @@ class SA1BSource(_Source):
             raise self._bad("no_masks", key)
         oh, ow = _fit_size(h, w, self.max_side)
         image, _ = self._decode(img_bytes, key, max_pixels=self.max_pixels, out_hw=(oh, ow))
-        try:
-            target = render.render_masks(rles, (h, w), seed=self.seed,
-                                         image_id=info.get("image_id", key),
-                                         background=self.background, out_hw=(oh, ow))
-        except (ValueError, TypeError) as e:
-            raise self._bad("bad_annotation", key, str(e)) from None
-        return _seg_record(key, image, target)
+        return key, info, rles, (h, w), image, (oh, ow), meta
 

@@ -1,11 +1,13 @@
 """Pre-rendered SGT pairs: an image + a colour-mask PNG with the same key -> seg records.
 
     sgt_pairs:PATHS[?mask_suffix=.png&image_dir=sam_selection&mask_dir=sam_mask
-                    &image_exts=.jpg,.jpeg,.webp&list=FILE&max_pixels=N&max_side=N]
+                    &image_exts=.jpg,.jpeg,.webp&list=FILE&max_pixels=N&max_side=N
+                    &subset=N&subset_seed=S]
 
 Released SAM-SGT layout ``sam_selection/X.jpg`` + ``sam_mask/X.png``; flat layout ``X.jpg`` +
 ``X.png``, or ``X_mask.png`` with ``mask_suffix=_mask.png``. ``list=FILE`` keeps only the stems
-listed there (e.g. ``file_names/sam_190k_new.txt``).
+listed there (e.g. ``file_names/sam_190k_new.txt``). ``subset=N``: the N keys
+``base.subset_ids`` ranks first (nested across N: the data-scaling sweep of the paper's Fig. 5b).
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ from collections.abc import Sequence
 from PIL import Image
 
 from sgt_jax import fileio
-from sgt_jax.data.sources.base import SEG_OPTIONS, Spec, _image_size_or_bad, _seg_record, _Source
+from sgt_jax.data.sources.base import (SEG_OPTIONS, SUBSET_OPTIONS, Spec, _image_size_or_bad,
+                                       _seg_record, _Source, subset_ids)
 from sgt_jax.data.sources.files import FileSet, _KeyedFiles, _strip_ext, _tar_targets, expand_paths
 from sgt_jax.data.sources.images import DEFAULT_MAX_PIXELS, _fit_size
 
@@ -31,7 +34,8 @@ class SgtPairsSource(_Source):
     with PIL's default bicubic, which blends colours at boundaries: documented deviation).
     """
     name = "sgt_pairs"
-    options = SEG_OPTIONS | {"mask_suffix", "image_dir", "mask_dir", "image_exts", "list"}
+    options = SEG_OPTIONS | SUBSET_OPTIONS | {"mask_suffix", "image_dir", "mask_dir", "image_exts",
+                                              "list"}
     usage = "sgt_pairs:/path/SAM-SGT[?mask_suffix=.png]"
 
     @classmethod
@@ -44,7 +48,7 @@ class SgtPairsSource(_Source):
             kw["image_exts"] = tuple(opts["image_exts"].split(","))
         if "list" in opts:
             kw["list_file"] = opts["list"]
-        return cls(expand_paths(spec.body), cache_dir=spec.cache_dir, **kw, **seg)
+        return cls(expand_paths(spec.body), cache_dir=spec.cache_dir, **kw, **seg, **spec.subset())
 
     @classmethod
     def index_targets(cls, spec: Spec) -> list[tuple[str, str]]:
@@ -54,7 +58,8 @@ class SgtPairsSource(_Source):
                  image_dir: str | None = "sam_selection", mask_dir: str | None = "sam_mask",
                  image_exts: Sequence[str] = (".jpg", ".jpeg", ".webp"),
                  list_file: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 max_side: int | None = None, cache_dir: str | None = None):
+                 max_side: int | None = None, cache_dir: str | None = None,
+                 subset: int | None = None, subset_seed: int = 0):
         self.paths, self.mask_suffix = list(paths), mask_suffix.lower()
         self.image_dir, self.mask_dir = image_dir or None, mask_dir or None
         self.image_exts = tuple(e.lower() if e.startswith(".") else "." + e.lower()
@@ -97,7 +102,12 @@ class SgtPairsSource(_Source):
 
         self._kf = _KeyedFiles(FileSet(self.paths, cache_dir=cache_dir), classify,
                                ("image", "mask"), required="image", source=self.name)
+        self._rows = None                  # the pairs a subset keeps (indexes into self._kf)
         self._keys = self._kf.keys
+        if subset is not None:
+            keep = subset_ids(self._kf.keys, subset, subset_seed)
+            self._rows = [j for j, k in enumerate(self._kf.keys) if k in keep]
+            self._keys = [self._kf.keys[j] for j in self._rows]
 
     def _describe(self) -> str:
         return (f"paths={self.paths!r}, mask_suffix={self.mask_suffix!r}, "
@@ -106,6 +116,8 @@ class SgtPairsSource(_Source):
     def __getitem__(self, i) -> dict:
         i = self._index(i)
         key, kf = self._keys[i], self._kf
+        if self._rows is not None:
+            i = self._rows[i]
         img_bytes = self._read(kf.files, kf.refs["image"][i], key, "image")
         mask_bytes = self._read(kf.files, kf.refs["mask"][i], key, "colour-mask")
         h, w = _image_size_or_bad(self, img_bytes, key)

@@ -14,6 +14,8 @@ import json
 import logging
 import os
 
+import numpy as np
+
 from sgt_jax import fileio
 from sgt_jax.data import synthetic as scenes
 from sgt_jax.data.sources.base import SEG_OPTIONS, Kind, Spec, _parse_range
@@ -65,8 +67,33 @@ def _scenes_dir(spec: Spec) -> str:
     return _synthetic_dir(out, gen, given=bool(GENERATION_OPTIONS & set(spec.opts)))
 
 
+class SyntheticScenes(SA1BSource):
+    """The generated scenes read as SA-1B (``__getitem__``: seg records, today's behaviour) and as
+    scene records for every proxy task (``scene``): each shape a thing of its kind's class
+    (``label_ids`` = index in ``synthetic.KINDS``), the background one stuff segment (class
+    ``len(KINDS)``, named 'background'), ``depth`` from ``synthetic.scene_depth``."""
+
+    def scene(self, i) -> dict:
+        rec, meta = self._scene(i)
+        info = (meta.get("synthetic") or {}).get("shapes") if isinstance(meta, dict) else None
+        masks = rec["masks"]
+        if not isinstance(info, list) or len(info) != len(masks):
+            raise self._bad("bad_annotation", rec["id"], "no 'synthetic' block matching the masks")
+        kinds = [str(p.get("kind")) for p in info]
+        if any(k not in scenes.KINDS for k in kinds):
+            raise self._bad("bad_annotation", rec["id"], f"unknown shape kinds {kinds}")
+        h, w = rec["image"].shape[:2]
+        background = ~np.logical_or.reduce(masks) if masks else np.ones((h, w), bool)
+        rec.update(masks=masks + [background],
+                   labels=kinds + ["background"],
+                   label_ids=[scenes.KINDS.index(k) for k in kinds] + [len(scenes.KINDS)],
+                   isthing=[True] * len(masks) + [False],
+                   depth=scenes.scene_depth(masks, h, w))
+        return rec
+
+
 class SyntheticSeg(Kind):
-    """``synthetic_seg``: an ``SA1BSource`` over the generated scenes."""
+    """``synthetic_seg``: a ``SyntheticScenes`` (an ``SA1BSource``) over the generated scenes."""
     name = "synthetic_seg"
     options = SEG_OPTIONS | {"background"} | GENERATION_OPTIONS
     usage = "synthetic_seg:[/dir][?n=1000&gen_seed=0&size=64-128]"
@@ -74,7 +101,7 @@ class SyntheticSeg(Kind):
     @classmethod
     def from_spec(cls, spec: Spec) -> SA1BSource:
         kw = {**spec.seg(), **spec.background()}
-        return SA1BSource([_scenes_dir(spec)], seed=spec.seed, cache_dir=spec.cache_dir, **kw)
+        return SyntheticScenes([_scenes_dir(spec)], seed=spec.seed, cache_dir=spec.cache_dir, **kw)
 
 
 class SyntheticVqa(Kind):
