@@ -9,6 +9,10 @@ import ml_collections
 from sgt_jax.data.config import tiny_data_config
 from sgt_jax.models.config import tiny
 from sgt_jax.train.config import default_eval_config, default_mesh_config, default_train_config
+from sgt_jax.train.vae_init import TINY_VAE
+
+
+SHIFT_FACTOR, SCALE_FACTOR = 0.0931, 0.5143     # sgt_jax/assets/tiny_vae.safetensors' metadata
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -32,6 +36,11 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.train = default_train_config()
     cfg.train.update(steps=300, lr=1e-3, warmup_steps=20, ema_decay=0.99, save_every=100,
                      log_every=10)
+    # the frozen VAE: an AE trained on the synthetic scenes and their masks (scripts/train_tiny_vae.py,
+    # docs/training.md), not a random one -- a random VAE cannot reconstruct a mask. Its latent
+    # statistics (FLUX's shift / scale factors) are the ones the script measured and stored in the file.
+    cfg.train.vae_init = TINY_VAE
+    cfg.model.vae.update(shift_factor=SHIFT_FACTOR, scale_factor=SCALE_FACTOR)
     cfg.mesh = default_mesh_config()
     # held-out evaluation at steps 0, 100, 200, 300 (docs/evaluation.md)
     cfg.eval = default_eval_config()

@@ -8,13 +8,16 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# measured (seed 0, docs/training.md): after 150 steps the mean of the last 30 steps is
-# MSE ~0.6 and CE ~0.5, from MSE ~1.15 and CE ~5.8 in the first 10 steps
-MSE_BELOW, CE_BELOW = 0.85, 1.5
+# measured (seed 0, docs/training.md; the trained VAE of sgt_jax/assets/tiny_vae.safetensors, its
+# latents at unit variance): after 150 steps the mean of the last 30 steps is MSE 1.33 and CE 0.76,
+# from MSE 2.15 and CE 6.10 in the first 10 steps
+FIRST_MSE_ABOVE, MSE_BELOW, CE_BELOW = 2.0, 1.6, 1.5
 # held-out evaluation of the EMA (docs/evaluation.md, measured, seed 0): from step 0 to step 150
-# held-out CE 6.32 -> 2.07, MSE 1.174 -> 0.918, VQA accuracy 0 -> 0.19 (6 of 32 questions);
-# mIoU of the generated masks 0.037 -> 0.033, not asserted: the preset's VAE is random
-HELDOUT_CE_BELOW, VQA_GAIN = 4.0, 0.1
+# held-out CE 6.32 -> 2.08, MSE 2.222 -> 1.797, VQA accuracy 0 -> 0.19 (6 of 32 questions); the VAE
+# ceiling mIoU 0.429 at every step (the frozen trained AE; a random VAE scored 0.020). mIoU of the
+# generated masks 0.073 -> 0.073 (0.087 after the README's 300 steps): not asserted -- the
+# generator is still under-trained at 150 steps (docs/evaluation.md, "The main job")
+HELDOUT_CE_BELOW, VQA_GAIN, VAE_CEILING_ABOVE = 4.0, 0.1, 0.35
 
 
 @pytest.mark.slow
@@ -34,7 +37,7 @@ def test_cli_main_job_learns_and_reports_paths(tmp_path):
     first, last = rows[0], rows[-3:]
     mse = sum(r["mse"] for r in last) / 3
     ce = sum(r["ce"] for r in last) / 3
-    assert first["mse"] > 1.0 and first["ce"] > 4.0, first
+    assert first["mse"] > FIRST_MSE_ABOVE and first["ce"] > 4.0, first
     assert mse < MSE_BELOW and ce < CE_BELOW, (mse, ce)
     assert (wd / "loss_curve.png").stat().st_size > 10_000
     assert any(p.name.startswith("events") for p in (wd / "tensorboard").iterdir())
@@ -51,6 +54,8 @@ def test_cli_main_job_learns_and_reports_paths(tmp_path):
     u, t = ev[0], ev[150]
     assert t["eval/ce"] < HELDOUT_CE_BELOW < u["eval/ce"] and t["eval/mse"] < u["eval/mse"], (u, t)
     assert t["eval/vqa_acc"] >= u["eval/vqa_acc"] + VQA_GAIN, (u["eval/vqa_acc"], t["eval/vqa_acc"])
+    # the frozen VAE is the shipped trained AE: the targets survive it (a random VAE: 0.020)
+    assert u["eval/seg_miou_vae_ceiling"] == t["eval/seg_miou_vae_ceiling"] > VAE_CEILING_ABOVE, (u, t)
 
 
 def _cli(wd, *overrides, **kw):

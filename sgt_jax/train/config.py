@@ -24,6 +24,8 @@ def default_train_config() -> ml_collections.ConfigDict:
         freeze_llm=False, freeze_vit=False,          # freeze_und lives in model.llm (it changes the forward)
         copy_init_moe=True,                          # gen expert := und at random init (BAGEL init_moe)
         init_from="",                                # an imported model dir (python -m sgt_jax.convert import)
+        vae_init="",                                 # a FLUX AE safetensors file for the frozen VAE ('' = random
+                                                     # or init_from's); train/vae_init.py
         executable="",                               # a step compiled ahead of time (python -m sgt_jax.aot --serialize)
         nan_max_streak=10,                           # stop after this many consecutive non-finite steps
         save_every=100, keep=3, async_checkpointing=True,
@@ -126,6 +128,8 @@ def _train_problems(t) -> list[str]:
          "must be an int >= 1 (checkpoints kept on disk; 0 would leave none to resume from)")
     need(_is_int(t.log_every) and t.log_every >= 1, "log_every", "must be an int >= 1 (a metrics row every N steps)")
     need(_is_int(t.seed) and t.seed >= 0, "seed", "must be an int >= 0")
+    need(isinstance(t.get("vae_init", ""), str), "vae_init",
+         "must be a path string ('' = no file), e.g. 'package:assets/tiny_vae.safetensors'")
     need(isinstance(t.get("allow_config_change", ""), str), "allow_config_change",
          "must be a string of comma-separated keys, e.g. 'train.seed,data.sources.seg'")
     return out
@@ -177,6 +181,10 @@ def validate(cfg, mesh=None, process_count: int = 1):
         run(data_config.validate, cfg.data, process_count)
     run(check_consistency, cfg)
     problems += _train_problems(cfg.train)
+    if isinstance(cfg.train.get("vae_init"), str) and cfg.train.vae_init and not problems:
+        from sgt_jax.train import vae_init
+
+        problems += vae_init.problems(cfg.train.vae_init, cfg.model)
     if "eval" in cfg:
         problems += _eval_problems(cfg.eval)
     for k in ("data", "fsdp", "tensor"):

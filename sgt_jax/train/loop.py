@@ -130,6 +130,8 @@ class Program:
             params, consts = jax.jit(make, out_shardings=out_sh)()
             if t.init_from:
                 params, consts = self._load_model_dir(t.init_from, params, consts)
+            if t.get("vae_init"):
+                consts = consts._replace(vae=self._load_vae(t.vae_init))
             opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(params)
             ema = jax.tree.map(lambda x: x.copy(), params)   # own buffers: the step donates both
         z = lambda: jnp.zeros((), jnp.int32)
@@ -145,6 +147,15 @@ class Program:
 
         with self.mesh:
             return jax.jit(make, out_shardings=self.consts_shardings.fixed)()
+
+    def _load_vae(self, path):
+        """The frozen VAE from a FLUX AE file (``train.vae_init``; train/vae_init.py)."""
+        from sgt_jax.train import vae_init
+
+        vae = jax.tree.map(lambda x: x, self.abstract_consts.vae)
+        nnx.replace_by_pure_dict(vae, vae_init.load(path, self.cfg.model))
+        log.info("VAE initialised from %s", path)
+        return jax.device_put(vae, self.consts_shardings.vae)
 
     def _load_model_dir(self, path, params, consts):
         """Parameters from an imported model dir (python -m sgt_jax.convert import), restored
