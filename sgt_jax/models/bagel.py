@@ -123,9 +123,9 @@ class Bagel(nnx.Module):
         head, chunk = self.language_model.lm_head, self.cfg.llm.ce_chunk_size
         if not num_ce or num_ce >= h.shape[1]:
             return jnp.where(mask, token_cross_entropy(head, h, labels, chunk), 0.0)
-        # positions of the CE tokens, in order, padded with position 0 (masked out below)
+        # positions of the CE tokens, in order; the unused slots point at position 0 and add 0 there
         idx = jax.vmap(lambda m: jnp.nonzero(m, size=num_ce, fill_value=0)[0])(mask)
-        valid = jnp.take_along_axis(mask, idx, axis=1)
+        valid = jnp.arange(num_ce)[None] < jnp.sum(mask, axis=1, keepdims=True)
         ce = token_cross_entropy(head, jnp.take_along_axis(h, idx[..., None], axis=1),
                                  jnp.take_along_axis(labels, idx, axis=1), chunk)
         ce = jnp.where(valid, ce, 0.0)

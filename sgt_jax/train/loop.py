@@ -101,8 +101,9 @@ class Program:
         self.abstract_consts = Consts(frozen=a_frozen, fixed=a_fixed, vae=a_vae)
         self.consts_shardings = Consts(*(sh(v) for v in self.abstract_consts))
         self.num_gen = int(cfg.data.gen_tokens_per_row)
+        self.num_ce = int(cfg.data.get("ce_tokens_per_row", 0))
         step = make_train_step(graphdef=self.graphdef, vae_graphdef=self.vae_graphdef, tx=self.tx,
-                               cfg=cfg, num_gen=self.num_gen)
+                               cfg=cfg, num_gen=self.num_gen, num_ce=self.num_ce)
         self.batch_sharding = mesh_lib.batch_sharding(self.mesh)
         self.step_fn = jax.jit(step, in_shardings=(self.state_shardings, self.consts_shardings, self.batch_sharding),
                                out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
