@@ -196,7 +196,7 @@ def bench_config(attention_impl: str):
         m.vit.attention_impl = attention_impl
     cfg.data.update(rows_per_batch=1, tokens_per_row=ROW_TOKENS, gen_tokens_per_row=768,
                     vit_patches_per_row=sum(h * w for h, w in VQA_VIT), vae_images_per_row=len(T2I_TEXT),
-                    vae_image_size=256, max_tokens_per_sample=ROW_TOKENS)
+                    vae_image_size=256, max_tokens_per_sample=ROW_TOKENS, ce_tokens_per_row=128)
     cfg.data.vae_images_dtype = "float32"
     cfg.train.update(lr=1e-4, warmup_steps=0, max_grad_norm=1.0, ema_decay=0.999)
     cfg.mesh.update(data=1, fsdp=1, tensor=1)
@@ -336,6 +336,7 @@ class JaxSide:
         gmeta = {"batch": {**meta["batch"], "sample_lens": meta["batch"]["sample_lens"]}}
         batch, _, num_gen = packed_batch_from_golden(gmeta, tensors, cfg.model, pad_to=ROW_TOKENS)
         assert num_gen == prog.num_gen, (num_gen, prog.num_gen)
+        assert meta["counts"]["ce"] <= prog.num_ce, "the row has more CE tokens than data.ce_tokens_per_row"
         self.batch = jax.device_put(batch.replace(latents=None), prog.batch_sharding)
         rows = jnp.arange(1)
         key = jax.random.key(0)

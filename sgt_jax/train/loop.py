@@ -245,6 +245,7 @@ def train(cfg, workdir: str, *, data_iterator=None, stop_after: int | None = Non
     imports the evaluation: the CLI hands it in, ``sgt_jax.eval.make_hook``). ``mesh``: a mesh
     to run on instead of ``cfg.mesh`` over all devices (tests: one device of the 8 fake ones)."""
     t = cfg.train
+    t_enter = time.perf_counter()
     program = Program(cfg, mesh=mesh)  # the whole run config validated first: nothing built yet
     fileio.makedirs(workdir)
     stop, old_handler = sigterm, None
@@ -271,6 +272,7 @@ def train(cfg, workdir: str, *, data_iterator=None, stop_after: int | None = Non
         if old_handler is not None:
             signal.signal(signal.SIGTERM, old_handler)
         raise
+    timing = {"state_s": time.perf_counter() - t_enter}     # Program + init / restore + data iterator
 
     is_chief = jax.process_index() == 0
     writer = metrics_lib.MetricsWriter(workdir, t.steps, start, enabled=is_chief and not quiet)
@@ -305,7 +307,9 @@ def train(cfg, workdir: str, *, data_iterator=None, stop_after: int | None = Non
     agreed = StopAgreement(stop)      # every process stops at the same step boundary
     try:
         if start == 0:
+            t_eval = time.perf_counter()
             run_eval(0)
+            timing["eval_at_start_s"] = time.perf_counter() - t_eval
         while step < end:
             if step == start and agreed.before_first_step():   # SIGTERM before the first step: nothing new to save
                 log.warning("SIGTERM before the first step: exiting at step %d", step)
@@ -315,7 +319,15 @@ def train(cfg, workdir: str, *, data_iterator=None, stop_after: int | None = Non
             wait_acc += time.perf_counter() - t_wait
             batch = program.global_batch(local)
             flops_acc += metrics_lib.step_flops(cfg.model, local) * jax.process_count()
+            t_step = time.perf_counter()
             state, m = program.step_fn(state, consts, batch)
+            if "first_step_s" not in timing:          # compile + run of the first step
+                jax.block_until_ready(m)
+                timing["first_step_s"] = time.perf_counter() - t_step
+                timing["to_first_step_s"] = time.perf_counter() - t_enter
+                log.info("first step done %.1f s after train() started (state %.1f s, eval %.1f s, step compile+run "
+                         "%.1f s)", timing["to_first_step_s"], timing["state_s"], timing.get("eval_at_start_s", 0.0),
+                         timing["first_step_s"])
             pending.append(m)
             step += 1
             ckpt.poll()            # a failed asynchronous save stops the run at once
@@ -365,7 +377,7 @@ def train(cfg, workdir: str, *, data_iterator=None, stop_after: int | None = Non
     summary = {"workdir": workdir, "steps": step, "checkpoints": ckpt.directory, "metrics": writer.jsonl_path,
                "tensorboard": writer.tb_dir, "loss_curve": png, "history": history,
                "compiles_in_loop": compile_count("sgt_train_step") - compiles_before, "preempted": agreed.stopped,
-               "stop_agreement_s": agreed.seconds, "eval": evals}
+               "stop_agreement_s": agreed.seconds, "eval": evals, "timing": timing}
     return summary
 
 
