@@ -96,3 +96,27 @@ def test_packer_ce_budget():
     assert sorted(r.ce for r in rows) == [6, 10]      # 6 + 6 > 10: the second sample goes to the other row
     assert not PK.place_group(rows, [_sample(5)], spec)
     assert [r.ce for r in rows] in ([6, 10], [10, 6])   # all or nothing
+
+
+def test_train_with_ce_budget_compiles_the_step_once(tmp_path):
+    """A training with ce_tokens_per_row set (rows of varying samples) compiles its step once and
+    reports the time to its first step; no CE token is over the budget."""
+    import ml_collections
+
+    from fake_data import FakeIterator
+    from sgt_jax.models.config import tiny
+    from sgt_jax.parallel import mesh as mesh_lib
+    from sgt_jax.train import loop
+    from sgt_jax.train.config import default_mesh_config, default_train_config
+
+    cfg = ml_collections.ConfigDict(dict(model=tiny(), data=ml_collections.ConfigDict(
+        dict(gen_tokens_per_row=8, ce_tokens_per_row=8)), train=default_train_config(), mesh=default_mesh_config()))
+    cfg.train.update(steps=3, warmup_steps=1, log_every=1, save_every=100)
+    mesh = mesh_lib.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+    assert loop.Program(cfg, mesh=mesh).num_ce == 8
+    s = loop.train(cfg, str(tmp_path / "run"), data_iterator=FakeIterator(cfg, rows=4, vary=True), quiet=True,
+                   mesh=mesh)
+    assert s["steps"] == 3 and s["compiles_in_loop"] == 1, s["compiles_in_loop"]
+    assert all(np.isfinite(h["loss"]) for h in s["history"])
+    t = s["timing"]
+    assert 0 < t["first_step_s"] <= t["to_first_step_s"]

@@ -166,6 +166,8 @@ def make_train_step(*, graphdef, vae_graphdef, tx: optax.GradientTransformation,
         lr = schedule(t)(state.step - state.nan_total)     # the count optax used for this update
         metrics = {"loss": loss, "ce": parts["ce"], "mse": parts["mse"], "grad_norm": grad_norm, "lr": lr,
                    "skipped": ~ok, "nan_streak": new_state.nan_streak, **token_counts(batch)}
+        if num_ce:      # CE tokens beyond data.ce_tokens_per_row (the packer never makes any; 0 expected)
+            metrics["tokens_ce_over_budget"] = jnp.sum(jnp.maximum(jnp.sum(batch.ce_mask, axis=1) - num_ce, 0))
         return new_state, metrics
 
     return sgt_train_step
