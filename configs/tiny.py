@@ -25,7 +25,9 @@ def get_config() -> ml_collections.ConfigDict:
     # (docs/training.md's main-job numbers are for these)
     cfg.data.update(tokens_per_row=384, gen_tokens_per_row=96, vit_patches_per_row=192,
                     max_tokens_per_sample=384,
-                    vae_image_size=64)                  # 4x4 latent tokens per image at most
+                    vae_image_size=64,                  # 4x4 latent tokens per image at most
+                    ce_tokens_per_row=32)               # lm_head at <= 32 CE positions, not all 288 und ones
+                                                        # (rows hold <= 9 CE tokens here: no sample waits)
     t = cfg.data.transforms
     t.vit_image_size = 56                           # 4x4 ViT patches
     t.vae_max = 64                                  # every generation target 64 px (vae_min is 64)

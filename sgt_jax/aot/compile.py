@@ -224,7 +224,7 @@ def component_memory(setup, cfg, compiler_options=None, log=print) -> dict:
     def loss_fn(p, cs, b, la):
         model = nnx.merge(setup.graphdef, p, cs.frozen, cs.fixed)
         b = b.replace(latents=la, vae_images=None)
-        o = model(b, num_gen=setup.num_gen, key=jax.random.key(1))
+        o = model(b, num_gen=setup.num_gen, key=jax.random.key(1), num_ce=setup.num_ce)
         return reduce_losses(o, b, t)[0]
 
     grad = jax.value_and_grad(loss_fn)

@@ -82,6 +82,9 @@ def default_data_config(model: ml_collections.ConfigDict | None = None) -> ml_co
                                        # (match the stream's gen share: ~0.65 for SGT 2:1, bench/packing.py)
     c.vit_patches_per_row = 6144       # P  (<= L - num_gen: ViT tokens are und tokens)
     c.vae_images_per_row = 6           # N
+    c.ce_tokens_per_row = 0            # > 0: at most this many CE tokens per row (a packer budget); the
+                                       # model runs lm_head at that many gathered positions, not at all
+                                       # L - num_gen und positions. 0: no budget, lm_head everywhere
     c.vae_image_size = 1024            # static padded (H, W) of vae_images; int (square) or (H, W)
     c.vae_images_dtype = "float32"     # "float32" or "bfloat16" (halves host memory / transfer)
     c.max_tokens_per_sample = 16384    # BAGEL's max_num_tokens_per_sample: longer samples are dropped
@@ -192,8 +195,12 @@ def validate(cfg, process_count: int = 1) -> ml_collections.ConfigDict:
     L, G, P, N = cfg.tokens_per_row, cfg.gen_tokens_per_row, cfg.vit_patches_per_row, cfg.vae_images_per_row
     for k, v in [("tokens_per_row", L), ("rows_per_batch", cfg.rows_per_batch)]:
         need(isinstance(v, int) and v > 0, f"{k} must be a positive int, got {v!r}")
-    for k, v in [("gen_tokens_per_row", G), ("vit_patches_per_row", P), ("vae_images_per_row", N)]:
+    C = cfg.get("ce_tokens_per_row", 0)
+    for k, v in [("gen_tokens_per_row", G), ("vit_patches_per_row", P), ("vae_images_per_row", N),
+                 ("ce_tokens_per_row", C)]:
         need(isinstance(v, int) and v >= 0, f"{k} must be an int >= 0, got {v!r}")
+    need(C <= L - G, f"ce_tokens_per_row={C} exceeds the und budget tokens_per_row - gen_tokens_per_row = "
+         f"{L - G} (CE tokens are und tokens): lower it, or 0 for no budget")
     need(G < L, f"gen_tokens_per_row={G} must be < tokens_per_row={L} (text needs und tokens)")
     need(P <= L - G, f"vit_patches_per_row={P} exceeds the und budget tokens_per_row - "
          f"gen_tokens_per_row = {L - G}: lower it")

@@ -2,7 +2,9 @@
 
 Every row has four budgets, all from the config: und tokens <= L - num_gen (text, the four special
 tokens and ViT tokens), gen tokens <= num_gen (VAE latent tokens), ViT patches <= P, VAE images
-<= N (each zero-padded bottom/right into the static (H, W)). A sample that can never fit an empty
+<= N (each zero-padded bottom/right into the static (H, W)); and a fifth when
+``ce_tokens_per_row`` > 0: CE tokens <= that (the model then computes ``lm_head`` at that many
+gathered positions per row instead of at every und position). A sample that can never fit an empty
 row is dropped (``fit_reason`` names why); one that does not fit now is deferred (buffered) and
 placed first in the next batch. After the documents, padding fills the row: it is its own
 document, and ``num_gen - gen_used`` of its positions are routed to the gen expert so every row
@@ -43,6 +45,7 @@ class RowSpec:
     vit_patch_size: int = 14
     max_tokens_per_sample: int | None = None
     vae_images_dtype: str = "float32"
+    ce_tokens_per_row: int = 0           # > 0: at most this many CE tokens per row (0: no budget)
 
     @classmethod
     def from_config(cls, cfg) -> "RowSpec":
@@ -50,7 +53,7 @@ class RowSpec:
 
         return cls(cfg.tokens_per_row, cfg.gen_tokens_per_row, cfg.vit_patches_per_row,
                    cfg.vae_images_per_row, vae_hw(cfg), cfg.vae_downsample, cfg.vit_patch_size,
-                   cfg.max_tokens_per_sample, cfg.vae_images_dtype)
+                   cfg.max_tokens_per_sample, cfg.vae_images_dtype, int(cfg.get("ce_tokens_per_row", 0)))
 
     @property
     def und_budget(self) -> int:
@@ -62,18 +65,18 @@ class RowSpec:
         return (h // self.vae_downsample) * (w // self.vae_downsample)
 
 
-def sizes(s: Sample) -> tuple[int, int, int, int]:
-    """(und tokens, gen tokens, ViT patches, VAE images), cached on the sample."""
+def sizes(s: Sample) -> tuple[int, int, int, int, int]:
+    """(und tokens, gen tokens, ViT patches, VAE images, CE tokens), cached on the sample."""
     z = getattr(s, "_sizes", None)
     if z is None:
-        z = (s.num_und, s.num_gen, s.num_vit_patches, s.num_vae_images)
+        z = (s.num_und, s.num_gen, s.num_vit_patches, s.num_vae_images, int(s.tokens["ce_mask"].sum()))
         s._sizes = z
     return z
 
 
 def fit_reason(s: Sample, spec: RowSpec) -> str | None:
     """Why ``s`` can never fit an empty row (a drop reason), or None."""
-    und, gen, vit, vae = sizes(s)
+    und, gen, vit, vae, ce = sizes(s)
     if spec.max_tokens_per_sample is not None and und + gen > spec.max_tokens_per_sample:
         return "over_max_tokens_per_sample"
     if und > spec.und_budget:
@@ -84,6 +87,8 @@ def fit_reason(s: Sample, spec: RowSpec) -> str | None:
         return "over_vit_patches"
     if vae > spec.vae_images_per_row:
         return "over_vae_images"
+    if spec.ce_tokens_per_row and ce > spec.ce_tokens_per_row:
+        return "over_ce_tokens"
     h, w = spec.vae_hw
     if any(im.shape[0] > h or im.shape[1] > w for im in s.vae_images):
         return "vae_image_over_static_size"
@@ -91,22 +96,23 @@ def fit_reason(s: Sample, spec: RowSpec) -> str | None:
 
 
 class Row:
-    __slots__ = ("und", "gen", "vit", "vae", "samples")
+    __slots__ = ("und", "gen", "vit", "vae", "ce", "samples")
 
     def __init__(self):
-        self.und = self.gen = self.vit = self.vae = 0
+        self.und = self.gen = self.vit = self.vae = self.ce = 0
         self.samples: list[Sample] = []
 
     def fits(self, z, spec: RowSpec) -> bool:
         return (self.und + z[0] <= spec.und_budget and self.gen + z[1] <= spec.gen_tokens_per_row
-                and self.vit + z[2] <= spec.vit_patches_per_row and self.vae + z[3] <= spec.vae_images_per_row)
+                and self.vit + z[2] <= spec.vit_patches_per_row and self.vae + z[3] <= spec.vae_images_per_row
+                and (not spec.ce_tokens_per_row or self.ce + z[4] <= spec.ce_tokens_per_row))
 
     def add(self, s: Sample, z):
-        self.und += z[0]; self.gen += z[1]; self.vit += z[2]; self.vae += z[3]   # noqa: E702
+        self.und += z[0]; self.gen += z[1]; self.vit += z[2]; self.vae += z[3]; self.ce += z[4]   # noqa: E702
         self.samples.append(s)
 
     def remove_last(self, z):
-        self.und -= z[0]; self.gen -= z[1]; self.vit -= z[2]; self.vae -= z[3]   # noqa: E702
+        self.und -= z[0]; self.gen -= z[1]; self.vit -= z[2]; self.vae -= z[3]; self.ce -= z[4]   # noqa: E702
         self.samples.pop()
 
 
@@ -254,7 +260,7 @@ def batch_stats(batch: PackedBatch, rows: Sequence[Sequence[Sample]]) -> dict[st
 # BAGEL's greedy loop (reference for the benchmark)
 
 def row_budgets(spec: RowSpec) -> Callable[[list[Sample], Sample], bool]:
-    """``fits(seq, s)`` for ``bagel_pack``: our four row budgets on top of BAGEL's token check."""
+    """``fits(seq, s)`` for ``bagel_pack``: our row budgets on top of BAGEL's token check."""
     def fits(seq: list[Sample], s: Sample) -> bool:
         r = Row()
         for x in seq:

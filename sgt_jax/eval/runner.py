@@ -170,7 +170,8 @@ class Evaluator:
         VAE-sampling and flow noise of batch i from ``fold_in(key(eval.seed), i)``."""
         if self._losses is None:
             fn = make_eval_losses(graphdef=eng.graphdef, vae_graphdef=eng.vae_graphdef, cfg=self.cfg,
-                                  num_gen=int(self.cfg.data.gen_tokens_per_row))
+                                  num_gen=int(self.cfg.data.gen_tokens_per_row),
+                                  num_ce=int(self.cfg.data.get("ce_tokens_per_row", 0)))
             self._losses = jax.jit(fn)
         consts = Consts(frozen=nnx.State({}), fixed=eng.fixed, vae=eng.vae_params)
         ce = mse = n_ce = n_mse = 0.0

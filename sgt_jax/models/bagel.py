@@ -117,12 +117,32 @@ class Bagel(nnx.Module):
         pos = jnp.take(self.latent_pos_embed[...], latent_position_ids, axis=0)
         return self.vae2llm(x_t) + self.time_embedder(t) + pos.astype(self.dtype)
 
+    def und_cross_entropy(self, h, labels, mask, num_ce: int = 0) -> jax.Array:
+        """Per-token CE (B, T) of the und slice ``h`` (B, T, H); 0 off ``mask``. ``num_ce`` > 0:
+        computed at the first ``num_ce`` positions of ``mask`` per row only (see ``__call__``)."""
+        head, chunk = self.language_model.lm_head, self.cfg.llm.ce_chunk_size
+        if not num_ce or num_ce >= h.shape[1]:
+            return jnp.where(mask, token_cross_entropy(head, h, labels, chunk), 0.0)
+        # positions of the CE tokens, in order; the unused slots point at position 0 and add 0 there
+        idx = jax.vmap(lambda m: jnp.nonzero(m, size=num_ce, fill_value=0)[0])(mask)
+        valid = jnp.arange(num_ce)[None] < jnp.sum(mask, axis=1, keepdims=True)
+        ce = token_cross_entropy(head, jnp.take_along_axis(h, idx[..., None], axis=1),
+                                 jnp.take_along_axis(labels, idx, axis=1), chunk)
+        ce = jnp.where(valid, ce, 0.0)
+        rows = jnp.arange(h.shape[0])[:, None]
+        return jnp.zeros(mask.shape, jnp.float32).at[rows, idx].add(ce)
+
     def __call__(self, batch: PackedBatch, *, num_gen: int, noise: jax.Array | None = None,
-                 key: jax.Array | None = None, row_ids: jax.Array | None = None) -> dict:
+                 key: jax.Array | None = None, row_ids: jax.Array | None = None, num_ce: int = 0) -> dict:
         """Training forward. ``batch.latents`` must be set (the train step VAE-encodes
         ``vae_images``). Flow noise: ``noise`` (B, L, p*p*C) in packing order, or drawn from
         ``key`` per row: row r uses fold_in(key, row_ids[r]) (default row_ids = arange(B)), so the
         noise of a row does not depend on how the batch is split or sharded.
+
+        ``num_ce`` > 0 (static, the data config's ``ce_tokens_per_row``: the packer puts at most
+        that many CE positions in a row): ``lm_head`` and the logsumexp run at the row's first
+        ``num_ce`` CE positions only, gathered from the und slice, instead of at every und
+        position; 0 runs them at every und position. The per-token CE is the same either way.
 
         Returns (packing order): ``hidden`` (B, L, H), ``ce`` (B, L) per-token CE (0 off
         ``ce_mask``), ``mse`` (B, L, p*p*C) per-element squared error (0 off ``mse_mask``),
@@ -164,9 +184,7 @@ class Bagel(nnx.Module):
         x = jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
 
         hs = self.language_model.decode(x, tok["position_ids"], seg, num_gen if mot else 0)
-        ce = token_cross_entropy(self.language_model.lm_head, hs[:, :lu], und("ce_labels"),
-                                 cfg.llm.ce_chunk_size)
-        ce = jnp.where(und("ce_mask"), ce, 0.0)
+        ce = self.und_cross_entropy(hs[:, :lu], und("ce_labels"), und("ce_mask"), num_ce)
         outs = {"ce": [ce]}
         if num_gen:
             pred = self.llm2vae(hs[:, lu:]).astype(jnp.float32)

@@ -61,6 +61,11 @@ def compile_count(name: str | None = None) -> int:
 # ------------------------------------------------------------------------------------------------
 
 
+# the random init's compile options on CPU: the init program runs once, its compile dominates
+# (tiny preset: ~2x faster to compile; the values differ from the optimised build's in the last bits)
+INIT_CPU_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
 def vae_dtype(cfg):
     """The frozen VAE encodes in the model's compute dtype (BAGEL: under bf16 autocast)."""
     return jnp.dtype(cfg.model.compute_dtype)
@@ -101,8 +106,9 @@ class Program:
         self.abstract_consts = Consts(frozen=a_frozen, fixed=a_fixed, vae=a_vae)
         self.consts_shardings = Consts(*(sh(v) for v in self.abstract_consts))
         self.num_gen = int(cfg.data.gen_tokens_per_row)
+        self.num_ce = int(cfg.data.get("ce_tokens_per_row", 0))
         step = make_train_step(graphdef=self.graphdef, vae_graphdef=self.vae_graphdef, tx=self.tx,
-                               cfg=cfg, num_gen=self.num_gen)
+                               cfg=cfg, num_gen=self.num_gen, num_ce=self.num_ce)
         self.batch_sharding = mesh_lib.batch_sharding(self.mesh)
         self.step_fn = jax.jit(step, in_shardings=(self.state_shardings, self.consts_shardings, self.batch_sharding),
                                out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
@@ -127,9 +133,13 @@ class Program:
 
         out_sh = (self.state_shardings.params, self.consts_shardings)
         with self.mesh:
-            params, consts = jax.jit(make, out_shardings=out_sh)()
-            if t.init_from:
-                params, consts = self._load_model_dir(t.init_from, params, consts)
+            if t.init_from:       # restored straight into the shardings: no random init to compile and run
+                params, consts = self._load_model_dir(t.init_from, seed)
+            else:
+                init = jax.jit(make, out_shardings=out_sh).lower()
+                # runs once: on CPU, LLVM without its expensive passes halves the compile (issue 23)
+                params, consts = (init.compile(compiler_options=INIT_CPU_COMPILE_OPTIONS)
+                                  if jax.default_backend() == "cpu" else init.compile())()
             if t.get("vae_init"):
                 consts = consts._replace(vae=self._load_vae(t.vae_init))
             opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(params)
@@ -157,11 +167,15 @@ class Program:
         log.info("VAE initialised from %s", path)
         return jax.device_put(vae, self.consts_shardings.vae)
 
-    def _load_model_dir(self, path, params, consts):
+    def _load_model_dir(self, path, seed: int):
         """Parameters from an imported model dir (python -m sgt_jax.convert import), restored
-        straight into the run's shardings (no host ever holds the whole model)."""
+        straight into the run's shardings (no host ever holds the whole model); the fixed tables
+        regenerated, the VAE randomly initialised only when the model dir has none."""
         from sgt_jax.convert.model_dir import load_model_dir
 
+        fresh = lambda tree: jax.tree.map(lambda x: x, tree)   # noqa: E731  (filled in place below)
+        params, frozen = fresh(self.abstract_state.params), fresh(self.abstract_consts.frozen)
+        consts = Consts(frozen=frozen, fixed=self.fixed(seed), vae=fresh(self.abstract_consts.vae))
         full = nnx.merge_state(params, consts.frozen)
         full_sh = nnx.merge_state(self.state_shardings.params, self.consts_shardings.frozen)
         sh = {"params": nnx.to_pure_dict(full_sh), "vae": nnx.to_pure_dict(self.consts_shardings.vae)}
@@ -177,6 +191,9 @@ class Program:
             nnx.replace_by_pure_dict(vae, vae_pure)
         else:
             log.warning("%s has no VAE: the VAE keeps its random init", path)
+            make_vae = lambda: nnx.state(AutoEncoder(self.cfg.model, rngs=nnx.Rngs(seed + 1),  # noqa: E731
+                                                     dtype=vae_dtype(self.cfg)), nnx.Param)
+            vae = jax.jit(make_vae, out_shardings=self.consts_shardings.vae)()
         model = nnx.merge(self.graphdef, full, consts.fixed)
         _, p, f, _ = nnx.split(model, self.filter, nnx.Param, ...)
         log.info("initialised from %s", path)
@@ -255,6 +272,7 @@ def train(cfg, workdir: str, *, data_iterator=None, stop_after: int | None = Non
     imports the evaluation: the CLI hands it in, ``sgt_jax.eval.make_hook``). ``mesh``: a mesh
     to run on instead of ``cfg.mesh`` over all devices (tests: one device of the 8 fake ones)."""
     t = cfg.train
+    t_enter = time.perf_counter()
     program = Program(cfg, mesh=mesh)  # the whole run config validated first: nothing built yet
     fileio.makedirs(workdir)
     stop, old_handler = sigterm, None
@@ -281,6 +299,7 @@ def train(cfg, workdir: str, *, data_iterator=None, stop_after: int | None = Non
         if old_handler is not None:
             signal.signal(signal.SIGTERM, old_handler)
         raise
+    timing = {"state_s": time.perf_counter() - t_enter}     # Program + init / restore + data iterator
 
     is_chief = jax.process_index() == 0
     writer = metrics_lib.MetricsWriter(workdir, t.steps, start, enabled=is_chief and not quiet)
@@ -315,7 +334,9 @@ def train(cfg, workdir: str, *, data_iterator=None, stop_after: int | None = Non
     agreed = StopAgreement(stop)      # every process stops at the same step boundary
     try:
         if start == 0:
+            t_eval = time.perf_counter()
             run_eval(0)
+            timing["eval_at_start_s"] = time.perf_counter() - t_eval
         while step < end:
             if step == start and agreed.before_first_step():   # SIGTERM before the first step: nothing new to save
                 log.warning("SIGTERM before the first step: exiting at step %d", step)
@@ -325,7 +346,15 @@ def train(cfg, workdir: str, *, data_iterator=None, stop_after: int | None = Non
             wait_acc += time.perf_counter() - t_wait
             batch = program.global_batch(local)
             flops_acc += metrics_lib.step_flops(cfg.model, local) * jax.process_count()
+            t_step = time.perf_counter()
             state, m = program.step_fn(state, consts, batch)
+            if "first_step_s" not in timing:          # compile + run of the first step
+                jax.block_until_ready(m)
+                timing["first_step_s"] = time.perf_counter() - t_step
+                timing["to_first_step_s"] = time.perf_counter() - t_enter
+                log.info("first step done %.1f s after train() started (state %.1f s, eval %.1f s, step compile+run "
+                         "%.1f s)", timing["to_first_step_s"], timing["state_s"], timing.get("eval_at_start_s", 0.0),
+                         timing["first_step_s"])
             pending.append(m)
             step += 1
             ckpt.poll()            # a failed asynchronous save stops the run at once
@@ -375,7 +404,7 @@ def train(cfg, workdir: str, *, data_iterator=None, stop_after: int | None = Non
     summary = {"workdir": workdir, "steps": step, "checkpoints": ckpt.directory, "metrics": writer.jsonl_path,
                "tensorboard": writer.tb_dir, "loss_curve": png, "history": history,
                "compiles_in_loop": compile_count("sgt_train_step") - compiles_before, "preempted": agreed.stopped,
-               "stop_agreement_s": agreed.seconds, "eval": evals}
+               "stop_agreement_s": agreed.seconds, "eval": evals, "timing": timing}
     return summary
 
 

@@ -84,24 +84,24 @@ def encode_images(vae_graphdef, vae_params, images: jax.Array, key: jax.Array,
     return jax.lax.stop_gradient(lat.reshape((b, n) + lat.shape[1:]))
 
 
-def _loss_fn(graphdef, t, num_gen: int):
+def _loss_fn(graphdef, t, num_gen: int, num_ce: int = 0):
     """(params, consts, batch with latents, flow-noise key, row ids) -> (loss, {"ce", "mse"}): the
     forward and loss of the train step (and of ``make_eval_losses``)."""
     def loss_fn(params, consts, mb, key, row_ids):
         model = nnx.merge(graphdef, params, consts.frozen, consts.fixed)
-        out = model(mb, num_gen=num_gen, key=key, row_ids=row_ids)
+        out = model(mb, num_gen=num_gen, key=key, row_ids=row_ids, num_ce=num_ce)
         loss, parts = reduce_losses(out, mb, t)
         return loss, parts
 
     return loss_fn
 
 
-def make_eval_losses(*, graphdef, vae_graphdef, cfg, num_gen: int):
+def make_eval_losses(*, graphdef, vae_graphdef, cfg, num_gen: int, num_ce: int = 0):
     """The train step's forward and loss without gradient or update, at a given key: held-out CE /
     MSE with fixed VAE-sampling and flow noise (the timesteps come with the batch). Returns
     ``sgt_eval_losses(params, consts, batch, key) -> {"loss", "ce", "mse", "tokens_ce",
     "tokens_mse"}`` (jit it with the step's shardings)."""
-    loss_fn = _loss_fn(graphdef, cfg.train, num_gen)
+    loss_fn = _loss_fn(graphdef, cfg.train, num_gen, num_ce)
 
     def sgt_eval_losses(params, consts, batch: B.PackedBatch, key):
         k_vae, k_noise = jax.random.split(key)
@@ -113,10 +113,12 @@ def make_eval_losses(*, graphdef, vae_graphdef, cfg, num_gen: int):
     return sgt_eval_losses
 
 
-def make_train_step(*, graphdef, vae_graphdef, tx: optax.GradientTransformation, cfg, num_gen: int):
-    """The pure step function (jit it with shardings in the loop)."""
+def make_train_step(*, graphdef, vae_graphdef, tx: optax.GradientTransformation, cfg, num_gen: int,
+                    num_ce: int = 0):
+    """The pure step function (jit it with shardings in the loop). ``num_ce``: the data config's
+    ``ce_tokens_per_row`` (``Bagel.__call__``)."""
     t = cfg.train
-    loss_fn = _loss_fn(graphdef, t, num_gen)
+    loss_fn = _loss_fn(graphdef, t, num_gen, num_ce)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def micro_loss(params, consts, mb, k_vae, k_noise, row_ids):
@@ -164,6 +166,8 @@ def make_train_step(*, graphdef, vae_graphdef, tx: optax.GradientTransformation,
         lr = schedule(t)(state.step - state.nan_total)     # the count optax used for this update
         metrics = {"loss": loss, "ce": parts["ce"], "mse": parts["mse"], "grad_norm": grad_norm, "lr": lr,
                    "skipped": ~ok, "nan_streak": new_state.nan_streak, **token_counts(batch)}
+        if num_ce:      # CE tokens beyond data.ce_tokens_per_row (the packer never makes any; 0 expected)
+            metrics["tokens_ce_over_budget"] = jnp.sum(jnp.maximum(jnp.sum(batch.ce_mask, axis=1) - num_ce, 0))
         return new_state, metrics
 
     return sgt_train_step
