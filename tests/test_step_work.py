@@ -118,5 +118,6 @@ def test_train_with_ce_budget_compiles_the_step_once(tmp_path):
                    mesh=mesh)
     assert s["steps"] == 3 and s["compiles_in_loop"] == 1, s["compiles_in_loop"]
     assert all(np.isfinite(h["loss"]) for h in s["history"])
+    assert all(h["ce_tokens_over_budget"] == 0 for h in s["history"]), s["history"]   # logged, none lost
     t = s["timing"]
     assert 0 < t["first_step_s"] <= t["to_first_step_s"]

@@ -377,6 +377,12 @@ def train(cfg, workdir: str, *, data_iterator=None, stop_after: int | None = Non
                 row["model_tflops_per_device"] = tflops
                 row["mfu"] = tflops / peak if peak else float("nan")    # NaN on CPU: no meaningful peak
                 row.update({f"data_{k}": v for k, v in _flat_counts(stats).items()})
+                if "tokens_ce_over_budget" in m:      # only a batch not from the packer can exceed it
+                    row["ce_tokens_over_budget"] = over = float(sum(w["tokens_ce_over_budget"] for w in window))
+                    if over:
+                        log.warning("%d CE tokens in the last %d steps were beyond data.ce_tokens_per_row=%d "
+                                    "and left out of the loss: the batches break the packer's CE budget",
+                                    over, n_acc, cfg.data.get("ce_tokens_per_row", 0))
                 writer.write(step, row)
                 history.append(row | {"step": step})
                 t_last, flops_acc, wait_acc = now, 0.0, 0.0
