@@ -28,6 +28,26 @@ from sgt_jax.data.sources.base import (SEG_OPTIONS, SUBSET_OPTIONS, Spec, _image
 from sgt_jax.data.sources.images import DEFAULT_MAX_PIXELS, _fit_size
 
 
+
+def decode_segmentation(seg, h: int, w: int) -> np.ndarray:
+    """A COCO annotation's ``segmentation`` (polygons, uncompressed or compressed RLE) as an
+    (h, w) uint8 mask; ValueError for a size mismatch or an unknown form."""
+    from pycocotools import mask as mask_utils
+
+    if isinstance(seg, list):                      # polygons
+        rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
+    elif isinstance(seg, dict) and isinstance(seg.get("counts"), list):
+        rle = mask_utils.frPyObjects(seg, h, w)    # uncompressed RLE
+    elif isinstance(seg, dict):
+        rle = dict(seg)
+        if list(rle.get("size", [])) != [h, w]:
+            raise ValueError(f"RLE size {rle.get('size')} != image [{h}, {w}]")
+        if isinstance(rle["counts"], str):
+            rle["counts"] = rle["counts"].encode("ascii")
+    else:
+        raise ValueError(f"unsupported segmentation {type(seg).__name__}")
+    return mask_utils.decode(rle)
+
 class _PanopticRecords:
     """Image bytes + panoptic PNG bytes -> a seg record; shared by ``coco_panoptic`` (files) and
     ``tfds`` (ArrayRecord). Needs ``colors``, ``seed``, ``max_pixels``, ``max_side``."""
@@ -154,26 +174,13 @@ class _InstancesRecords:
 
     def _instances_masks(self, key: str, jh, jw, anns_json: str, img_bytes: bytes):
         """(h, w), the decoded masks, their category ids and JSON boxes (x, y, w, h)."""
-        from pycocotools import mask as mask_utils
         h, w = _image_size_or_bad(self, img_bytes, key)
         if (jh, jw) != (h, w):
             raise self._bad("bad_annotation", key, f"JSON size {jh}x{jw} != image {h}x{w}")
         masks, cats, boxes = [], [], []
         try:
             for seg, cat, _, box in json.loads(anns_json):
-                if isinstance(seg, list):                      # polygons
-                    rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
-                elif isinstance(seg, dict) and isinstance(seg.get("counts"), list):
-                    rle = mask_utils.frPyObjects(seg, h, w)    # uncompressed RLE
-                elif isinstance(seg, dict):
-                    rle = dict(seg)
-                    if list(rle.get("size", [])) != [h, w]:
-                        raise ValueError(f"RLE size {rle.get('size')} != image [{h}, {w}]")
-                    if isinstance(rle["counts"], str):
-                        rle["counts"] = rle["counts"].encode("ascii")
-                else:
-                    raise ValueError(f"unsupported segmentation {type(seg).__name__}")
-                masks.append(mask_utils.decode(rle))
+                masks.append(decode_segmentation(seg, h, w))
                 cats.append(cat)
                 boxes.append([float(v) for v in box] if isinstance(box, list) and len(box) == 4
                              else None)

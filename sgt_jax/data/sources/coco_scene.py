@@ -22,6 +22,7 @@ from sgt_jax import fileio
 from sgt_jax.data import render
 from sgt_jax.data.sources.base import (SEG_OPTIONS, Spec, _image_size_or_bad, _read_path, _seg_record,
                                        _Source)
+from sgt_jax.data.sources.coco import decode_segmentation
 from sgt_jax.data.sources.images import DEFAULT_MAX_PIXELS, _fit_size
 
 
@@ -64,7 +65,6 @@ class CocoSceneSource(_Source):
         return f"json={self.json_path!r}, crowd={self.crowd}, max_side={self.max_side}"
 
     def scene(self, i) -> dict:
-        from pycocotools import mask as mask_utils
         i = self._index(i)
         key = self._keys[i]
         image_id, file_name, jh, jw, anns_json = self._images[i]
@@ -78,19 +78,7 @@ class CocoSceneSource(_Source):
         masks, cats, boxes = [], [], []
         try:
             for seg, cat, box in anns:
-                if isinstance(seg, list):                      # polygons
-                    rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
-                elif isinstance(seg, dict) and isinstance(seg.get("counts"), list):
-                    rle = mask_utils.frPyObjects(seg, h, w)    # uncompressed RLE
-                elif isinstance(seg, dict):
-                    rle = dict(seg)
-                    if list(rle.get("size", [])) != [h, w]:
-                        raise ValueError(f"RLE size {rle.get('size')} != image [{h}, {w}]")
-                    if isinstance(rle["counts"], str):
-                        rle["counts"] = rle["counts"].encode("ascii")
-                else:
-                    raise ValueError(f"unsupported segmentation {type(seg).__name__}")
-                m = mask_utils.decode(rle)
+                m = decode_segmentation(seg, h, w)
                 if box is None:
                     box = render.mask_bbox(m)
                 if len(box) != 4:
