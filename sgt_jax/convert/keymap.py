@@ -134,15 +134,7 @@ def load_state(model, tensors: dict, table: list[KeyEntry], ignore: tuple = (), 
     for e in table:
         if e.key in tensors:
             staged.setdefault(e.path, []).append((e.layer, from_torch(e.kind, np.asarray(tensors[e.key]))))
-    for path, items in staged.items():
-        var = params[path]
-        if items[0][0] is None:
-            var.set_value(np.asarray(items[0][1], np.float32))
-        else:
-            full = np.array(var.get_value(), dtype=np.float32)
-            for layer, a in items:
-                full[layer] = a
-            var.set_value(full)
+    set_staged(params, staged)
     return model
 
 
@@ -275,3 +267,17 @@ def vae_torch_shapes(model) -> dict[str, tuple[int, ...]]:
     """FLUX key -> the torch-layout shape ``load_vae`` expects (works on abstract models)."""
     params = _flat_params(model)
     return {e.key: torch_shape(e.kind, params[e.path].shape) for e in vae_entries(model.config)}
+
+
+def set_staged(params: dict, staged: dict) -> None:
+    """Write converted tensors into the model's variables: ``staged[path]`` is [(None, array)]
+    for a whole parameter or [(layer, array), ...] for rows of a scanned (stacked) one."""
+    for path, items in staged.items():
+        var = params[path]
+        if items[0][0] is None:
+            var.set_value(np.asarray(items[0][1], np.float32))
+        else:
+            full = np.array(var.get_value(), dtype=np.float32)
+            for layer, a in items:
+                full[layer] = a
+            var.set_value(full)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 from flax import nnx
 
+from sgt_jax.convert.keymap import set_staged
 from sgt_jax.keydiff import key_diff, listing
 from sgt_jax.models import omnigen2_dit, qwen25_vl
 
@@ -61,15 +62,7 @@ def _load(model, tensors: dict, table, expected: dict, what: str, fix: str):
     staged: dict[tuple, list] = {}
     for key, path, kind, layer in table:
         staged.setdefault(path, []).append((layer, qwen25_vl.torch_to_jax(kind, np.asarray(tensors[key], np.float32))))
-    for path, items in staged.items():
-        var = params[path]
-        if items[0][0] is None:
-            var.set_value(np.asarray(items[0][1], np.float32))
-        else:
-            full = np.array(var.get_value(), dtype=np.float32)
-            for layer, a in items:
-                full[layer] = a
-            var.set_value(full)
+    set_staged(params, staged)
     return model
 
 
